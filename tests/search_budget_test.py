@@ -1,0 +1,145 @@
+"""Tests for jaxprune.search.budget: projection onto a MACs / params budget."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import costs
+from jaxprune.search import budget as budget_lib
+from jaxprune.structure import ChannelGroup
+
+
+def _chain_cost_model(sizes=(16, 12, 8, 16), hw=(16, 16, 8, 4)):
+    """A CostModel for a chain of 3x3 convs on (hw x hw) maps, built from a real trace."""
+    sizes = tuple(sizes)
+    chans = (3,) + sizes
+
+    def apply(params, batch_stats, x, *, train):
+        for i in range(len(sizes)):
+            stride = x.shape[1] // hw[i]
+            x = jax.lax.conv_general_dilated(
+                x, params[f"conv{i}"]["kernel"], (stride, stride), "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return x.mean(axis=(1, 2)) @ params["head"]["kernel"], batch_stats
+
+    params = {f"conv{i}": {"kernel": jax.ShapeDtypeStruct((3, 3, chans[i], chans[i + 1]),
+                                                          jnp.float32)}
+              for i in range(len(sizes))}
+    params["head"] = {"kernel": jax.ShapeDtypeStruct((sizes[-1], 10), jnp.float32)}
+    groups = [ChannelGroup(f"g{i}", s, ((f"conv{i}", "kernel"),),
+                           (((f"conv{i + 1}", "kernel") if i + 1 < len(sizes)
+                             else ("head", "kernel"), 1),))
+              for i, s in enumerate(sizes)]
+    return costs.cost_model(apply, params, {}, (hw[0], hw[0], 3), groups)
+
+
+CM = _chain_cost_model()
+G = CM.num_groups
+LOWER = jnp.full((G,), 0.1, jnp.float32)
+UPPER = jnp.ones((G,), jnp.float32)
+
+
+def _random_keeps(seed, k=32):
+    """Random proposals, some outside the bounds (0 .. 1.2), fixed seed."""
+    return np.random.default_rng(seed).uniform(0.0, 1.2, (k, G)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.3, 0.5, 0.8])
+@pytest.mark.parametrize("fill", [True, False])
+def test_projection_always_within_budget_and_bounds(fraction, fill):
+    budget = budget_lib.Budget("macs", fraction).absolute(CM)
+    keeps = _random_keeps(seed=int(fraction * 100))
+    out = jax.jit(lambda k: budget_lib.project(k, CM.macs, budget, LOWER, UPPER, fill=fill))(keeps)
+    assert out.shape == keeps.shape and out.dtype == jnp.float32
+    out = np.asarray(out)
+    assert np.all(out >= np.asarray(LOWER)) and np.all(out <= np.asarray(UPPER))
+    for row in out:
+        assert CM.macs_exact(row) <= budget          # exact integer check on the host
+
+
+def test_projection_fill_uses_the_budget_and_keeps_the_shape():
+    budget = 0.5 * CM.dense_macs
+    keep = jnp.asarray([0.2, 0.3, 0.2, 0.3], jnp.float32)        # well below budget
+    assert CM.macs_exact(keep) < budget
+    filled = budget_lib.project(keep, CM.macs, budget, LOWER, UPPER, fill=True)
+    unchanged = budget_lib.project(keep, CM.macs, budget, LOWER, UPPER, fill=False)
+    np.testing.assert_array_equal(np.asarray(unchanged), np.asarray(keep))
+    assert CM.macs_exact(keep) < CM.macs_exact(filled) <= budget
+    # one scalar multiplier: the proportions of the proposal are kept (nothing was clipped)
+    ratio = np.asarray(filled) / np.asarray(keep)
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    # maximal up to the bisection resolution: a slightly larger multiplier breaks the budget
+    bigger = np.clip(np.asarray(filled) * 1.02, 0.1, 1.0)
+    assert CM.macs_exact(bigger) > budget
+
+
+def test_projection_shrinks_over_budget_vector_and_keeps_feasible_one():
+    budget = 0.4 * CM.dense_macs
+    full = jnp.ones((G,), jnp.float32)
+    out = budget_lib.project(full, CM.macs, budget, LOWER, UPPER, fill=False)
+    assert CM.macs_exact(out) <= budget
+    assert CM.macs_exact(out) > 0.3 * CM.dense_macs            # not needlessly small
+    # all-lower is feasible and stays put without fill; a budget >= dense leaves ones alone
+    out = budget_lib.project(LOWER, CM.macs, budget, LOWER, UPPER, fill=False)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(LOWER))
+    out = budget_lib.project(full, CM.macs, float(CM.dense_macs), LOWER, UPPER)
+    np.testing.assert_array_equal(np.asarray(out), np.ones(G))
+
+
+def test_projection_vmap_matches_batched_and_single():
+    budget = budget_lib.Budget("params", 0.4).absolute(CM)
+    keeps = _random_keeps(seed=7, k=8)
+    batched = budget_lib.project(keeps, CM.params, budget, 0.1, 1.0)
+    vmapped = jax.vmap(lambda k: budget_lib.project(k, CM.params, budget, 0.1, 1.0))(keeps)
+    single = np.stack([budget_lib.project(k, CM.params, budget, 0.1, 1.0) for k in keeps])
+    np.testing.assert_array_equal(np.asarray(batched), np.asarray(vmapped))
+    np.testing.assert_allclose(np.asarray(batched), single, rtol=1e-6)
+    assert all(CM.params_exact(k) <= budget for k in np.asarray(batched))
+
+
+def test_projection_with_step_stays_on_grid_and_within_budget():
+    budget = 0.35 * CM.dense_macs
+    keeps = _random_keeps(seed=11, k=16)
+    out = np.asarray(budget_lib.project(keeps, CM.macs, budget, 0.125, 1.0, step=0.125))
+    np.testing.assert_allclose(out / 0.125, np.round(out / 0.125), atol=1e-4)
+    assert all(CM.macs_exact(k) <= budget for k in out)
+
+
+def test_projection_with_float_cost_fn():
+    weights = jnp.asarray([3.0, 1.0, 2.0, 5.0])
+    cost_fn = lambda k: jnp.sum(weights * k)  # noqa: E731
+    keeps = _random_keeps(seed=5, k=16)
+    out = budget_lib.project(keeps, cost_fn, 5.0, 0.1, 1.0)
+    assert np.all(np.asarray(jax.vmap(cost_fn)(out)) <= 5.0)
+    assert np.all(np.asarray(jax.vmap(cost_fn)(out)) > 4.99)   # filled to the budget
+
+
+def test_realised_fraction():
+    keeps = jnp.stack([jnp.ones((G,)), jnp.zeros((G,))])
+    frac = budget_lib.realised_fraction(keeps, CM.macs, CM.dense_macs)
+    np.testing.assert_allclose(np.asarray(frac), [1.0, CM.min_macs / CM.dense_macs], rtol=1e-6)
+    assert float(budget_lib.realised_fraction(keeps[0], CM.params, CM.dense_params)) == 1.0
+
+
+def test_check_feasible_and_infeasible_message():
+    min_frac = budget_lib.check_feasible(CM.macs, LOWER, 0.5 * CM.dense_macs)
+    assert min_frac == pytest.approx(CM.macs_exact(LOWER) / CM.dense_macs)
+    with pytest.raises(budget_lib.InfeasibleBudgetError, match="search.lower") as err:
+        budget_lib.check_feasible(CM.macs, 0.5, 0.01 * CM.dense_macs, num_groups=G)
+    assert "budget fraction >=" in str(err.value) and "of dense" in str(err.value)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match="num_groups"):
+        budget_lib.check_feasible(CM.macs, 0.5, 1.0)
+
+
+def test_budget_spec():
+    b = budget_lib.Budget("macs", 0.5)
+    assert b.absolute(CM) == 0.5 * CM.dense_macs and b.cost_fn(CM) == CM.macs
+    p = budget_lib.Budget.from_sparsity("params", 0.75)
+    assert p.fraction == 0.25 and p.absolute(CM) == 0.25 * CM.dense_params
+    with pytest.raises(ValueError, match="'macs' or 'params'"):
+        budget_lib.Budget("flops", 0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        budget_lib.Budget("macs", 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        budget_lib.project(jnp.ones((2, 3, G)), CM.macs, 1.0, 0.1, 1.0)
