@@ -1,0 +1,58 @@
+"""Result table, metric log and plots."""
+import json
+import os
+
+import numpy as np
+
+from jaxprune import report
+
+
+ROWS = [
+    {"method": "unpruned", "accuracy": 0.9123, "params": 272474, "macs": 41000000, "size_mb": 1.09,
+     "train_seconds": 100.0, "latency_ms": 2.5, "sparsity": 0.0},
+    {"method": "threshold", "accuracy": 0.9011, "params": 136000, "macs": 20500000, "size_mb": 0.54,
+     "train_seconds": 50.0, "latency_ms": 1.4, "sparsity": 0.5008},
+]
+
+
+def test_write_results_json_and_markdown(tmp_path):
+    report.write_results(str(tmp_path), ROWS, note="MACs per example")
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["unpruned", "threshold"]
+    assert set(rows[0]) >= {"method", "accuracy", "params", "macs", "size_mb", "train_seconds",
+                            "latency_ms", "sparsity"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| threshold | 90.11 | 136,000 | 20,500,000 |" in md
+    assert "MACs per example" in md
+
+
+def test_table_text_aligns_and_marks_missing():
+    text = report.table_text(ROWS + [{"method": "x", "accuracy": None}])
+    lines = text.splitlines()
+    assert len({len(l) for l in lines[:4]}) == 1  # header, rule, rows of equal width
+    assert "—" in lines[-1]
+
+
+def test_pareto_front():
+    macs = np.array([1.0, 2.0, 3.0, 2.0, 4.0])
+    acc = np.array([0.5, 0.7, 0.6, 0.4, 0.9])
+    assert report.pareto_front(macs, acc).tolist() == [0, 1, 4]
+
+
+def test_metric_writer_appends_jsonl(tmp_path):
+    w = report.MetricWriter(str(tmp_path))
+    w.write(1, {"phase": "dense", "loss": 1.5})
+    w.write(2, {"phase": "dense", "loss": 1.2})
+    w.close()
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2] and lines[1]["loss"] == 1.2
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_plots_are_written(tmp_path):
+    logs = {"random": {"macs": [1e6, 2e6, 3e6], "accuracy": [0.5, 0.6, 0.55]},
+            "reinforce": {"macs": [1.5e6, 2.5e6], "accuracy": [0.58, 0.7]}}
+    report.plot_search(str(tmp_path / "p.png"), logs, dense_macs=4e6, budget_macs=2.5e6)
+    report.plot_keep_ratios(str(tmp_path / "k.png"), ["a", "b", "c"],
+                            {"random": [0.5, 0.6, 0.7], "reinforce": [1.0, 0.3, 0.5]})
+    assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
