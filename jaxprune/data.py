@@ -1,0 +1,358 @@
+"""Datasets as in-memory uint8 arrays, and the device-side pieces of the input pipeline.
+
+Host side, once per process: `load(config.data)` reads a whole dataset into numpy arrays
+(TFDS for cifar10 / mnist / fashion_mnist, scikit-learn's 8x8 `digits` embedded, or a `.npz`
+cache) and carves a validation split out of the training split with a fixed seeded permutation.
+The test split is only for final numbers. Batches are index arrays (`epoch_batches`,
+`eval_batches`): the training step gathers `images[idx]` and then runs the jittable
+`normalize` and `augment` on the device, so there is no per-step host work.
+
+TensorFlow is imported lazily, inside the TFDS loader only: importing this module (or using
+the `digits` source or a cache) never imports it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist")
+DATASETS = TFDS_DATASETS + ("digits",)
+NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "digits": 10}
+
+# The validation split (and any train/test subset) comes from this fixed seed, not from
+# config.seed, so runs with different seeds are compared on the same examples.
+SPLIT_SEED = 0
+# `digits` has no official split: 360 of its 1797 images (20 %) are held out as its test split.
+DIGITS_TEST_SIZE = 360
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A TFDS dataset is not prepared in the data directory (and is not downloaded)."""
+
+
+class Dataset(NamedTuple):
+    """A dataset in host memory. Images are uint8 NHWC, labels int32.
+
+    `mean` / `std` are per-channel float32 statistics of `train_images` (pixel units 0..255),
+    for `normalize`.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple  # (H, W, C)
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: each returns (train_images, train_labels, test_images, test_labels) as numpy arrays.
+
+
+def _resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+
+
+def _load_tfds(name: str, data_dir: Optional[str]):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(
+            f"Loading {name!r} needs tensorflow-datasets: `pip install 'jaxprune[data]'`, or set "
+            "--config.data.cache to a .npz cache made with jaxprune.data.save_cache on a machine "
+            "that has it.") from e
+    try:  # keep TensorFlow off the accelerators JAX uses
+        import tensorflow as tf
+        tf.config.set_visible_devices([], "GPU")
+    except Exception:  # noqa: BLE001 - only a memory nicety; TFDS works either way
+        pass
+    try:
+        splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=False,
+                           as_supervised=True)
+    except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
+        where = os.path.abspath(data_dir) if data_dir else \
+            f"{tfds.core.constants.DATA_DIR} (TFDS's default; TFDS_DATA_DIR is not set)"
+        raise DataNotFoundError(
+            f"Dataset {name!r} was not found in {where}. jaxprune never downloads data. Prepare it "
+            f"once where there is network (`python -c \"import tensorflow_datasets as tfds; "
+            f"tfds.builder('{name}').download_and_prepare()\"`), then point to the folder that "
+            f"holds {name}/ with the environment variable TFDS_DATA_DIR=... or with "
+            f"--config.data.data_dir=... (TFDS error: {e})") from e
+    out = []
+    for ds in splits:  # batch_size=-1 in tfds.load breaks under tfds.testing.mock_data
+        images, labels = [], []
+        for x, y in tfds.as_numpy(ds.batch(8192)):
+            images.append(x)
+            labels.append(y)
+        out += [np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)]
+    return tuple(out)
+
+
+def _load_digits():
+    """scikit-learn's 8x8 digits (0..16 grey levels) → uint8 0..255, NHWC with C=1."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
+    test, train = np.sort(order[:DIGITS_TEST_SIZE]), np.sort(order[DIGITS_TEST_SIZE:])
+    return images[train], labels[train], images[test], labels[test]
+
+
+@functools.lru_cache(maxsize=2)
+def _source(name: str, data_dir: Optional[str]):
+    arrays = _load_digits() if name == "digits" else _load_tfds(name, data_dir)
+    for a in arrays:
+        a.setflags(write=False)  # shared by every caller of the cache
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits and statistics
+
+
+def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float32, pixel units) of uint8 NHWC images, in chunks."""
+    if images.shape[0] == 0:
+        raise ValueError("channel_stats: no images (the train split is empty).")
+    total = np.zeros(images.shape[-1], np.float64)
+    squares = np.zeros(images.shape[-1], np.float64)
+    for start in range(0, images.shape[0], 4096):
+        chunk = images[start:start + 4096].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += chunk.sum(0)
+        squares += np.square(chunk).sum(0)
+    count = images.size // images.shape[-1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - np.square(mean), 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def _subset_size(key: str, value, available: int) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) \
+            or not 1 <= value <= available:
+        raise ValueError(f"data.{key}={value!r}: use None (all) or an int in [1, {available}].")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str, data_dir: Optional[str], val_size: int, train_size: Optional[int],
+          test_size: Optional[int]) -> Dataset:
+    train_x, train_y, test_x, test_y = _source(name, data_dir)
+    n = train_x.shape[0]
+    if not isinstance(val_size, (int, np.integer)) or isinstance(val_size, bool) \
+            or not 0 <= val_size < n:
+        raise ValueError(f"data.val_size={val_size!r}: use an int in [0, {n - 1}] "
+                         f"({name} has {n} training examples).")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    val_idx, train_idx = order[:int(val_size)], order[int(val_size):]
+    train_size = _subset_size("train_size", train_size, len(train_idx))
+    if train_size is not None:
+        train_idx = train_idx[:train_size]
+    test_idx = np.arange(test_x.shape[0])
+    test_size = _subset_size("test_size", test_size, len(test_idx))
+    if test_size is not None:
+        test_idx = np.random.default_rng(SPLIT_SEED + 1).permutation(len(test_idx))[:test_size]
+    train_idx, val_idx, test_idx = np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+    return _make_dataset(name, train_x[train_idx], train_y[train_idx], train_x[val_idx],
+                         train_y[val_idx], test_x[test_idx], test_y[test_idx])
+
+
+def _make_dataset(name, train_x, train_y, val_x, val_y, test_x, test_y,
+                  mean=None, std=None) -> Dataset:
+    if mean is None:
+        mean, std = channel_stats(train_x)
+    arrays = [train_x, train_y, val_x, val_y, test_x, test_y, mean, std]
+    for a in arrays:
+        a.setflags(write=False)
+    return Dataset(name, NUM_CLASSES[name], tuple(int(d) for d in train_x.shape[1:]), *arrays)
+
+
+def load(data_config) -> Dataset:
+    """Loads the dataset a `config.data` (ConfigDict or dict) describes.
+
+    Keys: name, data_dir (None → $TFDS_DATA_DIR → TFDS's default), val_size, train_size and
+    test_size (None = all), cache (optional .npz path: read it when it exists, else load and
+    write it). Results are cached in-process, so a second call is free; the arrays are
+    read-only.
+
+    Raises:
+      ValueError: unknown dataset name, or sizes that do not fit.
+      DataNotFoundError: the TFDS data is not in the data directory.
+    """
+    name = data_config.get("name")
+    if name not in DATASETS:
+        raise ValueError(f"data.name={name!r} is not a known dataset; supported: "
+                         f"{', '.join(DATASETS)}.")
+    request = {"name": name, "val_size": data_config.get("val_size", 0),
+               "train_size": data_config.get("train_size"),
+               "test_size": data_config.get("test_size")}
+    cache = data_config.get("cache")
+    if cache and os.path.exists(cache):
+        path = os.path.abspath(cache)
+        return _load_cache_checked(path, os.path.getmtime(path), tuple(sorted(request.items())))
+    dataset = _load(name, _resolve_data_dir(data_config.get("data_dir")), request["val_size"],
+                    request["train_size"], request["test_size"])
+    if cache:
+        save_cache(dataset, cache, request=request)
+    return dataset
+
+
+def clear_cache() -> None:
+    """Forgets the in-process copies (tests that mock TFDS call this)."""
+    _source.cache_clear()
+    _load.cache_clear()
+    _load_cache_checked.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# .npz cache (for machines without TensorFlow)
+
+
+def save_cache(dataset: Dataset, path: str, *, request: Optional[dict] = None) -> None:
+    """Writes `dataset` as one compressed .npz of uint8/int32 arrays (atomically).
+
+    `request` (the name and split sizes it was made for) is stored beside it, so `load` can
+    refuse a cache made for other sizes.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fields = {k: np.asarray(getattr(dataset, k)) for k in Dataset._fields[3:]}
+    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, name=np.asarray(dataset.name),
+                                request=np.asarray(json.dumps(request or {})), **fields)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # our own temporary file only
+        raise
+
+
+def load_cache(path: str) -> Dataset:
+    """Reads a cache written by `save_cache` (no TensorFlow needed)."""
+    dataset, _ = _read_cache(path)
+    return dataset
+
+
+def _read_cache(path: str) -> tuple[Dataset, dict]:
+    with np.load(os.fspath(path), allow_pickle=False) as z:
+        name = str(z["name"])
+        if name not in DATASETS:
+            raise ValueError(f"{path}: cache of unknown dataset {name!r}.")
+        arrays = [z[k] for k in Dataset._fields[3:]]  # train_images … std, in field order
+        request = json.loads(str(z["request"]))
+    return _make_dataset(name, *arrays), request
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cache_checked(path: str, mtime: float, request_items: tuple) -> Dataset:
+    del mtime  # part of the lru key only: a rewritten file is read again
+    dataset, made_for = _read_cache(path)
+    request = dict(request_items)
+    if made_for and made_for != request:
+        raise ValueError(
+            f"The data cache {path} was made for {made_for}, but the config asks for {request}. "
+            "Point --config.data.cache at another file (or remove this one yourself) to rebuild.")
+    if dataset.name != request["name"]:
+        raise ValueError(f"The data cache {path} holds {dataset.name!r}, not {request['name']!r}.")
+    return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Device side (jittable)
+
+
+def _channel_vector(v, ndim: int) -> jax.Array:
+    return jnp.reshape(jnp.asarray(v, jnp.float32), (1,) * (ndim - 1) + (-1,))
+
+
+def normalize(images, mean, std) -> jax.Array:
+    """uint8 (or float) images [..., C] → float32 `(x - mean) / std`, per channel."""
+    x = jnp.asarray(images).astype(jnp.float32)
+    return (x - _channel_vector(mean, x.ndim)) / _channel_vector(std, x.ndim)
+
+
+def augment(key, images, pad: int = 4, flip: bool = True) -> jax.Array:
+    """Random crop after zero padding by `pad`, and a random horizontal flip, per example.
+
+    images: float32 NHWC (usually normalised, so the padding is the mean colour). `pad` and
+    `flip` are Python values (static under jit). Deterministic for a given `key`.
+    """
+    n, h, w, c = images.shape
+    keys = jax.random.split(key, n)
+
+    def one(k, image):
+        crop_key, flip_key = jax.random.split(k)
+        if pad:
+            padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+            dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * pad + 1)
+            image = jax.lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+        if flip:
+            image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1, :], image)
+        return image
+
+    return jax.vmap(one)(keys, images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: batches as index arrays
+
+
+def _permutation(key_or_seed, num: int) -> np.ndarray:
+    if isinstance(key_or_seed, (int, np.integer)) and not isinstance(key_or_seed, bool):
+        return np.random.default_rng(int(key_or_seed)).permutation(num)
+    return np.asarray(jax.random.permutation(key_or_seed, num))
+
+
+def epoch_batches(key_or_seed, num: int, batch_size: int,
+                  drop_remainder: bool = True) -> np.ndarray:
+    """One epoch of shuffled example indices, int32 [steps, batch_size].
+
+    `key_or_seed`: a JAX key (e.g. `fold_in(key, epoch)`) or an int seed. With
+    `drop_remainder=False` the last batch is filled up with the first indices of the
+    permutation, so every example appears at least once and all batches have one shape.
+    """
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"epoch_batches: num={num} and batch_size={batch_size} must be >= 1.")
+    perm = _permutation(key_or_seed, int(num)).astype(np.int32)
+    if drop_remainder:
+        steps = num // batch_size
+        if steps == 0:
+            raise ValueError(f"batch_size={batch_size} is larger than the {num} examples; "
+                             "use a smaller batch size or drop_remainder=False.")
+        return perm[:steps * batch_size].reshape(steps, batch_size)
+    steps = math.ceil(num / batch_size)
+    return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
+
+
+def eval_batches(num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every example exactly once, in order: (indices int32 [steps, B], weights float32 [steps, B]).
+
+    The last batch is padded with index 0 and weight 0, so `sum(weights * correct) / num` is
+    the exact accuracy and every batch has one shape (one compilation).
+    """
+    if num < 0 or batch_size < 1:
+        raise ValueError(f"eval_batches: num={num} must be >= 0 and batch_size={batch_size} >= 1.")
+    steps = math.ceil(num / batch_size)
+    flat = np.arange(steps * batch_size)
+    valid = flat < num
+    indices = np.where(valid, flat, 0).astype(np.int32).reshape(steps, batch_size)
+    return indices, valid.astype(np.float32).reshape(steps, batch_size)
