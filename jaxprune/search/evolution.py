@@ -1,0 +1,165 @@
+"""Evolutionary search over keep-ratio vectors, and the two non-learning controls.
+
+- `make_evolution`: a (mu + lambda) genetic algorithm. The state holds the best
+  `population_size` vectors scored so far (elitist: `tell` keeps the best P of population ∪
+  new candidates). `ask` breeds k children: two parents by tournament selection, uniform
+  crossover (each gene from the second parent with probability `crossover_prob`), Gaussian
+  mutation in unit-box coordinates (each gene with probability `mutation_prob`, std
+  `mutation_std`), clipped to the bounds. Until the population is full, `ask` returns uniform
+  samples (the random initial population).
+- `make_random`: uniform vectors in the box (EagleEye's control: random ratio vectors, the
+  budget projection happens outside the controller).
+- `make_uniform`: one keep ratio shared by every group, sampled uniformly (the budget
+  projection then scales it to the budget): the "prune every layer equally" baseline.
+
+Why not evosax (0.3.2 is installed): its algorithms import Flax (`flax.struct` states; the
+pruning core must not import Flax), fix the population size at construction while our `ask`
+takes k per call, and its `SimpleGA.tell` replaces the population with the newest
+generation (no plus-selection over population ∪ offspring), needs an evaluated population at
+`init`, minimises, and knows no bounds. The GA here is ~40 lines of pure JAX.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.search import space as space_lib
+from jaxprune.search.space import Controller, SearchSpace
+
+
+class EvolutionState(NamedTuple):
+    """State of the genetic algorithm.
+
+    Attributes:
+      population: float32[P, G], the best keep-ratio vectors scored so far (best first).
+      fitness: float32[P], their rewards; -inf marks an empty slot.
+      step: int32[], number of `tell`s so far.
+      space: the search space.
+    """
+
+    population: jax.Array
+    fitness: jax.Array
+    step: jax.Array
+    space: SearchSpace
+
+
+def make_evolution(
+    *,
+    population_size: int = 16,
+    tournament_size: int = 2,
+    crossover_prob: float = 0.5,
+    mutation_prob: float = 0.5,
+    mutation_std: float = 0.1,
+) -> Controller:
+    """Builds the (mu + lambda) genetic algorithm.
+
+    Args:
+      population_size: P, number of survivors kept in the state.
+      tournament_size: candidates per tournament when picking each parent (>= 1; 1 = uniform).
+      crossover_prob: per-gene probability of taking the second parent's gene.
+      mutation_prob: per-gene probability of a Gaussian mutation.
+      mutation_std: mutation std in unit-box coordinates (1 = the full [lower, upper] width).
+
+    Returns:
+      Controller(init, ask, tell); see `search.space.Controller`.
+    """
+    if int(population_size) != population_size or population_size < 2:
+        raise ValueError(f"population_size must be an int >= 2, got {population_size}.")
+    if int(tournament_size) != tournament_size or tournament_size < 1:
+        raise ValueError(f"tournament_size must be an int >= 1, got {tournament_size}.")
+    for name, value in (("crossover_prob", crossover_prob), ("mutation_prob", mutation_prob)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}.")
+    if not mutation_std >= 0:
+        raise ValueError(f"mutation_std must be >= 0, got {mutation_std}.")
+    population_size, tournament_size = int(population_size), int(tournament_size)
+
+    def init(key: jax.Array, space: SearchSpace) -> EvolutionState:
+        del key  # The initial population is drawn by `ask`.
+        g = space.num_groups
+        return EvolutionState(
+            population=jnp.broadcast_to(space.lower[None, :], (population_size, g)).astype(
+                jnp.float32),
+            fitness=jnp.full((population_size,), -jnp.inf, jnp.float32),
+            step=jnp.zeros((), jnp.int32),
+            space=space,
+        )
+
+    def ask(key: jax.Array, state: EvolutionState, k: int) -> jax.Array:
+        k = space_lib.check_num_candidates(k)
+        space = state.space
+        parents_unit = space.to_unit(state.population)  # [P, G]
+        g = space.num_groups
+
+        def pick(key):
+            entrants = jax.random.randint(key, (tournament_size,), 0, population_size)
+            return entrants[jnp.argmax(state.fitness[entrants])]
+
+        def child(key):
+            k1, k2, k_cross, k_mut, k_noise = jax.random.split(key, 5)
+            p1, p2 = parents_unit[pick(k1)], parents_unit[pick(k2)]
+            x = jnp.where(jax.random.uniform(k_cross, (g,)) < crossover_prob, p2, p1)
+            mutate = jax.random.uniform(k_mut, (g,)) < mutation_prob
+            x = x + jnp.where(mutate, mutation_std * jax.random.normal(k_noise, (g,)), 0.0)
+            return jnp.clip(x, 0.0, 1.0)
+
+        child_key, uniform_key = jax.random.split(key)
+        children = jax.vmap(child)(jax.random.split(child_key, k))
+        uniform = jax.random.uniform(uniform_key, (k, g), jnp.float32)
+        filled = jnp.all(jnp.isfinite(state.fitness))
+        unit = jnp.where(filled, children, uniform)
+        return space.discretise(space.from_unit(unit))
+
+    def tell(state: EvolutionState, ratios: jax.Array, rewards: jax.Array) -> EvolutionState:
+        ratios, rewards = space_lib.check_ratios_rewards(state.space, ratios, rewards)
+        rewards = space_lib.finite_or(rewards, -jnp.inf)
+        pool = jnp.concatenate([state.population, state.space.clip(ratios)], axis=0)
+        pool_fitness = jnp.concatenate([state.fitness, rewards], axis=0)
+        # Incumbents come first, so on ties they survive (top_k prefers the lower index).
+        fitness, index = jax.lax.top_k(pool_fitness, population_size)
+        return EvolutionState(population=pool[index], fitness=fitness, step=state.step + 1,
+                              space=state.space)
+
+    return Controller(init=init, ask=ask, tell=tell)
+
+
+class RandomState(NamedTuple):
+    """State of the `random` and `uniform` controls: just the space and a round counter."""
+
+    step: jax.Array
+    space: SearchSpace
+
+
+def _stateless(sample_fn) -> Controller:
+    def init(key: jax.Array, space: SearchSpace) -> RandomState:
+        del key
+        return RandomState(step=jnp.zeros((), jnp.int32), space=space)
+
+    def ask(key: jax.Array, state: RandomState, k: int) -> jax.Array:
+        k = space_lib.check_num_candidates(k)
+        return sample_fn(key, state.space, k)
+
+    def tell(state: RandomState, ratios: jax.Array, rewards: jax.Array) -> RandomState:
+        space_lib.check_ratios_rewards(state.space, ratios, rewards)
+        return RandomState(step=state.step + 1, space=state.space)
+
+    return Controller(init=init, ask=ask, tell=tell)
+
+
+def make_random() -> Controller:
+    """Uniform keep-ratio vectors in the box (snapped to the grid); `tell` learns nothing."""
+    return _stateless(space_lib.uniform_sample)
+
+
+def _uniform_across_groups(key: jax.Array, space: SearchSpace, k: int) -> jax.Array:
+    lo = jnp.min(space.lower)
+    hi = jnp.max(space.upper)
+    keep = lo + (hi - lo) * jax.random.uniform(key, (k, 1), jnp.float32)
+    return space.discretise(jnp.broadcast_to(keep, (k, space.num_groups)))
+
+
+def make_uniform() -> Controller:
+    """One keep ratio for all groups, uniform in [min lower, max upper], clipped per group."""
+    return _stateless(_uniform_across_groups)
