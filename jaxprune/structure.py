@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
+import numpy as np
+
 Path = Tuple[str, ...]
 
 
@@ -33,3 +35,186 @@ class ChannelGroup:
     producers: Tuple[Path, ...]
     consumers: Tuple[Tuple[Path, int], ...] = ()
     stats: Tuple[Path, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Nested-dict helpers (params / batch_stats are plain nested dicts with str keys).
+
+
+def _flatten(tree, prefix: Path = ()) -> dict:
+    """{path: leaf} for a nested dict, in insertion order."""
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, prefix + (k,)))
+        else:
+            flat[prefix + (k,)] = v
+    return flat
+
+
+def _unflatten(flat: dict) -> dict:
+    """Inverse of `_flatten`."""
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def _fmt(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+
+def validate_groups(groups, params, batch_stats=None) -> None:
+    """Checks that `groups` describe `params` / `batch_stats` exactly.
+
+    Every producer / consumer / stat path must exist, and the indexed axis must have the
+    group's size (producers and stats: last axis == size; consumers: axis -2 == size * spatial).
+    Group names must be unique and no (leaf, axis) may be claimed by two groups. Works on
+    arrays and on `jax.ShapeDtypeStruct` leaves (e.g. from `jax.eval_shape`).
+
+    Raises:
+      ValueError naming the group and the offending path.
+    """
+    flat_p = _flatten(params)
+    flat_s = _flatten(batch_stats or {})
+    seen_names = set()
+    claimed: dict = {}
+
+    def claim(key, name):
+        if key in claimed:
+            raise ValueError(
+                f"group {name!r}: {key[0]} axis of {_fmt(key[1])!r} is already indexed by group "
+                f"{claimed[key]!r}; each (leaf, axis) may belong to one group only")
+        claimed[key] = name
+
+    for g in groups:
+        if g.name in seen_names:
+            raise ValueError(f"duplicate channel group name {g.name!r}")
+        seen_names.add(g.name)
+        if not isinstance(g.size, int) or g.size < 1:
+            raise ValueError(f"group {g.name!r}: size must be a positive int, got {g.size!r}")
+        for path in g.producers:
+            leaf = flat_p.get(tuple(path))
+            if leaf is None:
+                raise ValueError(f"group {g.name!r}: producer {_fmt(path)!r} not found in params")
+            if len(leaf.shape) < 1 or leaf.shape[-1] != g.size:
+                raise ValueError(
+                    f"group {g.name!r}: producer {_fmt(path)!r} has shape {tuple(leaf.shape)}, "
+                    f"expected last axis {g.size}")
+            claim(("output", tuple(path)), g.name)
+        for path, spatial in g.consumers:
+            leaf = flat_p.get(tuple(path))
+            if leaf is None:
+                raise ValueError(f"group {g.name!r}: consumer {_fmt(path)!r} not found in params")
+            if not isinstance(spatial, int) or spatial < 1:
+                raise ValueError(
+                    f"group {g.name!r}: consumer {_fmt(path)!r} has spatial={spatial!r}, "
+                    "expected a positive int")
+            if len(leaf.shape) < 2 or leaf.shape[-2] != g.size * spatial:
+                raise ValueError(
+                    f"group {g.name!r}: consumer {_fmt(path)!r} has shape {tuple(leaf.shape)}, "
+                    f"expected input axis (-2) of {g.size} * {spatial} = {g.size * spatial}")
+            claim(("input", tuple(path)), g.name)
+        for path in g.stats:
+            leaf = flat_s.get(tuple(path))
+            if leaf is None:
+                raise ValueError(f"group {g.name!r}: stat {_fmt(path)!r} not found in batch_stats")
+            if len(leaf.shape) < 1 or leaf.shape[-1] != g.size:
+                raise ValueError(
+                    f"group {g.name!r}: stat {_fmt(path)!r} has shape {tuple(leaf.shape)}, "
+                    f"expected last axis {g.size}")
+            claim(("stat", tuple(path)), g.name)
+
+
+def _keep_vector(name: str, size: int, value) -> np.ndarray:
+    """Concrete bool[size] keep vector for one group (validated)."""
+    try:
+        arr = np.asarray(value)
+    except Exception as e:  # e.g. a tracer: compaction changes shapes, so it cannot be jitted
+        raise ValueError(
+            f"keep[{name!r}] must be a concrete array (compaction cannot run under jit): {e}"
+        ) from e
+    if arr.shape != (size,):
+        raise ValueError(f"keep[{name!r}] has shape {arr.shape}, expected ({size},)")
+    if arr.dtype != np.bool_:
+        if not np.all((arr == 0) | (arr == 1)):
+            raise ValueError(f"keep[{name!r}] must be boolean (or 0/1), got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    if not arr.any():
+        raise ValueError(f"keep[{name!r}] keeps no channel; at least one must be kept per group")
+    return arr
+
+
+def check_keep(keep, groups) -> dict:
+    """Validates a {group name: bool[size]} dict against `groups`; returns numpy bool vectors.
+
+    Raises:
+      ValueError naming missing / unknown groups, wrong sizes, or a group with nothing kept.
+    """
+    names = [g.name for g in groups]
+    missing = [n for n in names if n not in keep]
+    unknown = sorted(set(keep) - set(names))
+    if missing or unknown:
+        raise ValueError(
+            f"keep must have exactly the model's group names; missing {missing}, "
+            f"unknown {unknown}; allowed: {names}")
+    return {g.name: _keep_vector(g.name, g.size, keep[g.name]) for g in groups}
+
+
+# --------------------------------------------------------------------------------------------
+# Compaction.
+
+
+def consumer_indices(kept: np.ndarray, size: int, spatial: int) -> np.ndarray:
+    """Input-axis indices of a consumer for kept channel indices `kept` (input index = p*C + c)."""
+    return (np.arange(spatial)[:, None] * size + kept[None, :]).reshape(-1)
+
+
+def compact(params, batch_stats, groups, keep):
+    """Physically removes the channels that `keep` drops.
+
+    Producers are sliced on their last axis, consumers on their input axis (-2; for a flattened
+    (H, W, C) feature map with `spatial` positions the kept input indices are p * C + c), and
+    batch stats on their last axis. The result is the params / batch_stats of the model built
+    with the returned widths, and it computes exactly what the full model computes with the
+    dropped channels masked (zeroed producers, or activation channel masks).
+
+    Args:
+      params, batch_stats: nested dicts of arrays for the current (dense) model.
+      groups: the model's `ChannelGroup`s (for the current widths).
+      keep: {group name: bool[size]} with every group name; at least one channel kept per
+        group. Must be concrete (not traced): the output shapes depend on it.
+
+    Returns:
+      (params, batch_stats, widths) where widths is {group name: kept channel count}, in
+      `groups` order. Input trees are not modified.
+
+    Raises:
+      ValueError for unknown/missing groups, wrong sizes, empty groups, or groups that do not
+      match the params (see `validate_groups`).
+    """
+    validate_groups(groups, params, batch_stats)
+    keep = check_keep(keep, groups)
+    flat_p = _flatten(params)
+    flat_s = _flatten(batch_stats or {})
+    widths = {}
+    for g in groups:
+        idx = np.flatnonzero(keep[g.name])
+        widths[g.name] = int(idx.size)
+        if idx.size == g.size:
+            continue
+        for path in g.producers:
+            flat_p[tuple(path)] = flat_p[tuple(path)][..., idx]
+        for path, spatial in g.consumers:
+            rows = consumer_indices(idx, g.size, spatial)
+            flat_p[tuple(path)] = flat_p[tuple(path)][..., rows, :]
+        for path in g.stats:
+            flat_s[tuple(path)] = flat_s[tuple(path)][..., idx]
+    return _unflatten(flat_p), _unflatten(flat_s), widths

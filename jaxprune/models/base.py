@@ -1,0 +1,115 @@
+"""Shared pieces of the model zoo: the functional model record and small layer helpers.
+
+Models are Flax NNX modules used functionally: `get_model` builds one, splits it once into a
+graph definition and plain-dict `params` / `batch_stats`, and returns a pure `apply` closure
+that merges them back inside (at trace time only).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxprune.structure import ChannelGroup, Path
+
+# Momentum of the BatchNorm running statistics: running = 0.9 * running + 0.1 * batch.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class ModelSpec(NamedTuple):
+    """Everything needed to rebuild a model's architecture; hashable (usable as a static arg).
+
+    Attributes:
+      name: registry name ('lenet5', 'resnet20', ...).
+      num_classes: classifier outputs.
+      input_shape: (H, W, C) of one example.
+      widths: ((group name, channels), ...) for every channel group, in `groups` order.
+    """
+
+    name: str
+    num_classes: int
+    input_shape: Tuple[int, ...]
+    widths: Tuple[Tuple[str, int], ...]
+
+
+class FunctionalModel(NamedTuple):
+    """A model as pure data plus a pure function.
+
+    Attributes:
+      apply: `apply(params, batch_stats, x, *, train, channel_masks=None)
+        -> (logits, new_batch_stats)`; pure and jittable. `x` is float32 NHWC. With
+        `train=False` BatchNorm uses the running statistics and `batch_stats` is returned
+        unchanged; with `train=True` it uses batch statistics and returns updated running
+        statistics (momentum 0.9). `channel_masks` is an optional {group name: float32[size]}
+        (any subset of the groups) multiplied onto each activation of that group right after
+        its BatchNorm (or after the producing layer when there is none); vmap over it to
+        score many channel-pruned candidates with one shared copy of the weights.
+      params, batch_stats: nested dicts of arrays (str keys).
+      groups: the channel groups for the current widths.
+      spec: `ModelSpec`.
+      unprunable: param paths excluded from pruning by default (first conv and classifier
+        kernels).
+    """
+
+    apply: Callable[..., Any]
+    params: dict
+    batch_stats: dict
+    groups: Tuple[ChannelGroup, ...]
+    spec: ModelSpec
+    unprunable: Tuple[Path, ...]
+
+
+def resolve_widths(name: str, defaults: dict, widths: dict | None) -> dict:
+    """Default widths overridden by `widths`; validates group names and values.
+
+    Raises:
+      ValueError naming unknown groups or non-positive / non-integer widths.
+    """
+    resolved = dict(defaults)
+    if not widths:
+        return resolved
+    unknown = sorted(k for k in widths if k not in defaults)
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown width group(s) {unknown}; known groups: {list(defaults)}")
+    bad = {k: v for k, v in widths.items()
+           if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1}
+    if bad:
+        raise ValueError(f"{name}: widths must be positive ints, got {bad}")
+    resolved.update({k: int(v) for k, v in widths.items()})
+    return resolved
+
+
+def mask_channels(x: jax.Array, channel_masks: dict | None, group: str) -> jax.Array:
+    """Multiplies `x` (channels last) by `channel_masks[group]` when given."""
+    if channel_masks is None or group not in channel_masks:
+        return x
+    m = jnp.asarray(channel_masks[group], dtype=x.dtype)
+    return x * m.reshape((1,) * (x.ndim - 1) + m.shape)
+
+
+def conv_init():
+    """He (fan-out, normal) initialisation for convolutions followed by BatchNorm + ReLU."""
+    return nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding: Any = "SAME",
+         use_bias: bool = False, rngs: nnx.Rngs, kernel_init=None) -> nnx.Conv:
+    """A square-kernel `nnx.Conv` (HWIO kernel)."""
+    kwargs = {} if kernel_init is None else {"kernel_init": kernel_init}
+    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
+                    use_bias=use_bias, rngs=rngs, **kwargs)
+
+
+def batch_norm(ch: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """BatchNorm over the last axis with the zoo's momentum / epsilon."""
+    return nnx.BatchNorm(ch, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 (VALID), NHWC."""
+    return nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
