@@ -141,7 +141,9 @@ SCHEMA: dict[str, Check] = {
     "search.step": _number(0, 1, high_open=True, note=" (keep-ratio grid step; 0 = continuous)"),
     **{key: _choice(allowed) for key, allowed in CHOICES.items()},
 }
-OPTIONAL: dict[str, Check] = {"data.cache": _optional_str}  # may be absent from a config
+OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "prune.imp_rounds": _int(1),
+                             "prune.n": _int(1), "prune.m": _int(1),
+                             "search.chunk_size": _int(0)}  # may be absent from a config
 
 _MISSING = object()
 
@@ -181,6 +183,14 @@ def problems(config) -> list[str]:
     if scored and _lookup(config, "data.val_size") == 0:
         found.append(f"data.val_size=0, but {', '.join(scored)} score candidates on the "
                      "validation split; use data.val_size >= 1")
+    granularity = _lookup(config, "prune.granularity")
+    if granularity == "nm" and (methods(_lookup(config, "search.methods"))
+                                or "sensitivity" in methods(_lookup(config, "prune.methods"))):
+        found.append("prune.granularity='nm' has one fixed pattern (n of every m weights), so there "
+                     "is nothing to search or to rank by sensitivity; use prune.methods=threshold "
+                     "and search.methods='' with it, or granularity 'channel' / 'unstructured'")
+    if granularity == "nm" and _lookup(config, "prune.schedule") != "oneshot":
+        found.append("prune.granularity='nm' supports only prune.schedule='oneshot'")
     return found
 
 

@@ -1,0 +1,595 @@
+"""The experiment driver: dense baseline → hand-set pruning and searches → fine-tune → compact → report.
+
+Every phase checkpoints into `workdir/checkpoints/<phase>` and records its finished result there,
+so running the same command on the same workdir again skips finished phases and continues an
+interrupted one from its last checkpoint. Nothing in the workdir is ever deleted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import checkpoint as ckpt_lib
+from jaxprune import config_checks
+from jaxprune import costs as costs_lib
+from jaxprune import criteria as criteria_lib
+from jaxprune import data as data_lib
+from jaxprune import masks as masks_lib
+from jaxprune import models as models_lib
+from jaxprune import parallel
+from jaxprune import report as report_lib
+from jaxprune import schedules as schedules_lib
+from jaxprune import train as train_lib
+from jaxprune.search import budget as budget_lib
+from jaxprune.search import controllers as controllers_lib
+from jaxprune.search import evaluate as evaluate_lib
+from jaxprune.search import loop as loop_lib
+from jaxprune.search import space as space_lib
+
+HANDSET_METHODS = ("threshold", "sensitivity")
+
+
+def _methods(text: str) -> list:
+    return [m.strip() for m in str(text or "").split(",") if m.strip()]
+
+
+@dataclasses.dataclass
+class Context:
+    """What every phase needs; built once per run."""
+    config: Any
+    workdir: str
+    dataset: Any
+    model: Any  # models.FunctionalModel (dense)
+    writer: report_lib.MetricWriter
+    keys: dict
+    progress: bool = True
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"model": self.model.spec.name, "dataset": self.dataset.name,
+                "num_classes": int(self.dataset.num_classes),
+                "input_shape": list(self.dataset.input_shape),
+                "widths": [list(w) for w in self.model.spec.widths]}
+
+    def checkpointer(self, phase: str, extra: Optional[dict] = None):
+        return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints", phase),
+                                     max_to_keep=2, fingerprint=dict(self.fingerprint, **(extra or {})))
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def write_run_info(config, workdir: str) -> None:
+    """Writes the resolved config and the package versions into the workdir (kept per start)."""
+    import importlib.metadata as md
+
+    os.makedirs(workdir, exist_ok=True)
+    versions = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "ml-collections",
+                "tensorflow-datasets", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    devices = jax.devices()
+    info = {"config": config.to_dict(), "versions": versions,
+            "devices": [str(d) for d in devices], "platform": devices[0].platform,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ckpt_lib.save_json(os.path.join(workdir, "run_info.json"), info)
+    with open(os.path.join(workdir, "config.txt"), "w") as f:
+        f.write(str(config))
+
+
+def make_context(config, workdir: str, progress: bool = True) -> Context:
+    config_checks.validate_config(config)
+    write_run_info(config, workdir)
+    dataset = data_lib.load(config.data)
+    root = jax.random.key(int(config.seed))
+    names = ("init", "train", "finetune", "search", "calib")
+    keys = dict(zip(names, jax.random.split(root, len(names))))
+    model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
+                                 input_shape=tuple(dataset.input_shape), key=keys["init"])
+    writer = report_lib.MetricWriter(workdir)
+    return Context(config=config, workdir=workdir, dataset=dataset, model=model, writer=writer,
+                   keys=keys, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training phases
+
+
+def _eval_fn(ctx: Context, apply_fn):
+    ds = ctx.dataset
+    return train_lib.make_eval_fn(apply_fn, mean=ds.mean, std=ds.std,
+                                  batch_size=int(ctx.config.train.eval_batch_size))
+
+
+def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, masks, epochs: int,
+                learning_rate: float, key, mask_update_fn=None):
+    """Trains (or resumes, or restores a finished) phase; returns (state, train_seconds, resumed)."""
+    cfg = ctx.config.train.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.learning_rate = float(learning_rate)
+    ds = ctx.dataset
+    steps_per_epoch = max(ds.train_images.shape[0] // int(cfg.batch_size), 1)
+    tx = train_lib.make_optimizer(cfg, epochs * steps_per_epoch)
+    state = train_lib.create_state(params, batch_stats, masks, tx)
+    checkpointer = ctx.checkpointer(phase)
+    seconds = 0.0
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(like=state, fallback=True)
+        seconds = float(meta.get("train_seconds", 0.0))
+        if meta.get("done"):
+            _log(ctx, f"[{phase}] finished earlier (step {int(state.step)}); restored from checkpoint.")
+            return state, seconds
+        _log(ctx, f"[{phase}] resuming from step {int(state.step)}.")
+    step_fn = train_lib.make_train_step(
+        apply_fn, tx, mean=ds.mean, std=ds.std, augment=bool(ctx.config.data.augment),
+        l1=float(cfg.l1), l1_target=str(cfg.l1_target), unprunable=ctx.model.unprunable,
+        mask_update_fn=mask_update_fn)
+    result = train_lib.fit(
+        state, step_fn, images=ds.train_images, labels=ds.train_labels, epochs=epochs,
+        batch_size=int(cfg.batch_size), key=key, eval_fn=_eval_fn(ctx, apply_fn),
+        val=(ds.val_images, ds.val_labels), checkpointer=checkpointer,
+        checkpoint_every=int(cfg.checkpoint_every), writer=ctx.writer, phase=phase,
+        seconds_so_far=seconds, progress=ctx.progress)
+    return result.state, result.train_seconds
+
+
+def _log(ctx: Context, text: str) -> None:
+    if ctx.progress:
+        print(text, flush=True)
+
+
+def measure_row(ctx: Context, method: str, *, model, params, batch_stats, masks=None,
+                train_seconds: float, extra: Optional[dict] = None) -> dict:
+    """Test accuracy, params, MACs, size, latency of a (compact or masked) model."""
+    ds = ctx.dataset
+    evaluate = _eval_fn(ctx, model.apply)
+    test = evaluate(params, batch_stats, ds.test_images, ds.test_labels)
+    shape = tuple(ds.input_shape)
+    n_params = costs_lib.count_params(params, masks)
+    dense_params = costs_lib.count_params(ctx.model.params)
+    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
+    batch = int(ctx.config.train.eval_batch_size)
+    x = jnp.zeros((batch,) + shape, jnp.float32)
+    fwd = jax.jit(lambda p, b, x: model.apply(p, b, x, train=False)[0])
+    latency = costs_lib.latency(fwd, params, batch_stats, x)
+    row = {"method": method, "accuracy": test["accuracy"], "test_loss": test["loss"],
+           "params": int(n_params), "macs": int(macs),
+           "size_mb": costs_lib.param_bytes(params) / 1e6,
+           "train_seconds": float(train_seconds), "latency_ms": float(latency["median_ms"]),
+           "latency_batch": batch, "sparsity": 1.0 - n_params / dense_params}
+    row.update(extra or {})
+    return row
+
+
+def dense_phase(ctx: Context):
+    m = ctx.model
+    cfg = ctx.config.train
+    state, seconds = train_phase(ctx, "dense", apply_fn=m.apply, params=m.params,
+                                 batch_stats=m.batch_stats, masks=masks_lib.ones_like(m.params),
+                                 epochs=int(cfg.epochs), learning_rate=float(cfg.learning_rate),
+                                 key=ctx.keys["train"])
+    row = measure_row(ctx, "unpruned", model=m, params=state.params, batch_stats=state.batch_stats,
+                      train_seconds=seconds)
+    return state, row
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning: keep vectors → masks → fine-tune → compact
+
+
+class Pruner:
+    """Everything a method needs to turn the dense model into a pruned one at the budget."""
+
+    def __init__(self, ctx: Context, dense_state):
+        self.ctx = ctx
+        cfg = ctx.config.prune
+        self.granularity = str(cfg.granularity)
+        self.dense_params = dense_state.params
+        self.dense_batch_stats = dense_state.batch_stats
+        m = ctx.model
+        self.prunable_fn = masks_lib.make_prunable_fn(exclude=m.unprunable)
+        self.scores = criteria_lib.get_criterion(str(cfg.criterion))(dense_state.params)
+        shape = tuple(ctx.dataset.input_shape)
+        if self.granularity == "channel":
+            self.units = [g.name for g in m.groups]
+            self.channel_scores = masks_lib.channel_scores(self.scores, m.groups)
+            self.cost = costs_lib.cost_model(m.apply, m.params, m.batch_stats, shape, m.groups)
+        else:
+            self.units = ["/".join(p) for p in masks_lib.prunable_paths(m.params, self.prunable_fn)]
+            self.channel_scores = None
+            self.cost = costs_lib.unstructured_cost_model(m.apply, m.params, m.batch_stats, shape,
+                                                          prunable_fn=self.prunable_fn)
+        target = str(cfg.target)
+        dense_cost = self.cost.dense_macs if target == "macs" else self.cost.dense_params
+        self.budget_fn = self.cost.macs if target == "macs" else self.cost.params
+        self.budget = float((1.0 - float(cfg.sparsity)) * dense_cost)
+        s = ctx.config.search
+        self.space = space_lib.SearchSpace.create(len(self.units), lower=float(s.lower), upper=1.0,
+                                                  step=(float(s.step) or None), names=self.units)
+        self.nm = (int(cfg.get("n", 2)), int(cfg.get("m", 4)))
+        if self.granularity != "nm":
+            budget_lib.check_feasible(self.budget_fn, self.space.lower, self.budget,
+                                      dense_cost=dense_cost)
+        self._evaluator = None
+
+    # -- keep vectors ------------------------------------------------------------------------
+    def project(self, keep) -> np.ndarray:
+        keep = jnp.asarray(keep, jnp.float32)[None]
+        out = budget_lib.project(keep, self.budget_fn, self.budget, self.space.lower, self.space.upper,
+                                 step=self.space.step)
+        return np.asarray(out[0])
+
+    def masks_for(self, keep):
+        keep = jnp.asarray(keep, jnp.float32)
+        if self.granularity == "channel":
+            groups = self.ctx.model.groups
+            channel_keep = masks_lib.channel_keep(self.channel_scores, keep, groups)
+            return masks_lib.channel_masks(channel_keep, groups, self.dense_params), channel_keep
+        if self.granularity == "nm":
+            n, m = self.nm
+            masks = masks_lib.from_scores(self.scores, None, granularity="nm", n=n, m=m,
+                                          prunable_fn=self.prunable_fn)
+            return masks, None
+        masks = masks_lib.from_scores(self.scores, keep, scope="layerwise",
+                                      granularity=self.granularity, prunable_fn=self.prunable_fn)
+        return masks, None
+
+    # -- batched proxy evaluation -------------------------------------------------------------
+    def evaluator(self):
+        if self._evaluator is None:
+            self._evaluator = make_candidate_evaluator(self.ctx, self)
+        return self._evaluator
+
+    # -- the pruned model -------------------------------------------------------------------
+    def finish(self, method: str, keep, *, extra: Optional[dict] = None) -> dict:
+        """Masks at `keep`, fine-tunes, compacts (channel) and measures; returns the result row.
+
+        The threshold method follows `prune.schedule`: `oneshot` prunes to `keep` and fine-tunes;
+        `gradual` starts dense and raises the sparsity along Zhu & Gupta's cubic schedule during
+        fine-tuning; `imp` prunes in `prune.imp_rounds` rounds, rewinding the survivors to the
+        dense weights before each round's training (lottery-ticket style). Searched and
+        sensitivity keeps are always applied one-shot.
+        """
+        ctx = self.ctx
+        m = ctx.model
+        masks, channel_keep = self.masks_for(keep)
+        schedule = str(ctx.config.prune.schedule) if method == "threshold" else "oneshot"
+        if schedule == "oneshot":
+            state, seconds = self._finetune(f"finetune_{method}", masks, self.dense_params)
+        else:
+            state, seconds = self._scheduled(method, schedule, keep, masks)
+            masks = state.masks
+            if self.granularity == "channel":
+                channel_keep = channel_keep_from_masks(masks, m.groups)
+        keep_list = [float(v) for v in np.asarray(keep)]
+        extra = dict(extra or {}, keep=keep_list, units=self.units, granularity=self.granularity,
+                     schedule=schedule)
+        if self.granularity == "channel":
+            extra["kept_channels"] = {name: int(np.sum(v)) for name, v in channel_keep.items()}
+            compact_model = models_lib.compact_model(
+                m._replace(params=state.params, batch_stats=state.batch_stats), channel_keep)
+            params, batch_stats = compact_model.params, compact_model.batch_stats
+            save_compact(ctx, method, compact_model, params, batch_stats)
+            return measure_row(ctx, method, model=compact_model, params=params,
+                               batch_stats=batch_stats, train_seconds=seconds, extra=extra)
+        save_compact(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
+        return measure_row(ctx, method, model=m, params=state.params, batch_stats=state.batch_stats,
+                           masks=state.masks, train_seconds=seconds, extra=extra)
+
+    def _finetune(self, phase: str, masks, params, mask_update_fn=None):
+        fcfg = self.ctx.config.finetune
+        return train_phase(self.ctx, phase, apply_fn=self.ctx.model.apply, params=params,
+                           batch_stats=self.dense_batch_stats, masks=masks,
+                           epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
+                           key=jax.random.fold_in(self.ctx.keys["finetune"], _stable_hash(phase)),
+                           mask_update_fn=mask_update_fn)
+
+    def _scheduled(self, method: str, schedule: str, keep, oneshot_masks):
+        """Gradual or iterative pruning towards the one-shot masks' sparsity."""
+        cfg = self.ctx.config
+        scope = str(cfg.prune.scope)
+        if scope == "layerwise":
+            final = 1.0 - float(np.mean(np.asarray(keep)))  # threshold keeps are uniform per unit
+        else:
+            fn = None if self.granularity == "channel" else self.prunable_fn
+            final = float(masks_lib.count(oneshot_masks, fn).sparsity)
+        groups = self.ctx.model.groups if self.granularity == "channel" else None
+        update = functools.partial(schedules_lib.update_masks, scope=scope,
+                                   granularity=self.granularity, groups=groups,
+                                   prunable_fn=self.prunable_fn)
+        dense_masks = masks_lib.ones_like(self.dense_params)
+        if schedule == "gradual":
+            steps = int(cfg.finetune.epochs) * max(
+                self.ctx.dataset.train_images.shape[0] // int(cfg.train.batch_size), 1)
+            end = max(int(0.75 * steps), 2)
+            sched = schedules_lib.polynomial(final, begin_step=0, end_step=end,
+                                             frequency=max(end // 20, 1))
+            return self._finetune(f"finetune_{method}_gradual", dense_masks, self.dense_params,
+                                  mask_update_fn=lambda step, p, mk: update(step, p, mk, sched))
+        rounds = int(cfg.prune.get("imp_rounds", 3))
+        sched = schedules_lib.imp(rounds, 1.0 - (1.0 - final) ** (1.0 / rounds), round_steps=1)
+        masks, params, seconds = dense_masks, self.dense_params, 0.0
+        state = None
+        for r in range(rounds):
+            masks = update(jnp.int32(r + 1), params, masks, sched)
+            params = schedules_lib.rewind(self.dense_params, masks)
+            state, sec = self._finetune(f"finetune_{method}_imp{r + 1}", masks, params)
+            params, seconds = state.params, seconds + sec
+        return state, seconds
+
+
+def channel_keep_from_masks(masks, groups) -> dict:
+    """Per-group kept channels read off channel masks (any producer kernel's output slices)."""
+    flat = dict(_flatten(masks))
+    keep = {}
+    for g in groups:
+        kernels = [p for p in g.producers if np.ndim(flat[tuple(p)]) >= 2] or list(g.producers)
+        leaf = np.asarray(flat[tuple(kernels[0])])
+        keep[g.name] = leaf.reshape(-1, leaf.shape[-1]).any(axis=0)
+    return keep
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % (2 ** 31)
+
+
+def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
+    """Saves the final (compact) model so a notebook can restore it with `restore_model`."""
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(ctx.workdir, "models", method), max_to_keep=1,
+        fingerprint={"model": model.spec.name, "dataset": ctx.dataset.name,
+                     "num_classes": int(ctx.dataset.num_classes),
+                     "input_shape": list(ctx.dataset.input_shape),
+                     "widths": [list(w) for w in model.spec.widths]})
+    tree = {"params": params, "batch_stats": batch_stats}
+    if masks is not None:
+        tree["masks"] = masks
+    checkpointer.save(0, tree, {"method": method, "spec": _spec_json(model.spec)}, force=True)
+    checkpointer.wait()
+
+
+def _spec_json(spec) -> dict:
+    return {"name": spec.name, "num_classes": int(spec.num_classes),
+            "input_shape": list(spec.input_shape), "widths": [list(w) for w in spec.widths]}
+
+
+def restore_model(workdir: str, method: str = "unpruned"):
+    """One call for notebooks: the saved model of `method` → (FunctionalModel, params, batch_stats).
+
+    `method` is a row of results.json ('unpruned', 'threshold', 'reinforce', …).
+    """
+    directory = os.path.join(workdir, "models", method)
+    if not os.path.isdir(directory):
+        have = sorted(os.listdir(os.path.join(workdir, "models"))) \
+            if os.path.isdir(os.path.join(workdir, "models")) else []
+        raise FileNotFoundError(f"No saved model {method!r} in {directory}. Saved models: {have or 'none'}; "
+                                "run the pipeline on this workdir first.")
+    checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1, fingerprint=None)
+    tree, meta = checkpointer.restore()
+    spec = meta["spec"]
+    spec = models_lib.ModelSpec(name=spec["name"], num_classes=int(spec["num_classes"]),
+                                input_shape=tuple(spec["input_shape"]),
+                                widths=tuple((k, int(v)) for k, v in spec["widths"]))
+    model = models_lib.model_from_spec(spec, tree["params"], tree["batch_stats"])
+    return model, model.params, model.batch_stats
+
+
+def make_candidate_evaluator(ctx: Context, pruner: Pruner):
+    """`keep float32[K, G] -> proxy accuracy float32[K]`: adaptive BN on calibration batches of the
+    training split, accuracy on (a slice of) the validation split. Never the test split."""
+    ds = ctx.dataset
+    s = ctx.config.search
+    m = ctx.model
+    n_val = min(int(s.val_examples), ds.val_images.shape[0])
+    val_x = data_lib.normalize(jnp.asarray(ds.val_images[:n_val]), ds.mean, ds.std)
+    val_y = jnp.asarray(ds.val_labels[:n_val])
+    calib_n = int(s.calib_batches) * int(s.calib_batch_size)
+    order = np.asarray(jax.random.permutation(ctx.keys["calib"], ds.train_images.shape[0]))[:calib_n]
+    calib = data_lib.normalize(jnp.asarray(ds.train_images[order]), ds.mean, ds.std)
+    mode = "channel" if pruner.granularity == "channel" else "unstructured"
+    chunk = int(s.get("chunk_size", 0) or 0) or None
+    evaluate = evaluate_lib.make_evaluator(
+        m.apply, m.groups, mode=mode, chunk_size=chunk,
+        eval_batch_size=int(ctx.config.train.eval_batch_size),
+        calib_batch_size=int(s.calib_batch_size), prunable_fn=pruner.prunable_fn)
+    scores = pruner.channel_scores if mode == "channel" else pruner.scores
+
+    def evaluate_fn(keep):
+        out = evaluate(pruner.dense_params, pruner.dense_batch_stats, scores,
+                       jnp.asarray(keep, jnp.float32), calib, val_x, val_y)
+        return out["accuracy"]
+
+    return evaluate_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+
+
+def threshold_keep(pruner: Pruner) -> np.ndarray:
+    """Magnitude ("threshold") pruning at the budget: uniform keep per unit (layer-wise) or one
+    global threshold over (normalised) scores, sized to the budget by bisection."""
+    scope = str(pruner.ctx.config.prune.scope)
+    g = len(pruner.units)
+    if pruner.granularity == "nm":  # a fixed pattern: n of every m weights in every unit
+        n, m = pruner.nm
+        return np.full((g,), n / m, np.float32)
+    if scope == "layerwise":
+        return pruner.project(np.ones((g,), np.float32))
+    # Global: one threshold; each unit keeps what is above it (at least its lower bound).
+    if pruner.granularity == "channel":
+        per_unit = [np.asarray(pruner.channel_scores[name], np.float64) for name in pruner.units]
+        per_unit = [s / max(np.mean(s), 1e-12) for s in per_unit]
+    else:
+        leaves = masks_lib.prunable_paths(pruner.dense_params, pruner.prunable_fn)
+        flat = {tuple(p): v for p, v in _flatten(pruner.scores)}
+        per_unit = [np.asarray(flat[tuple(p)], np.float64).ravel() for p in leaves]
+    allv = np.sort(np.concatenate(per_unit))[::-1]
+    lower = np.asarray(pruner.space.lower)
+
+    def keep_at(fraction):
+        idx = min(max(int(round(fraction * allv.size)) - 1, 0), allv.size - 1)
+        thr = allv[idx]
+        return np.maximum(np.array([np.mean(s >= thr) for s in per_unit], np.float32), lower)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if float(pruner.budget_fn(jnp.asarray(keep_at(mid)))) <= pruner.budget:
+            lo = mid
+        else:
+            hi = mid
+    keep = keep_at(lo)
+    return pruner.project(keep)
+
+
+def sensitivity_keep(pruner: Pruner) -> np.ndarray:
+    """Sensitivity pruning: prune each unit alone at several keep ratios (all candidates scored in
+    one batched evaluation), then give each unit the smallest keep whose accuracy drop stays under
+    a tolerance, with the tolerance bisected so the whole model meets the budget."""
+    grid = np.asarray([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], np.float32)
+    lower = float(pruner.space.lower[0])
+    grid = grid[grid >= lower - 1e-6]
+    g = len(pruner.units)
+    cand = np.ones((1 + g * grid.size, g), np.float32)  # row 0: the dense model
+    for i in range(g):
+        cand[1 + i * grid.size:1 + (i + 1) * grid.size, i] = grid
+    evaluate_fn = pruner.evaluator()
+    chunks = []
+    step = max(int(pruner.ctx.config.search.candidates), 1)
+    for start in range(0, cand.shape[0], step):
+        chunks.append(np.asarray(evaluate_fn(cand[start:start + step])))
+    acc = np.concatenate(chunks)
+    curves = criteria_lib.SensitivityCurves(units=tuple(pruner.units), keep_grid=grid,
+                                            values=acc[1:].reshape(g, grid.size).astype(np.float64),
+                                            dense=float(acc[0]))
+    chosen = criteria_lib.sensitivity_to_keep(
+        curves, lambda keep: float(pruner.budget_fn(jnp.asarray(keep))), pruner.budget)
+    return pruner.project(chosen.keep_ratios), curves
+
+
+def _flatten(tree):
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out.append((tuple(getattr(k, "key", str(k)) for k in path), leaf))
+    return out
+
+
+def handset_phase(ctx: Context, pruner: Pruner, method: str) -> dict:
+    extra = {}
+    if method == "threshold":
+        keep = threshold_keep(pruner)
+    elif method == "sensitivity":
+        keep, curves = sensitivity_keep(pruner)
+        extra["sensitivity"] = {"grid": curves.keep_grid.tolist(), "dense": curves.dense,
+                                "accuracy": np.round(curves.values, 5).tolist()}
+    else:
+        raise ValueError(f"prune.methods: unknown method {method!r}; use {', '.join(HANDSET_METHODS)}.")
+    macs_fraction = float(pruner.cost.macs(jnp.asarray(keep))) / pruner.cost.dense_macs \
+        if pruner.granularity == "channel" else None
+    return pruner.finish(method, keep, extra=dict(extra, planned_macs_fraction=macs_fraction))
+
+
+def search_phase(ctx: Context, pruner: Pruner, method: str):
+    s = ctx.config.search
+    controller = controllers_lib.get_controller(method)
+    checkpointer = ctx.checkpointer(f"search_{method}", extra={
+        "units": pruner.units, "rounds": int(s.rounds), "candidates": int(s.candidates),
+        "method": method})
+    result = loop_lib.run(
+        controller, pruner.space, key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)),
+        rounds=int(s.rounds), k=int(s.candidates), evaluate_fn=pruner.evaluator(),
+        macs_fn=pruner.cost.macs, params_fn=pruner.cost.params, budget=pruner.budget,
+        budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=method, progress=ctx.progress,
+        writer=ctx.writer)
+    ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
+        "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
+        "best_accuracy": result.best_accuracy, "seconds": result.seconds,
+        "candidates": result.log.to_records()})
+    row = pruner.finish(method, result.best_keep, extra={
+        "search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
+        "evaluated": int(result.log.filled)})
+    return row, result
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+
+
+def run(config, workdir: str, progress: bool = True) -> list:
+    """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows."""
+    ctx = make_context(config, workdir, progress=progress)
+    t_start = time.perf_counter()
+    rows = []
+    dense_state, dense_row = dense_phase(ctx)
+    save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
+    rows.append(dense_row)
+    handset = _methods(config.prune.methods)
+    searches = _methods(config.search.methods)
+    pruner = None
+    if handset or searches:
+        pruner = Pruner(ctx, dense_state)
+    for method in handset:
+        rows.append(handset_phase(ctx, pruner, method))
+        _write(ctx, rows)
+    search_logs, winners = {}, {}
+    for method in searches:
+        row, result = search_phase(ctx, pruner, method)
+        rows.append(row)
+        search_logs[method] = {"macs": result.log.macs[result.log.rows()],
+                               "accuracy": result.log.accuracy[result.log.rows()]}
+        winners[method] = result.best_keep
+        _write(ctx, rows)
+    for row in rows:
+        if row["method"] in HANDSET_METHODS and pruner is not None:
+            winners.setdefault(row["method"], np.asarray(row["keep"]))
+    if search_logs:
+        report_lib.plot_search(os.path.join(workdir, "search_pareto.png"), search_logs,
+                               dense_macs=pruner.cost.dense_macs if pruner.granularity == "channel" else None,
+                               budget_macs=pruner.budget if str(config.prune.target) == "macs" else None)
+    if winners:
+        report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
+    _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
+    ctx.writer.close()
+    return rows
+
+
+def _write(ctx: Context, rows, final: bool = False, wall: Optional[float] = None) -> None:
+    note = (f"Model {ctx.model.spec.name} on {ctx.dataset.name}; MACs are multiply-accumulates per "
+            f"example; latency is the median for a batch of {int(ctx.config.train.eval_batch_size)} "
+            f"on {jax.devices()[0].platform}; size is the bytes of the saved (compact) params; "
+            f"train (s) is the dense training or the fine-tuning time.")
+    report_lib.write_results(ctx.workdir, rows, note)
+    if final and ctx.progress:
+        print("\n" + report_lib.table_text(rows))
+        if wall is not None:
+            print(f"wall time of this invocation: {wall:.1f} s; results in {ctx.workdir}/results.md")
+
+
+# Errors that mean "the input is wrong" (config, data, workdir): main prints them without a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, ckpt_lib.CheckpointError, data_lib.DataNotFoundError)
+
+
+def load_config(path: str, arg: Optional[str] = None):
+    """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"No config file at {path}; configs live in the repository's configs/.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

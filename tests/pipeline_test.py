@@ -1,0 +1,86 @@
+"""End to end: the quick-start smoke config through the whole pipeline, resumed, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxprune import checkpoint, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {"method", "accuracy", "params", "macs", "size_mb", "train_seconds", "latency_ms", "sparsity"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("quick"))
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    rows = pipeline.run(config, workdir, progress=False)
+    return config, workdir, rows
+
+
+def test_rows_for_every_method_with_all_columns(smoke_run):
+    config, workdir, rows = smoke_run
+    methods = [r["method"] for r in rows]
+    assert methods == ["unpruned", "threshold", "sensitivity", "reinforce", "gan", "evolution",
+                       "random", "uniform"]
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    assert [r["method"] for r in saved] == methods
+    for row in saved:
+        assert KEYS <= set(row), row["method"]
+    dense = rows[0]
+    for row in rows[1:]:
+        # Channel pruning at a 50 % MACs budget: the compact model is really smaller.
+        assert row["macs"] <= 0.5 * dense["macs"] + 1, row["method"]
+        assert row["params"] < dense["params"] and row["size_mb"] < dense["size_mb"]
+    for name in ("results.md", "metrics.jsonl", "run_info.json", "search_pareto.png", "keep_ratios.png"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+
+
+def test_restore_model_reproduces_the_reported_accuracy(smoke_run):
+    from jaxprune import data, train
+    config, workdir, rows = smoke_run
+    ds = data.load(config.data)
+    for row in (rows[0], rows[3]):
+        model, params, batch_stats = pipeline.restore_model(workdir, row["method"])
+        evaluate = train.make_eval_fn(model.apply, mean=ds.mean, std=ds.std, batch_size=16)
+        result = evaluate(params, batch_stats, ds.test_images, ds.test_labels)
+        assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6)
+
+
+def test_rerun_resumes_and_redoes_nothing(smoke_run):
+    config, workdir, rows = smoke_run
+    before = {d: sorted(os.listdir(os.path.join(workdir, "checkpoints", d)))
+              for d in os.listdir(os.path.join(workdir, "checkpoints"))}
+    again = pipeline.run(config, workdir, progress=False)
+    after = {d: sorted(os.listdir(os.path.join(workdir, "checkpoints", d))) for d in before}
+    assert before == after  # no phase trained or searched again
+    for a, b in zip(rows, again):
+        assert a["method"] == b["method"]
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
+        assert a["macs"] == b["macs"] and a["params"] == b["params"]
+
+
+def test_workdir_of_another_model_is_refused_and_kept(smoke_run):
+    config, workdir, _ = smoke_run
+    other = config.copy_and_resolve_references()
+    other.model.name = "mlp"
+    listing = sorted(os.listdir(os.path.join(workdir, "checkpoints", "dense")))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="model"):
+        pipeline.run(other, workdir, progress=False)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "dense"))) == listing
+
+
+def test_cli_rejects_unknown_key_and_bad_sparsity(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, "-m", "jaxprune.main", "--config=configs/quickstart.py:smoke",
+            f"--workdir={tmp_path}"]
+    r = subprocess.run(base + ["--config.train.epohcs=3"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "epohcs" in r.stderr
+    r = subprocess.run(base + ["--config.prune.sparsity=1.0"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "sparsity" in r.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
