@@ -60,9 +60,14 @@ def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformati
 
 
 def create_state(params, batch_stats, masks, tx) -> TrainState:
-    """A fresh train state; params are masked once so pruned weights start at exactly zero."""
+    """A fresh train state; params are masked once so pruned weights start at exactly zero.
+
+    Every leaf is a fresh buffer: the train step donates its state, and the caller's params,
+    batch stats and masks must survive that.
+    """
     masks_lib.check_compatible(params, masks)
     params = masks_lib.apply(params, masks)
+    batch_stats, masks = jax.tree.map(jnp.copy, (batch_stats, masks))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), masks=masks)
 
