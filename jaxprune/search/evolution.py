@@ -161,5 +161,12 @@ def _uniform_across_groups(key: jax.Array, space: SearchSpace, k: int) -> jax.Ar
 
 
 def make_uniform() -> Controller:
-    """One keep ratio for all groups, uniform in [min lower, max upper], clipped per group."""
+    """One keep ratio for all groups, uniform in [min lower, max upper], clipped per group.
+
+    Under a budget this is the classic "uniform width multiplier" baseline: the search loop's
+    projection (`budget.project`, which scales a vector up to fill the budget) maps every such
+    vector to the same uniform keep at the budget, so all its candidates are one architecture.
+    It is kept as a control so every method spends the same evaluation count; its score is the
+    score of the uniform keep (the same vector layer-wise threshold pruning uses).
+    """
     return _stateless(_uniform_across_groups)
