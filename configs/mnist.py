@@ -59,6 +59,7 @@ def get_config(arg=None):
     config.prune.sparsity = 0.5
     config.prune.criterion = "l1"
     config.prune.schedule = "oneshot"
+    config.prune.channel_multiple = 1  # LeNet-5 has 6 and 16 conv channels: no rounding
     config.prune.sensitivity_batches = 4
 
     config.finetune = ml_collections.ConfigDict()

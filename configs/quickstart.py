@@ -57,6 +57,7 @@ def get_config(arg=None):
     config.prune.sparsity = 0.8  # remove 80 % of the MACs: hard enough that the methods differ
     config.prune.criterion = "l1"
     config.prune.schedule = "oneshot"
+    config.prune.channel_multiple = 1  # LeNet-5 has 6 and 16 conv channels: no rounding
     config.prune.sensitivity_batches = 2
 
     config.finetune = ml_collections.ConfigDict()

@@ -143,7 +143,8 @@ SCHEMA: dict[str, Check] = {
 }
 OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "prune.imp_rounds": _int(1),
                              "prune.n": _int(1), "prune.m": _int(1),
-                             "search.chunk_size": _int(0)}  # may be absent from a config
+                             "search.chunk_size": _int(0),
+                             "prune.channel_multiple": _int(1)}  # may be absent from a config
 
 _MISSING = object()
 

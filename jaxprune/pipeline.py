@@ -217,7 +217,16 @@ class Pruner:
         self.budget_fn = self.cost.macs if target == "macs" else self.cost.params
         self.budget = float((1.0 - float(cfg.sparsity)) * dense_cost)
         s = ctx.config.search
-        self.space = space_lib.SearchSpace.create(len(self.units), lower=float(s.lower), upper=1.0,
+        lower = np.full((len(self.units),), float(s.lower), np.float32)
+        self.step = float(s.step) or None
+        multiple = int(cfg.get("channel_multiple", 1) or 1)
+        if self.granularity == "channel" and multiple > 1:
+            # Kept channel counts in whole multiples (e.g. 8): odd widths leave most of the
+            # speed-up on the table (XLA's conv kernels vectorise over channels).
+            sizes = np.asarray([g.size for g in m.groups], np.float32)
+            self.step = np.minimum(multiple / sizes, 1.0).astype(np.float32)
+            lower = np.minimum(np.ceil(lower / self.step - 1e-5) * self.step, 1.0).astype(np.float32)
+        self.space = space_lib.SearchSpace.create(len(self.units), lower=lower, upper=1.0,
                                                   step=(float(s.step) or None), names=self.units)
         self.nm = (int(cfg.get("n", 2)), int(cfg.get("m", 4)))
         if self.granularity != "nm":
@@ -229,7 +238,7 @@ class Pruner:
     def project(self, keep) -> np.ndarray:
         keep = jnp.asarray(keep, jnp.float32)[None]
         out = budget_lib.project(keep, self.budget_fn, self.budget, self.space.lower, self.space.upper,
-                                 step=self.space.step)
+                                 step=self.step)
         return np.asarray(out[0])
 
     def masks_for(self, keep):
@@ -514,7 +523,7 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
         rounds=int(s.rounds), k=int(s.candidates), evaluate_fn=pruner.evaluator(),
         macs_fn=pruner.cost.macs, params_fn=pruner.cost.params, budget=pruner.budget,
         budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=method, progress=ctx.progress,
-        writer=ctx.writer)
+        writer=ctx.writer, step=pruner.step)
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
         "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
         "best_accuracy": result.best_accuracy, "seconds": result.seconds,

@@ -143,3 +143,21 @@ def test_budget_spec():
         budget_lib.Budget("macs", 0.0)
     with pytest.raises(ValueError, match="shape"):
         budget_lib.project(jnp.ones((2, 3, G)), CM.macs, 1.0, 0.1, 1.0)
+
+
+def test_per_group_step_gives_whole_channel_multiples():
+    sizes = np.asarray([16.0, 32.0, 64.0])
+    step = 8.0 / sizes  # multiples of 8 channels
+
+    def cost(keep):
+        return jnp.sum(keep * sizes)
+
+    budget = 0.55 * float(cost(jnp.ones((3,))))
+    keep = jax.random.uniform(jax.random.key(0), (32, 3), minval=0.1, maxval=1.0)
+    lower = jnp.asarray(step)
+    out = np.asarray(budget_lib.project(keep, cost, budget, lower, 1.0, step=jnp.asarray(step)))
+    channels = out * sizes
+    np.testing.assert_allclose(channels, np.round(channels / 8) * 8, atol=1e-3)
+    assert np.all(np.asarray(jax.vmap(cost)(jnp.asarray(out))) <= budget)
+    with pytest.raises(ValueError, match="step"):
+        budget_lib.project(keep, cost, budget, lower, 1.0, step=np.asarray([0.5, 0.0, 0.1]))

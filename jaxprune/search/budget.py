@@ -71,6 +71,8 @@ def _family(keep0: jax.Array, alpha: jax.Array, lower, upper, step):
 
 def _project_one(keep, cost_fn, budget, lower, upper, iters, fill, step):
     keep0 = jnp.clip(keep, lower, upper)
+    if step is not None:  # the proposal itself must lie on the grid too
+        keep0 = _family(keep0, jnp.float32(1.0), lower, upper, step)
 
     def ok(alpha):
         return _within(cost_fn(_family(keep0, alpha, lower, upper, step)), budget)
@@ -103,7 +105,7 @@ def _project_one(keep, cost_fn, budget, lower, upper, iters, fill, step):
 
 def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLike,
             upper: ArrayLike = 1.0, iters: int = 30, *, fill: bool = True,
-            step: float | None = None) -> jax.Array:
+            step=None) -> jax.Array:
     """Moves keep-ratio vectors onto the budget `cost_fn(keep) <= budget`.
 
     Args:
@@ -115,8 +117,10 @@ def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLik
       iters: bisection steps on alpha (alpha is resolved to range * 2**-iters).
       fill: if True, proposals below budget are scaled up to use it (see module doc); if
         False they are returned unchanged (clipped to the bounds).
-      step: optional grid; scaled vectors are snapped *down* to multiples of `step` (then
-        clipped to the bounds), which keeps the family monotone and the budget satisfied.
+      step: optional grid, a scalar or per-group [G] (e.g. `channel_multiple / group_size`
+        so kept channel counts are multiples of 8, which CPU and GPU kernels need to run
+        fast); scaled vectors are snapped *down* to multiples of `step` (then clipped to the
+        bounds), which keeps the family monotone and the budget satisfied.
 
     Returns:
       float32 keep ratios shaped like `keep`, within [lower, upper], with
@@ -135,13 +139,17 @@ def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLik
                              f"{bound.shape}.")
     if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 1:
         raise ValueError(f"project: iters must be a positive int, got {iters!r}.")
-    if step is not None and not (0.0 < float(step) <= 1.0):
-        raise ValueError(f"project: step must be in (0, 1] or None, got {step}.")
+    if step is not None:
+        step_np = np.asarray(step, np.float32)
+        if step_np.ndim > 1 or (step_np.ndim == 1 and step_np.shape[0] != g) or \
+                not np.all((step_np > 0.0) & (step_np <= 1.0)):
+            raise ValueError(f"project: step must be None or in (0, 1], a scalar or shape ({g},); "
+                             f"got {step}.")
     lower = jnp.broadcast_to(lower, (g,))
     upper = jnp.broadcast_to(upper, (g,))
     one = functools.partial(_project_one, cost_fn=cost_fn, budget=budget, lower=lower,
                             upper=upper, iters=int(iters), fill=bool(fill),
-                            step=None if step is None else float(step))
+                            step=None if step is None else jnp.asarray(step, jnp.float32))
     if keep.ndim == 2:
         return jax.vmap(one)(keep)
     return one(keep)

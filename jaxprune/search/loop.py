@@ -64,7 +64,7 @@ class SearchResult(NamedTuple):
 def run(controller, space: space_lib.SearchSpace, *, key, rounds: int, k: int,
         evaluate_fn: Callable, macs_fn: Callable, params_fn: Callable, budget: float,
         budget_fn: Optional[Callable] = None, checkpointer=None, meta: Optional[dict] = None,
-        name: str = "search", progress: bool = True, writer=None) -> SearchResult:
+        name: str = "search", progress: bool = True, writer=None, step=None) -> SearchResult:
     """Runs (or resumes) one search.
 
     Args:
@@ -76,6 +76,8 @@ def run(controller, space: space_lib.SearchSpace, *, key, rounds: int, k: int,
       macs_fn, params_fn: jittable `keep float32[G] -> cost` of one candidate.
       budget: the absolute budget on `budget_fn` (MACs or params); `budget_fn` defaults to macs_fn.
       checkpointer: optional `checkpoint.Checkpointer`; state + log are saved every round.
+      step: the grid candidates are snapped to by the projection, scalar or per-group [G]
+        (e.g. whole multiples of 8 channels); defaults to `space.step`.
     """
     from tqdm.auto import tqdm
 
@@ -98,11 +100,12 @@ def run(controller, space: space_lib.SearchSpace, *, key, rounds: int, k: int,
         seconds = float(saved_meta.get("seconds", 0.0))
 
     lower, upper = space.lower, space.upper
+    step = space.step if step is None else step
 
     @jax.jit
     def propose(round_key, state):
         keep = controller.ask(round_key, state, k)
-        keep = budget_lib.project(keep, budget_fn, budget, lower, upper, step=space.step)
+        keep = budget_lib.project(keep, budget_fn, budget, lower, upper, step=step)
         return keep, jax.vmap(macs_fn)(keep), jax.vmap(params_fn)(keep)
 
     tell = jax.jit(controller.tell)
