@@ -6,12 +6,13 @@ Command (GPU, the default):
 Variants: `configs/cifar10.py:cpu` (2 CPU cores), `configs/cifar10.py:smoke` (tests, seconds).
 
 Hardware: sized for one accelerator (an NVIDIA H100); `:cpu` for a 2-core CPU machine.
-Wall time: to be measured (default); `:cpu` aims at 10-15 min.
+Wall time: not yet measured for the default (no accelerator was available); `:cpu` with all
+five searches took 26 min 27 s on a shared 2-core CPU (experiments/2026-11-28_cifar10_cpu).
 Expected result: unpruned ResNet-20 about 92 % test accuracy (He et al. 2016 report 91.25 %
 with weight decay 1e-4 and a step schedule; this recipe uses 5e-4 with a cosine schedule, the
 usual stronger CIFAR baseline of pruning papers); pruned models at 50 % MACs: to be measured.
-`:cpu` trains on a 5,000-image subset for a few epochs: a demonstration, expect roughly
-50-60 % (to be measured).
+`:cpu` trains on a 5,000-image subset for 5 epochs, a demonstration: unpruned 49.5 % test,
+pruned at 50 % MACs 45.3-47.9 % after a 2-epoch fine-tune (seed 0, measured).
 
 Data: TFDS `cifar10` read from --config.data.data_dir or $TFDS_DATA_DIR (never downloaded);
 5,000 training images are held out for validation (model selection and search), the test
