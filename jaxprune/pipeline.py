@@ -115,8 +115,13 @@ def _eval_fn(ctx: Context, apply_fn):
 
 
 def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, masks, epochs: int,
-                learning_rate: float, key, mask_update_fn=None):
-    """Trains (or resumes, or restores a finished) phase; returns (state, train_seconds, resumed)."""
+                learning_rate: float, key, mask_update_fn=None, recipe: Optional[dict] = None):
+    """Trains (or resumes, or restores a finished) phase; returns (state, train_seconds).
+
+    The phase's checkpoint directory is fingerprinted with the model, the data and `recipe`
+    (what determines the phase's result: schedule, keep vector, …), so a workdir made with
+    other settings is refused with a message instead of being silently reused.
+    """
     cfg = ctx.config.train.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.learning_rate = float(learning_rate)
@@ -124,7 +129,12 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
     steps_per_epoch = max(ds.train_images.shape[0] // int(cfg.batch_size), 1)
     tx = train_lib.make_optimizer(cfg, epochs * steps_per_epoch)
     state = train_lib.create_state(params, batch_stats, masks, tx)
-    checkpointer = ctx.checkpointer(phase)
+    t = ctx.config.train
+    checkpointer = ctx.checkpointer(phase, extra=dict(
+        recipe or {}, epochs=int(epochs), learning_rate=float(learning_rate),
+        batch_size=int(t.batch_size), optimizer=str(t.optimizer), schedule=str(t.schedule),
+        weight_decay=float(t.weight_decay), l1=float(t.l1), seed=int(ctx.config.seed),
+        train_examples=int(ds.train_images.shape[0])))
     seconds = 0.0
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(like=state, fallback=True)
@@ -300,11 +310,17 @@ class Pruner:
 
     def _finetune(self, phase: str, masks, params, mask_update_fn=None):
         fcfg = self.ctx.config.finetune
+        pcfg = self.ctx.config.prune
+        kept = masks_lib.count(masks)
+        recipe = {"granularity": self.granularity, "scope": str(pcfg.scope),
+                  "target": str(pcfg.target), "sparsity": float(pcfg.sparsity),
+                  "criterion": str(pcfg.criterion), "schedule": str(pcfg.schedule),
+                  "kept_weights": int(kept.kept)}
         return train_phase(self.ctx, phase, apply_fn=self.ctx.model.apply, params=params,
                            batch_stats=self.dense_batch_stats, masks=masks,
                            epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
                            key=jax.random.fold_in(self.ctx.keys["finetune"], _stable_hash(phase)),
-                           mask_update_fn=mask_update_fn)
+                           mask_update_fn=mask_update_fn, recipe=recipe)
 
     def _scheduled(self, method: str, schedule: str, keep, oneshot_masks):
         """Gradual or iterative pruning towards the one-shot masks' sparsity."""
@@ -517,7 +533,8 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
     controller = controllers_lib.get_controller(method)
     checkpointer = ctx.checkpointer(f"search_{method}", extra={
         "units": pruner.units, "rounds": int(s.rounds), "candidates": int(s.candidates),
-        "method": method})
+        "method": method, "budget": float(pruner.budget), "lower": float(s.lower),
+        "val_examples": int(s.val_examples), "seed": int(ctx.config.seed)})
     result = loop_lib.run(
         controller, pruner.space, key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)),
         rounds=int(s.rounds), k=int(s.candidates), evaluate_fn=pruner.evaluator(),

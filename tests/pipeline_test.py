@@ -84,3 +84,13 @@ def test_cli_rejects_unknown_key_and_bad_sparsity(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 2 and "sparsity" in r.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_changed_budget_is_refused_not_silently_reused(smoke_run):
+    config, workdir, _ = smoke_run
+    other = config.copy_and_resolve_references()
+    other.prune.sparsity = 0.6
+    listing = sorted(os.listdir(os.path.join(workdir, "checkpoints", "finetune_threshold")))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="sparsity"):
+        pipeline.run(other, workdir, progress=False)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "finetune_threshold"))) == listing
