@@ -544,7 +544,9 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
         "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
         "best_accuracy": result.best_accuracy, "seconds": result.seconds,
-        "candidates": result.log.to_records()})
+        "dense_macs": float(pruner.cost.dense_macs), "budget": float(pruner.budget),
+        "budget_target": str(ctx.config.prune.target),
+        "candidates": result.log.to_records(dense_macs=pruner.cost.dense_macs)})
     row = pruner.finish(method, result.best_keep, extra={
         "search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
         "evaluated": int(result.log.filled)})

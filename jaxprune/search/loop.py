@@ -43,12 +43,15 @@ class SearchLog(NamedTuple):
             raise ValueError("The search log is empty: no candidate was evaluated.")
         return int(np.argmax(self.accuracy[:n]))
 
-    def to_records(self, group_names=None) -> list:
+    def to_records(self, dense_macs: Optional[float] = None) -> list:
+        """One dict per evaluated candidate; with `dense_macs`, also its realised MACs fraction."""
         out = []
         for i in range(int(self.filled)):
             rec = {"round": int(self.round[i]), "accuracy": float(self.accuracy[i]),
                    "macs": float(self.macs[i]), "params": float(self.params[i]),
                    "keep": [round(float(v), 5) for v in self.keep[i]]}
+            if dense_macs:
+                rec["macs_fraction"] = float(self.macs[i]) / float(dense_macs)
             out.append(rec)
         return out
 
