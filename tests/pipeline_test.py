@@ -35,6 +35,9 @@ def test_rows_for_every_method_with_all_columns(smoke_run):
         # Channel pruning at the MACs budget: the compact model is really smaller.
         assert row["macs"] <= (1 - config.prune.sparsity) * dense["macs"] + 1, row["method"]
         assert row["params"] < dense["params"] and row["size_mb"] < dense["size_mb"]
+    log = json.load(open(os.path.join(workdir, "search_evolution.json")))
+    assert len(log["candidates"]) == config.search.rounds * config.search.candidates
+    assert all(c["macs_fraction"] <= 1 - config.prune.sparsity + 1e-6 for c in log["candidates"])
     for name in ("results.md", "metrics.jsonl", "run_info.json", "search_pareto.png", "keep_ratios.png"):
         assert os.path.exists(os.path.join(workdir, name)), name
 
