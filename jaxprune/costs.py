@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
+from jaxprune import masks as masks_lib
 from jaxprune.structure import ChannelGroup
 
 Path = Tuple[str, ...]
@@ -63,21 +64,12 @@ _INT32_LIMIT = 2 ** 31 - 1
 # pytree helpers
 # --------------------------------------------------------------------------------------
 
-def _key_str(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _flatten(tree) -> List[Tuple[Path, Any]]:
     """(path, leaf) pairs in tree-flatten order; paths are tuples of str."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(_key_str(k) for k in path), leaf) for path, leaf in leaves]
+    return masks_lib.leaves_with_paths(tree)[0]
 
 
-def _fmt(path: Path) -> str:
-    return "/".join(path)
+_fmt = masks_lib.path_str
 
 
 def _shape(leaf) -> Tuple[int, ...]:

@@ -38,10 +38,6 @@ from jaxprune.search import space as space_lib
 HANDSET_METHODS = ("threshold", "sensitivity")
 
 
-def _methods(text: str) -> list:
-    return [m.strip() for m in str(text or "").split(",") if m.strip()]
-
-
 @dataclasses.dataclass
 class Context:
     """What every phase needs; built once per run."""
@@ -52,6 +48,7 @@ class Context:
     writer: report_lib.MetricWriter
     keys: dict
     progress: bool = True
+    _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
 
     @property
     def fingerprint(self) -> dict:
@@ -109,9 +106,13 @@ def make_context(config, workdir: str, progress: bool = True) -> Context:
 
 
 def _eval_fn(ctx: Context, apply_fn):
-    ds = ctx.dataset
-    return train_lib.make_eval_fn(apply_fn, mean=ds.mean, std=ds.std,
-                                  batch_size=int(ctx.config.train.eval_batch_size))
+    """Exact evaluation of a model; one compiled function per model for the whole run (the dense
+    model is evaluated in every fine-tuning phase and for its row)."""
+    if apply_fn not in ctx._eval_fns:
+        ds = ctx.dataset
+        ctx._eval_fns[apply_fn] = train_lib.make_eval_fn(
+            apply_fn, mean=ds.mean, std=ds.std, batch_size=int(ctx.config.train.eval_batch_size))
+    return ctx._eval_fns[apply_fn]
 
 
 def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, masks, epochs: int,
@@ -358,7 +359,7 @@ class Pruner:
 
 def channel_keep_from_masks(masks, groups) -> dict:
     """Per-group kept channels read off channel masks (any producer kernel's output slices)."""
-    flat = dict(_flatten(masks))
+    flat = dict(masks_lib.leaves_with_paths(masks)[0])
     keep = {}
     for g in groups:
         kernels = [p for p in g.producers if np.ndim(flat[tuple(p)]) >= 2] or list(g.producers)
@@ -454,31 +455,37 @@ def threshold_keep(pruner: Pruner) -> np.ndarray:
         return np.full((g,), n / m, np.float32)
     if scope == "layerwise":
         return pruner.project(np.ones((g,), np.float32))
-    # Global: one threshold; each unit keeps what is above it (at least its lower bound).
+    # Global: one threshold over all units (masks' own global ranking), its kept fraction
+    # bisected so the per-unit keeps it implies meet the budget.
     if pruner.granularity == "channel":
-        per_unit = [np.asarray(pruner.channel_scores[name], np.float64) for name in pruner.units]
-        per_unit = [s / max(np.mean(s), 1e-12) for s in per_unit]
+        groups = pruner.ctx.model.groups
+
+        def unit_keep(fraction):
+            keep = masks_lib.channel_keep_global(pruner.channel_scores, fraction, groups)
+            return jnp.stack([jnp.mean(keep[name].astype(jnp.float32)) for name in pruner.units])
     else:
-        leaves = masks_lib.prunable_paths(pruner.dense_params, pruner.prunable_fn)
-        flat = {tuple(p): v for p, v in _flatten(pruner.scores)}
-        per_unit = [np.asarray(flat[tuple(p)], np.float64).ravel() for p in leaves]
-    allv = np.sort(np.concatenate(per_unit))[::-1]
-    lower = np.asarray(pruner.space.lower)
+        paths = masks_lib.prunable_paths(pruner.dense_params, pruner.prunable_fn)
+
+        def unit_keep(fraction):
+            masks = masks_lib.from_scores(pruner.scores, fraction, scope="global",
+                                          granularity="unstructured", prunable_fn=pruner.prunable_fn)
+            flat = dict(masks_lib.leaves_with_paths(masks)[0])
+            return jnp.stack([jnp.mean(flat[p].astype(jnp.float32)) for p in paths])
+
+    unit_keep = jax.jit(unit_keep)
+    lower = jnp.asarray(pruner.space.lower)
 
     def keep_at(fraction):
-        idx = min(max(int(round(fraction * allv.size)) - 1, 0), allv.size - 1)
-        thr = allv[idx]
-        return np.maximum(np.array([np.mean(s >= thr) for s in per_unit], np.float32), lower)
+        return jnp.maximum(unit_keep(jnp.float32(fraction)), lower)
 
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
+    lo, hi = 1e-3, 1.0
+    for _ in range(25):
         mid = 0.5 * (lo + hi)
-        if float(pruner.budget_fn(jnp.asarray(keep_at(mid)))) <= pruner.budget:
+        if float(pruner.budget_fn(keep_at(mid))) <= pruner.budget:
             lo = mid
         else:
             hi = mid
-    keep = keep_at(lo)
-    return pruner.project(keep)
+    return pruner.project(np.asarray(keep_at(lo)))
 
 
 def sensitivity_keep(pruner: Pruner) -> np.ndarray:
@@ -496,7 +503,11 @@ def sensitivity_keep(pruner: Pruner) -> np.ndarray:
     chunks = []
     step = max(int(pruner.ctx.config.search.candidates), 1)
     for start in range(0, cand.shape[0], step):
-        chunks.append(np.asarray(evaluate_fn(cand[start:start + step])))
+        chunk = cand[start:start + step]
+        n = chunk.shape[0]
+        if n < step:  # pad the last chunk to the same K, so the evaluator compiles once
+            chunk = np.concatenate([chunk, np.ones((step - n, g), np.float32)])
+        chunks.append(np.asarray(evaluate_fn(chunk))[:n])
     acc = np.concatenate(chunks)
     curves = criteria_lib.SensitivityCurves(units=tuple(pruner.units), keep_grid=grid,
                                             values=acc[1:].reshape(g, grid.size).astype(np.float64),
@@ -504,13 +515,6 @@ def sensitivity_keep(pruner: Pruner) -> np.ndarray:
     chosen = criteria_lib.sensitivity_to_keep(
         curves, lambda keep: float(pruner.budget_fn(jnp.asarray(keep))), pruner.budget)
     return pruner.project(chosen.keep_ratios), curves
-
-
-def _flatten(tree):
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out.append((tuple(getattr(k, "key", str(k)) for k in path), leaf))
-    return out
 
 
 def handset_phase(ctx: Context, pruner: Pruner, method: str) -> dict:
@@ -565,8 +569,8 @@ def run(config, workdir: str, progress: bool = True) -> list:
     dense_state, dense_row = dense_phase(ctx)
     save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
     rows.append(dense_row)
-    handset = _methods(config.prune.methods)
-    searches = _methods(config.search.methods)
+    handset = config_checks.methods(config.prune.methods)
+    searches = config_checks.methods(config.search.methods)
     pruner = None
     if handset or searches:
         pruner = Pruner(ctx, dense_state)

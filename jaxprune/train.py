@@ -75,8 +75,7 @@ def create_state(params, batch_stats, masks, tx) -> TrainState:
 def l1_penalty(params, target: str, unprunable=()) -> jax.Array:
     """Sum of |w| over prunable kernels (`weights`) or over BatchNorm scales (`bn`, network slimming)."""
     total = jnp.zeros((), jnp.float32)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = tuple(getattr(k, "key", str(k)) for k in path)
+    for keys, leaf in masks_lib.leaves_with_paths(params)[0]:
         if target == "bn":
             hit = keys[-1] == "scale"
         elif target == "weights":

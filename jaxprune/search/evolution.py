@@ -115,11 +115,9 @@ def make_evolution(
     def tell(state: EvolutionState, ratios: jax.Array, rewards: jax.Array) -> EvolutionState:
         ratios, rewards = space_lib.check_ratios_rewards(state.space, ratios, rewards)
         rewards = space_lib.finite_or(rewards, -jnp.inf)
-        pool = jnp.concatenate([state.population, state.space.clip(ratios)], axis=0)
-        pool_fitness = jnp.concatenate([state.fitness, rewards], axis=0)
-        # Incumbents come first, so on ties they survive (top_k prefers the lower index).
-        fitness, index = jax.lax.top_k(pool_fitness, population_size)
-        return EvolutionState(population=pool[index], fitness=fitness, step=state.step + 1,
+        population, fitness = space_lib.keep_best(state.population, state.fitness,
+                                                  state.space.clip(ratios), rewards, population_size)
+        return EvolutionState(population=population, fitness=fitness, step=state.step + 1,
                               space=state.space)
 
     return Controller(init=init, ask=ask, tell=tell)

@@ -198,11 +198,9 @@ def make_gan(
     def tell(state: GanState, ratios: jax.Array, rewards: jax.Array) -> GanState:
         ratios, rewards = space_lib.check_ratios_rewards(state.space, ratios, rewards)
         rewards = space_lib.finite_or(rewards, -jnp.inf)
-        pool_ratios = jnp.concatenate([state.elite_ratios, state.space.clip(ratios)], axis=0)
-        pool_rewards = jnp.concatenate([state.elite_rewards, rewards], axis=0)
-        # Incumbents come first, so on ties they stay (top_k prefers the lower index).
-        elite_rewards, index = jax.lax.top_k(pool_rewards, elite_size)
-        state = state._replace(elite_ratios=pool_ratios[index], elite_rewards=elite_rewards)
+        elite_ratios, elite_rewards = space_lib.keep_best(
+            state.elite_ratios, state.elite_rewards, state.space.clip(ratios), rewards, elite_size)
+        state = state._replace(elite_ratios=elite_ratios, elite_rewards=elite_rewards)
         if train_steps > 0:
             stream = jax.random.wrap_key_data(state.key_data, impl="threefry2x32")
             # All training noise is drawn here, outside cond / scan (no keys cross them).

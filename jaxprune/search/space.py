@@ -251,3 +251,16 @@ class Controller(NamedTuple):
     init: Callable[[jax.Array, SearchSpace], Any]
     ask: Callable[[jax.Array, Any, int], jax.Array]
     tell: Callable[[Any, jax.Array, jax.Array], Any]
+
+
+def keep_best(ratios: jax.Array, rewards: jax.Array, new_ratios: jax.Array,
+              new_rewards: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The best `n` of incumbents ∪ new candidates (elitist survival; GA population, GAN elites).
+
+    Incumbents come first, so on ties they survive (`lax.top_k` prefers the lower index).
+    Returns (ratios [n, G], rewards [n]).
+    """
+    pool = jnp.concatenate([ratios, new_ratios], axis=0)
+    pool_rewards = jnp.concatenate([rewards, new_rewards], axis=0)
+    best, index = jax.lax.top_k(pool_rewards, n)
+    return pool[index], best
