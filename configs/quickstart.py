@@ -5,8 +5,8 @@ Command:
 Without the five searches: add `--config.search.methods=`. Tests: `configs/quickstart.py:smoke`.
 
 Hardware: sized for a 2-core CPU machine.
-Wall time: 1 min 41 s with all five searches (measured on a 2-core CPU shared with another
-job; experiments/2026-11-28_quickstart).
+Wall time: 1 min 13 s with all five searches on an idle 2-core CPU (1 min 41 s when shared;
+experiments/2026-11-28_quickstart).
 Expected result: unpruned LeNet-5 97.5 % test accuracy on the 360 held-out digits; at 20 % of
 the dense MACs, threshold/uniform 94.4 %, sensitivity and the searches 96.1-96.4 % (seed 0).
 
