@@ -19,36 +19,53 @@ Safety rules, in order of importance:
   * Saves are asynchronous (orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when
     done), so a run killed mid-save leaves the previous steps intact; the leftover temporary
     folder is reported and ignored.
+  * Every saved array has a CRC-32 in the step's meta; a restore recomputes them, so a flipped
+    byte is reported as a corrupt step (and `fallback` uses the newest older good step) instead
+    of flowing into results. A damaged step that a newer save must replace is renamed to
+    `<step>.corrupt-<time>`, never deleted.
+  * A directory with steps but without `fingerprint.json` is refused: it is unknown what wrote it.
+  * `save_replacing` (saved models) writes a new step before the old one is removed, so a kill at
+    any moment leaves a readable model.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
+import time
+import zlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxprune import errors
+
 FINGERPRINT_FILE = "fingerprint.json"
 _STATE, _META = "state", "meta"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _STEP_DIR = re.compile(r"^\d+$")
+_CHECKSUMS = "_checksums"  # meta key holding {leaf path: checksum}; stripped on restore
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.UserError):
     """Base class of the checkpoint errors a user can act on."""
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The directory holds checkpoints of a different run (model, data, widths, …)."""
+    """The directory holds checkpoints of a different run (model, data, widths, config, …)."""
 
 
 class CorruptCheckpointError(CheckpointError):
-    """A step directory exists but cannot be read back."""
+    """A step directory exists but cannot be read back, or its arrays fail their checksums."""
+
+
+class TemplateMismatchError(CheckpointError, ValueError):
+    """The step is readable but shaped unlike the state template `like`."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,14 +79,16 @@ def _to_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_json(v) for v in obj]
     if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
+        return _to_json(np.asarray(obj).tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN / Infinity
     return obj
 
 
 def save_json(path: str, obj: Any) -> None:
-    """Writes `obj` as JSON atomically: a temporary file in the same folder, then `os.replace`.
-
-    A reader never sees a half-written file. numpy / jax numbers and arrays are converted.
+    """Writes `obj` as strict JSON atomically: a temporary file in the same folder, fsync, then
+    `os.replace`. A reader never sees a half-written file. numpy / jax numbers and arrays are
+    converted; NaN and infinities become null.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -77,8 +96,10 @@ def save_json(path: str, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_to_json(obj), f, indent=2, sort_keys=True)
+            json.dump(_to_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -90,6 +111,123 @@ def load_json(path: str) -> Any:
     """Reads a JSON file written by `save_json` (or any JSON file)."""
     with open(os.fspath(path)) as f:
         return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints and checksums
+
+
+def _step_folders(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if _STEP_DIR.match(n))
+
+
+def check_fingerprint(directory: str, fingerprint: dict, keys=None) -> bool:
+    """Compares `directory/fingerprint.json` with `fingerprint`; returns whether one is stored.
+
+    `keys`: a predicate on field names; only those fields are compared (None: all). Raises
+    `CheckpointMismatchError` naming every field that differs, or when the directory holds
+    steps but no (readable) fingerprint, since then it is unknown which run wrote them.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    path = os.path.join(directory, FINGERPRINT_FILE)
+    if not os.path.exists(path):
+        steps = _step_folders(directory)
+        if steps:
+            raise CheckpointMismatchError(
+                f"{directory} holds checkpoint steps {steps} but no {FINGERPRINT_FILE}, so it is "
+                "unknown which config wrote them. Use another --workdir, or move that directory "
+                "away yourself to redo the phase; nothing was deleted.")
+        return False
+    try:
+        stored = load_json(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointMismatchError(
+            f"{path} cannot be read ({e}), so it is unknown which run wrote the checkpoints in "
+            f"{directory}. Use another --workdir, or fix or delete that directory "
+            "yourself; nothing was deleted.") from e
+    stored = stored if isinstance(stored, dict) else {"<fingerprint>": stored}
+    new = _to_json(dict(fingerprint))
+    names = sorted(k for k in set(stored) | set(new) if keys is None or keys(k))
+    diffs = []
+    for k in names:
+        old_v, new_v = stored.get(k, _ABSENT), new.get(k, _ABSENT)
+        if old_v != new_v:
+            diffs.append(f"`{k}` was {_shown(old_v)}, now {_shown(new_v)}")
+    if diffs:
+        raise CheckpointMismatchError(
+            f"Checkpoints in {directory} were made with other settings: " + "; ".join(diffs)
+            + ". Use another --workdir, or restore the value(s); nothing was deleted.")
+    return True
+
+
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    return "not set" if value is _ABSENT else repr(value)
+
+
+def _leaf_name(path) -> str:
+    """A path name that is the same for a NamedTuple / dataclass field and a dict key."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _host_array(x) -> Optional[np.ndarray]:
+    if isinstance(x, jax.Array):
+        if not x.is_fully_addressable:
+            return None  # multi-host arrays: no host-local copy to check
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _checksum(x, dtype: Optional[str] = None) -> Optional[str]:
+    """`crc32:dtype:shape` of an array; 0-d values by value (they may come back as Python
+    scalars of another type)."""
+    a = _host_array(x)
+    if a is None or a.dtype == object:
+        return None
+    if a.ndim == 0:
+        return f"value:{float(a.astype(np.float64))!r}"
+    if dtype is not None and str(a.dtype) != dtype:
+        a = a.astype(dtype)
+    return f"crc32:{a.dtype}:{list(a.shape)}:{zlib.crc32(np.ascontiguousarray(a).tobytes()):08x}"
+
+
+def checksums(tree) -> dict:
+    """{leaf path: checksum} of every array of `tree`."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        c = _checksum(leaf)
+        if c is not None:
+            out[_leaf_name(path)] = c
+    return out
+
+
+def _verify(tree, expected: dict) -> Optional[str]:
+    """What does not match the stored checksums, or None."""
+    leaves = {_leaf_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    bad = []
+    for name, want in expected.items():
+        if name not in leaves:
+            continue  # restored into a template without that leaf; its shape check is orbax's
+        dtype = want.split(":")[1] if want.startswith("crc32:") else None
+        if _checksum(leaves[name], dtype) != want:
+            bad.append(name)
+    if bad:
+        return (f"the checksum of {len(bad)} saved array(s) does not match ({', '.join(bad[:3])}"
+                f"{', …' if len(bad) > 3 else ''}): the files were altered after saving")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,16 +246,19 @@ class Checkpointer:
         directory already has one that differs, the constructor raises
         `CheckpointMismatchError`. None skips the check (e.g. for read-only use).
       async_save: write in a background thread (the default); `wait()` blocks until done.
+      fallback: the default of `restore(fallback=...)`.
     """
 
     def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2,
-                 fingerprint: Optional[dict] = None, async_save: bool = True):
+                 fingerprint: Optional[dict] = None, async_save: bool = True,
+                 fallback: bool = False):
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or int(max_to_keep) < 1):
             raise ValueError(f"max_to_keep={max_to_keep!r}: use a positive int or None (keep all).")
         self.directory = os.path.abspath(os.fspath(directory))
         self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
         self.fingerprint = None if fingerprint is None else _to_json(dict(fingerprint))
         self.last_restored_step: Optional[int] = None
+        self.fallback = bool(fallback)
         self._bad_steps: set[int] = set()
         self._fingerprint_written = False
         if self.fingerprint is not None:
@@ -140,31 +281,7 @@ class Checkpointer:
     # -- fingerprint ---------------------------------------------------------------------------
 
     def _check_fingerprint(self) -> None:
-        path = os.path.join(self.directory, FINGERPRINT_FILE)
-        if not os.path.exists(path):
-            return
-        try:
-            stored = load_json(path)
-        except (OSError, ValueError) as e:
-            raise CheckpointMismatchError(
-                f"{path} cannot be read ({e}), so it is unknown which run wrote the checkpoints in "
-                f"{self.directory}. Use another --workdir, or fix or delete that directory "
-                "yourself; nothing was deleted.") from e
-        self._fingerprint_written = True
-        if stored == self.fingerprint:
-            return
-        stored = stored if isinstance(stored, dict) else {"<fingerprint>": stored}
-        keys = sorted(set(stored) | set(self.fingerprint))
-        old = {k: stored.get(k, "<missing>") for k in keys}
-        new = {k: self.fingerprint.get(k, "<missing>") for k in keys}
-        diffs = [f"{k}: directory has {old[k]!r}, this run has {new[k]!r}"
-                 for k in keys if old[k] != new[k]]
-        raise CheckpointMismatchError(
-            f"Checkpoint directory {self.directory} belongs to a different run; fields that "
-            "differ: " + "; ".join(diffs)
-            + f". The directory holds steps {self.all_steps_on_disk()} written for {stored}. "
-            "Use another --workdir for this run, or delete that directory yourself if you no "
-            "longer need it; nothing was deleted.")
+        self._fingerprint_written = check_fingerprint(self.directory, self.fingerprint)
 
     def _write_fingerprint(self) -> None:
         if self._fingerprint_written or self.fingerprint is None:
@@ -216,7 +333,7 @@ class Checkpointer:
         others = [s for s in self.all_steps() if s != step and s not in self._bad_steps]
         return CorruptCheckpointError(
             f"Checkpoint step {step} in {self._step_dir(step)} cannot be read: {problem}. It was "
-            "probably cut short (a killed run or a full disk). "
+            "probably cut short (a killed run or a full disk) or altered. "
             + (f"Readable steps may be {others}: restore with fallback=True to use the newest of "
                "them, or " if others else "There is no other step to fall back to; ")
             + "move or delete that step folder yourself (nothing was deleted), or use another "
@@ -240,12 +357,14 @@ class Checkpointer:
         self._collect_garbage()
         steps = self.all_steps()
         if step in steps:
-            if not force:
+            damaged = step in self._bad_steps or self._check_step(step) is not None
+            if not force and not damaged:
                 return False
-            problem = self._check_step(step)
-            if problem is not None or step in self._bad_steps:
-                raise self._corrupt_error(step, problem or "an earlier restore failed")
-            self._manager.delete(step)  # replace our own readable step, as asked
+            if damaged:  # a newer save replaces a damaged step: keep it aside, never delete it
+                self._quarantine(step)
+            else:
+                self._manager.delete(step)  # replace our own readable step, as asked
+            self._manager.reload()
             steps = self.all_steps()
         newer = [s for s in steps if s > step]
         if newer and not force:
@@ -253,9 +372,44 @@ class Checkpointer:
                 return False
             force = True  # only damaged steps are newer: continue past them (they are kept)
         self._write_fingerprint()
+        meta = dict(_to_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                                     _META: ocp.args.JsonSave(_to_json(dict(meta or {})))})
+                                     _META: ocp.args.JsonSave(meta)})
         return bool(self._manager.save(step, args=args, force=force))
+
+    def save_replacing(self, state: Any, meta: Optional[dict] = None) -> bool:
+        """Makes `state` the newest step without a moment with no readable step: it is saved as a
+        new step and waited for; only then `max_to_keep` removes older ones. Skipped (returns
+        False) when the newest step already holds exactly this state and meta and reads back."""
+        self.wait()
+        steps = self.all_steps()
+        if steps:
+            last = steps[-1]
+            try:
+                stored = load_json(os.path.join(self._step_dir(last), _META, "metadata"))
+            except (OSError, ValueError):
+                stored = None
+            wanted = dict(_to_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
+            if stored == wanted and last not in self._bad_steps:
+                try:
+                    self._restore_step(last, None)
+                    return False
+                except CorruptCheckpointError:
+                    self._bad_steps.add(last)
+        saved = self.save((steps[-1] + 1) if steps else 0, state, meta, force=True)
+        self.wait()
+        return saved
+
+    def _quarantine(self, step: int) -> None:
+        src = self._step_dir(step)
+        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+        os.rename(src, dst)
+        logging.warning("Damaged checkpoint step %s moved to %s (kept; delete it yourself).",
+                        src, dst)
+        self._bad_steps.discard(step)
 
     def _collect_garbage(self) -> None:
         """Deletes the oldest readable steps beyond `max_to_keep` (never a damaged one)."""
@@ -285,7 +439,7 @@ class Checkpointer:
     # -- restore -------------------------------------------------------------------------------
 
     def restore(self, step: Optional[int] = None, *, like: Any = None,
-                fallback: bool = False) -> tuple[Any, dict]:
+                fallback: Optional[bool] = None) -> tuple[Any, dict]:
         """Restores `(state, meta)` of `step` (default: the newest step).
 
         Args:
@@ -293,14 +447,16 @@ class Checkpointer:
           like: a pytree shaped like the saved state (arrays or `jax.ShapeDtypeStruct`s). The
             result has exactly its structure (NamedTuples, optax states, …) and its shardings.
             None → plain nested dicts/lists, arrays on the default device.
-          fallback: when the step cannot be read, try the next older steps (logging a warning)
-            instead of raising. The damaged step is left on disk.
+          fallback: when the step cannot be read or fails its checksums, try the next older steps
+            (logging a warning) instead of raising. The damaged step is left on disk. None: the
+            constructor's `fallback`.
 
         Raises:
           FileNotFoundError: there is no checkpoint (or no such step).
           CorruptCheckpointError: the step is damaged (and no fallback succeeded).
-          ValueError: the checkpoint is readable but does not match `like`.
+          TemplateMismatchError (a ValueError): the step is readable but does not match `like`.
         """
+        fallback = self.fallback if fallback is None else bool(fallback)
         self.wait()
         steps = self.all_steps()
         if step is None:
@@ -345,13 +501,19 @@ class Checkpointer:
                 _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
         except Exception as e:  # orbax/tensorstore raise many types; sort them out below
             if like is not None and self._readable_without_template(step):
-                raise ValueError(
+                raise TemplateMismatchError(
                     f"Checkpoint step {step} in {self.directory} does not match the state "
                     f"template `like`: {e}") from e
             raise self._corrupt_error(step, f"{type(e).__name__}: {e}") from e
         if _STATE not in out or _META not in out or out[_META] is None:
             raise self._corrupt_error(step, "an item came back empty")
-        return out[_STATE], dict(out[_META])
+        meta = dict(out[_META])
+        expected = meta.pop(_CHECKSUMS, None)
+        if expected:  # steps written before checksums existed have none
+            problem = _verify(out[_STATE], expected)
+            if problem is not None:
+                raise self._corrupt_error(step, problem)
+        return out[_STATE], meta
 
     def _abstract_from_metadata(self, step: int) -> Any:
         """Restore target built from the saved metadata: arrays go to this host's first device
