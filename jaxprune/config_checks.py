@@ -1,6 +1,11 @@
-"""Checks a config tree before anything runs: every problem in one ValueError.
+"""Checks a config tree before anything runs: every problem in one ConfigError (a ValueError).
 
-    validate_config(config)   # raises ValueError listing each bad key, its value, what is allowed
+    validate_config(config)   # raises ConfigError listing each bad key, its value, what is allowed
+
+Strict: a key that no config in configs/ defines (and `SCHEMA` / `OPTIONAL` do not know) is an
+error with the nearest known key suggested, and NaN / infinity is refused for every number.
+`phase_settings(config, phase)` is the part of the config that determines a phase's result (its
+checkpoint fingerprint).
 
 The allowed names below mirror the registries (`models.MODELS`, `search.controllers.CONTROLLERS`,
 `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`); tests/configs_test.py checks that they agree.
@@ -9,9 +14,15 @@ TensorFlow, and fails at once.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import math
+import os
+import re
 from typing import Any, Callable, Optional
 
 from jaxprune.data import DATASETS
+from jaxprune.errors import ConfigError
 MODELS = ("lenet5", "mlp", "vgg16", "resnet20", "resnet56", "resnet18")
 PRUNE_METHODS = ("threshold", "sensitivity")
 SEARCH_METHODS = ("reinforce", "gan", "evolution", "random", "uniform")
@@ -36,7 +47,8 @@ def _is_int(v) -> bool:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float (NaN and infinities are not numbers a config can mean)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(minimum: int) -> Check:
@@ -60,7 +72,7 @@ def _number(low: float, high: float, *, low_open=False, high_open=False, note=""
 
     def check(v):
         if not _is_number(v):
-            return f"must be a number in {text}{note}"
+            return f"must be a finite number in {text}{note}"
         if (v < low or (low_open and v == low)) or (v > high or (high_open and v == high)):
             return f"must be in {text}{note}"
         return None
@@ -68,11 +80,11 @@ def _number(low: float, high: float, *, low_open=False, high_open=False, note=""
 
 
 def _positive_number(v):
-    return None if _is_number(v) and v > 0 else "must be a number > 0"
+    return None if _is_number(v) and v > 0 else "must be a finite number > 0"
 
 
 def _non_negative_number(v):
-    return None if _is_number(v) and v >= 0 else "must be a number >= 0"
+    return None if _is_number(v) and v >= 0 else "must be a finite number >= 0"
 
 
 def _bool(v):
@@ -147,6 +159,70 @@ OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "prune.imp_rounds": _
                              "prune.channel_multiple": _int(1)}  # may be absent from a config
 
 _MISSING = object()
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def flatten(config) -> dict:
+    """{'train.epochs': 30, …}: every leaf of a ConfigDict or nested dict under its dotted key."""
+    tree = config.to_dict() if hasattr(config, "to_dict") else config
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) or hasattr(v, "to_dict"):
+                walk(v.to_dict() if hasattr(v, "to_dict") else v, key + ".")
+            else:
+                out[key] = v
+    walk(tree, "")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _repository_keys() -> frozenset:
+    """Keys of every `get_config(variant)` in configs/ (variants read off `arg == '…'`)."""
+    import importlib.util
+
+    keys = set()
+    if not os.path.isdir(CONFIG_DIR):
+        return frozenset()
+    for name in sorted(os.listdir(CONFIG_DIR)):
+        if not name.endswith(".py"):
+            continue
+        path = os.path.join(CONFIG_DIR, name)
+        try:
+            spec = importlib.util.spec_from_file_location(f"_jaxprune_known_{name[:-3]}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            variants = [None] + re.findall(r"arg\s*==\s*[\"'](\w+)[\"']", open(path).read())
+            for arg in variants:
+                keys |= set(flatten(module.get_config(arg) if arg else module.get_config()))
+        except Exception:  # noqa: BLE001 - a config being edited must not break every run
+            continue
+    return frozenset(keys)
+
+
+def known_keys() -> frozenset:
+    """Every valid dotted key: `SCHEMA`, `OPTIONAL` and the keys of the configs in configs/."""
+    return frozenset(SCHEMA) | frozenset(OPTIONAL) | _repository_keys()
+
+
+def _unknown_key_problems(flat: dict) -> list[str]:
+    known = known_keys()
+    found = []
+    for key in sorted(flat):
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no config in configs/ has it"
+        found.append(f"{key} is not a known config key ({hint}); remove or rename it")
+    return found
+
+
+def _non_finite_problems(flat: dict) -> list[str]:
+    return [f"{key}={value!r} must be a finite number (not NaN or infinity)"
+            for key, value in sorted(flat.items())
+            if isinstance(value, float) and not math.isfinite(value)]
 
 
 def _lookup(config, dotted: str):
@@ -161,16 +237,20 @@ def _lookup(config, dotted: str):
 
 def problems(config) -> list[str]:
     """Every problem of `config` (ConfigDict or nested dict), one message each; [] if none."""
-    found = []
+    flat = flatten(config)
+    found = _unknown_key_problems(flat)
+    checked = set()
     for key, check in list(SCHEMA.items()) + list(OPTIONAL.items()):
         value = _lookup(config, key)
         if value is _MISSING:
             if key in SCHEMA:
                 found.append(f"{key} is missing")
             continue
+        checked.add(key)
         problem = check(value)
         if problem:
             found.append(f"{key}={value!r} {problem}")
+    found += _non_finite_problems({k: v for k, v in flat.items() if k not in checked})
     if found:
         return found
     # Relations between keys (only once each key is valid on its own).
@@ -196,7 +276,55 @@ def problems(config) -> list[str]:
 
 
 def validate_config(config) -> None:
-    """Raises ValueError naming every bad key, its value and what is allowed."""
+    """Raises ConfigError (a ValueError) naming every bad key, its value and what is allowed."""
     found = problems(config)
     if found:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(found))
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(found))
+
+
+# ----------------------------------------------------------------------------------------------
+# What determines each phase's result (its checkpoint fingerprint)
+
+# Keys that change no result: where things are read or cached, how often to checkpoint, how
+# evaluation is batched, and which methods run (each method has its own phases).
+NOT_RESULT = frozenset({
+    "train.eval_batch_size", "train.checkpoint_every", "train.compile_cache_dir",
+    "data.data_dir", "data.cache", "data.portable_path", "data.download",
+    "prune.methods", "search.methods", "search.chunk_size"})
+# What the hand-set methods read from `search`: the keep-ratio space and, for sensitivity, the
+# candidate scoring (calibration and validation examples).
+HANDSET_SEARCH_KEYS = ("search.lower", "search.step", "search.calib_batches",
+                       "search.calib_batch_size", "search.val_examples")
+
+
+def phase_settings(config, phase: str) -> dict:
+    """{dotted key: value} of every config key that can change the result of `phase`.
+
+    Phases: 'dense' (seed, data, model, train); 'search_<method>' (+ prune, search: the dense
+    recipe, the budget and the search); 'finetune_<method>[_…]' (+ prune, finetune, and search
+    for searched methods, the keep space and scoring for hand-set ones). Keys in `NOT_RESULT`
+    never count.
+    """
+    flat = flatten(config)
+    kind, _, rest = phase.partition("_")
+    method = rest.split("_")[0]
+    sections = {"seed", "data", "model", "train"}
+    extra = ()
+    if kind == "search":
+        sections |= {"prune", "search"}
+    elif kind == "finetune":
+        sections |= {"prune", "finetune"}
+        if method in PRUNE_METHODS:
+            extra = HANDSET_SEARCH_KEYS
+        else:
+            sections.add("search")
+    elif kind != "dense":
+        sections |= {"prune", "finetune", "search"}  # an unknown phase: everything counts
+    out = {k: v for k, v in flat.items() if k.split(".")[0] in sections and k not in NOT_RESULT}
+    out.update({k: flat[k] for k in extra if k in flat})
+    return out
+
+
+def is_setting(name: str) -> bool:
+    """Whether a fingerprint field is a config key (as `phase_settings` names them)."""
+    return name == "seed" or "." in name

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from jaxprune import config_checks
+from jaxprune import errors
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 VARIANTS = {"cifar10.py": [None, "cpu", "smoke"], "mnist.py": [None, "smoke"],
@@ -50,9 +51,9 @@ def test_config_loads_with_contract_keys_and_validates(filename, arg):
     config = get(filename, arg)
     assert set(config.keys()) == set(KEYS)
     for section, keys in KEYS.items():
-        if keys is not None:
-            optional = {k.split(".", 1)[1] for k in config_checks.OPTIONAL if k.startswith(section + ".")}
-            assert keys <= set(config[section].keys()) <= keys | optional, section
+        if keys is not None:  # the contract keys are there; others are known (checked below)
+            assert keys <= set(config[section].keys()), section
+    assert set(config_checks.flatten(config)) <= config_checks.known_keys()
     config_checks.validate_config(config)
     doc = load_config_module(filename).__doc__
     for word in ("Command", "python -m jaxprune.main", "Hardware", "Wall time", "Expected"):
@@ -134,6 +135,73 @@ def test_bad_value_names_key_and_allowed_values(key, value, expected):
         config_checks.validate_config(config)
     message = str(info.value)
     assert f"{key}={value!r}" in message and expected in message, message
+
+
+def _numeric_keys():
+    flat = config_checks.flatten(get("quickstart.py"))
+    return sorted(k for k, v in flat.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_and_inf_are_refused_for_every_numeric_key(key, value):
+    config = get("quickstart.py", "smoke")
+    node = config
+    *parents, name = key.split(".")
+    for p in parents:
+        node = node[p]
+    with config.unlocked(), config.ignore_type():
+        node[name] = value
+    with pytest.raises(errors.ConfigError) as info:
+        config_checks.validate_config(config)
+    assert f"{key}={value!r}" in str(info.value)
+
+
+def test_unknown_key_in_the_api_is_refused_with_the_nearest_key():
+    config = get("quickstart.py", "smoke")
+    config.prune.sparsty = 0.5  # load_config's configs are unlocked: a typo adds a key
+    config.trian = {"epochs": 3}
+    with pytest.raises(errors.ConfigError) as info:
+        config_checks.validate_config(config)
+    message = str(info.value)
+    assert "prune.sparsty is not a known config key (did you mean prune.sparsity?)" in message
+    assert "trian.epochs" in message and "train.epochs" in message
+
+
+def test_unknown_key_inside_a_config_file_is_refused(tmp_path):
+    from jaxprune import pipeline
+    source = open(os.path.join(CONFIG_DIR, "quickstart.py")).read()
+    path = tmp_path / "mine.py"
+    path.write_text(source.replace("config.prune.sparsity = 0.8", "config.prune.sparsty = 0.5"))
+    config = pipeline.load_config(str(path), "smoke")
+    with pytest.raises(errors.ConfigError, match="did you mean prune.sparsity"):
+        config_checks.validate_config(config)
+
+
+def test_known_keys_come_from_the_config_files():
+    """New keys in configs/ are known without being listed anywhere else."""
+    flat = config_checks.flatten(get("quickstart.py"))
+    assert set(flat) <= config_checks.known_keys()
+    assert "prune.channel_multiple" in config_checks.known_keys()
+
+
+def test_phase_settings_cover_what_changes_a_result():
+    config = get("quickstart.py")
+    dense = config_checks.phase_settings(config, "dense")
+    assert {"seed", "train.momentum", "train.l1_target", "data.augment", "model.name"} <= set(dense)
+    assert not any(k.split(".")[0] in ("prune", "search", "finetune") for k in dense)
+    for quiet in ("train.eval_batch_size", "train.checkpoint_every", "data.cache"):
+        assert quiet not in dense
+    search = config_checks.phase_settings(config, "search_evolution")
+    assert {"search.step", "search.calib_batches", "search.rounds", "prune.channel_multiple",
+            "train.momentum"} <= set(search)
+    assert "finetune.epochs" not in search and "search.methods" not in search
+    handset = config_checks.phase_settings(config, "finetune_threshold_imp2")
+    assert {"prune.channel_multiple", "search.lower", "search.step", "finetune.epochs"} <= set(handset)
+    assert "search.rounds" not in handset and "prune.methods" not in handset
+    searched = config_checks.phase_settings(config, "finetune_random")
+    assert {"search.rounds", "finetune.learning_rate"} <= set(searched)
 
 
 def test_all_problems_reported_at_once_and_relations():
