@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -57,25 +58,64 @@ def table_text(rows: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_results(workdir: str, rows: Sequence[dict], note: str = "") -> None:
-    """Writes `results.json` (list of rows) and `results.md` atomically."""
-    _atomic_write(os.path.join(workdir, "results.json"), json.dumps(list(rows), indent=2, default=_json))
-    _atomic_write(os.path.join(workdir, "results.md"), table_markdown(rows, note))
+def read_results(workdir: str) -> list:
+    """The rows of `workdir/results.json`, or [] when there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            rows = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "method" in r] if isinstance(rows, list) else []
 
 
-def _json(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+def merge_rows(old: Sequence[dict], new: Sequence[dict]) -> list:
+    """`new`'s rows in their order, then the rows of `old` whose method `new` lacks: a table
+    written part-way through a run (or by a run of fewer methods) never loses a finished row."""
+    have = {r["method"] for r in new}
+    return list(new) + [r for r in old if r["method"] not in have]
+
+
+def write_results(workdir: str, rows: Sequence[dict], note: str = "") -> list:
+    """Merges `rows` into `results.json` (by method, see `merge_rows`) and writes it and
+    `results.md`, each atomically; returns the rows written. JSON is strict: NaN and
+    infinities are written as null."""
+    merged = merge_rows(read_results(workdir), [strict_json(dict(r)) for r in rows])
+    _atomic_write(os.path.join(workdir, "results.json"),
+                  json.dumps(merged, indent=2, allow_nan=False) + "\n")
+    _atomic_write(os.path.join(workdir, "results.md"), table_markdown(merged, note))
+    return merged
+
+
+def strict_json(value):
+    """A plain-JSON copy: numpy numbers and arrays become Python ones, NaN / inf become None."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return strict_json(np.asarray(value).tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
+        return strict_json(np.asarray(value).tolist())  # jax arrays
+    return value
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Writes a temporary file beside `path` (unique, so two writers never share it), fsyncs it
+    and renames it over `path`: a reader sees the old or the new file, never a mix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # our own temporary file only
+        raise
 
 
 class MetricWriter:
@@ -94,7 +134,7 @@ class MetricWriter:
 
     def write(self, step: int, record: dict) -> None:
         with open(self._path, "a") as f:
-            f.write(json.dumps(dict(record, step=int(step)), default=_json) + "\n")
+            f.write(json.dumps(strict_json(dict(record, step=int(step)))) + "\n")
         if self._tb is not None:
             prefix = record.get("phase", "")
             for key, value in record.items():

@@ -57,3 +57,28 @@ def test_plots_are_written(tmp_path):
     report.plot_keep_ratios(str(tmp_path / "k.png"), ["a", "b", "c"],
                             {"random": [0.5, 0.6, 0.7], "reinforce": [1.0, 0.3, 0.5]})
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
+
+
+def test_results_json_is_strict(tmp_path):
+    rows = [dict(ROWS[0], accuracy=float("nan"), latency_ms=np.float32("inf"),
+                 keep=np.asarray([0.5, np.nan], np.float32))]
+    report.write_results(str(tmp_path), rows)
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))[0]
+    assert row["accuracy"] is None and row["latency_ms"] is None and row["keep"] == [0.5, None]
+    w = report.MetricWriter(str(tmp_path), tensorboard=False)
+    w.write(1, {"loss": float("nan")})
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] is None
+
+
+def test_partial_table_never_replaces_a_fuller_one(tmp_path):
+    full = ROWS + [dict(ROWS[1], method="random", accuracy=0.8)]
+    report.write_results(str(tmp_path), full)
+    # a rerun that stopped after the first method: the other rows stay, the new one replaces its own
+    merged = report.write_results(str(tmp_path), [dict(ROWS[0], latency_ms=9.0)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == merged and [r["method"] for r in saved] == ["unpruned", "threshold", "random"]
+    assert saved[0]["latency_ms"] == 9.0 and saved[2]["accuracy"] == 0.8
+    assert "| random |" in (tmp_path / "results.md").read_text()
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]  # no temporary files
