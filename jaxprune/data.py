@@ -1,19 +1,25 @@
 """Datasets as in-memory uint8 arrays, and the device-side pieces of the input pipeline.
 
 Host side, once per process: `load(config.data)` reads a whole dataset into numpy arrays
-(TFDS for cifar10 / mnist / fashion_mnist, scikit-learn's 8x8 `digits` embedded, or a `.npz`
-cache) and carves a validation split out of the training split with a fixed seeded permutation.
-The test split is only for final numbers. Batches are index arrays (`epoch_batches`,
-`eval_batches`): the training step gathers `images[idx]` and then runs the jittable
-`normalize` and `augment` on the device, so there is no per-step host work.
+(TFDS for cifar10 / mnist / fashion_mnist, the 8x8 `digits` embedded in the package, a portable
+file of the TFDS records, or a `.npz` cache) and carves a validation split out of the training
+split with a fixed seeded permutation. The test split is only for final numbers. Batches are
+index arrays (`epoch_batches`, `eval_batches`): the training step gathers `images[idx]` and then
+runs the jittable `normalize` and `augment` on the device, so there is no per-step host work.
 
-TensorFlow is imported lazily, inside the TFDS loader only: importing this module (or using
-the `digits` source or a cache) never imports it.
+TensorFlow is imported lazily, inside the TFDS functions only: importing this module (or using
+the `digits` source, a portable file or a cache) never imports it.
+
+Portable files (`jaxprune/portable.py` holds the format and the TF-free reader):
+
+    python -m jaxprune.data portable --name cifar10 --out .cache/cifar10_portable.npz
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,6 +28,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxprune import portable as portable_lib
 
 TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist")
 DATASETS = TFDS_DATASETS + ("digits",)
@@ -32,6 +40,8 @@ NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "digits": 10}
 SPLIT_SEED = 0
 # `digits` has no official split: 360 of its 1797 images (20 %) are held out as its test split.
 DIGITS_TEST_SIZE = 360
+DIGITS_FILE = os.path.join(os.path.dirname(__file__), "datasets", "digits.npz")
+SOURCES = ("tfds", "portable")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -66,31 +76,41 @@ def _resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
     return data_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
-def _load_tfds(name: str, data_dir: Optional[str]):
+def _import_tfds(name: str):
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise ImportError(
-            f"Loading {name!r} needs tensorflow-datasets: `pip install 'jaxprune[data]'`, or set "
-            "--config.data.cache to a .npz cache made with jaxprune.data.save_cache on a machine "
-            "that has it.") from e
+            f"Loading {name!r} from TFDS needs tensorflow-datasets: `pip install 'jaxprune[data]'`. "
+            "Without TensorFlow, use --config.data.source=portable with a file made by `python -m "
+            f"jaxprune.data portable --name {name} --out {name}_portable.npz` on a machine that has "
+            "it (or --config.data.cache=...npz made with jaxprune.data.save_cache).") from e
     try:  # keep TensorFlow off the accelerators JAX uses
         import tensorflow as tf
         tf.config.set_visible_devices([], "GPU")
     except Exception:  # noqa: BLE001 - only a memory nicety; TFDS works either way
         pass
+    return tfds
+
+
+def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, **kwargs):
     try:
-        splits = tfds.load(name, split=["train", "test"], data_dir=data_dir, download=False,
-                           as_supervised=True)
+        return tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download,
+                         **kwargs)
     except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
         where = os.path.abspath(data_dir) if data_dir else \
             f"{tfds.core.constants.DATA_DIR} (TFDS's default; TFDS_DATA_DIR is not set)"
         raise DataNotFoundError(
-            f"Dataset {name!r} was not found in {where}. jaxprune never downloads data. Prepare it "
+            f"Dataset {name!r} was not found in {where} (data.download={download}). Prepare it "
             f"once where there is network (`python -c \"import tensorflow_datasets as tfds; "
-            f"tfds.builder('{name}').download_and_prepare()\"`), then point to the folder that "
-            f"holds {name}/ with the environment variable TFDS_DATA_DIR=... or with "
-            f"--config.data.data_dir=... (TFDS error: {e})") from e
+            f"tfds.builder('{name}').download_and_prepare()\"`, or --config.data.download=True), "
+            f"then point to the folder that holds {name}/ with the environment variable "
+            f"TFDS_DATA_DIR=... or with --config.data.data_dir=... (TFDS error: {e})") from e
+
+
+def _load_tfds(name: str, data_dir: Optional[str], download: bool = False):
+    tfds = _import_tfds(name)
+    splits = _tfds_load(tfds, name, data_dir, download, as_supervised=True)
     out = []
     for ds in splits:  # batch_size=-1 in tfds.load breaks under tfds.testing.mock_data
         images, labels = [], []
@@ -101,21 +121,37 @@ def _load_tfds(name: str, data_dir: Optional[str]):
     return tuple(out)
 
 
-def _load_digits():
-    """scikit-learn's 8x8 digits (0..16 grey levels) → uint8 0..255, NHWC with C=1."""
-    from sklearn.datasets import load_digits
+def _load_portable(name: str, path: str):
+    decoded = portable_lib.load(path, name)
+    logging.info("Decoded %s from %s with %s; pixels %s TFDS's.", name, path, decoded.decoder,
+                 "equal" if decoded.bit_exact else "differ slightly from")
+    return decoded[:4]
 
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int32)
+
+def _load_digits():
+    """The UCI 8x8 digits embedded in the package (0..16 grey levels) → uint8 0..255, NHWC, C=1.
+
+    The same arrays, byte for byte, as scikit-learn's `load_digits` gave (see
+    jaxprune/datasets/README.md); scikit-learn is not needed.
+    """
+    with np.load(DIGITS_FILE, allow_pickle=False) as z:
+        counts, labels = z["images"], z["labels"].astype(np.int32)
+    images = np.round(counts.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)[..., None]
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     test, train = np.sort(order[:DIGITS_TEST_SIZE]), np.sort(order[DIGITS_TEST_SIZE:])
     return images[train], labels[train], images[test], labels[test]
 
 
 @functools.lru_cache(maxsize=2)
-def _source(name: str, data_dir: Optional[str]):
-    arrays = _load_digits() if name == "digits" else _load_tfds(name, data_dir)
+def _source(name: str, data_dir: Optional[str], download: bool = False,
+            portable: Optional[tuple] = None):
+    """`portable`: None (TFDS) or (absolute path, mtime) of a portable file."""
+    if name == "digits":
+        arrays = _load_digits()
+    elif portable is not None:
+        arrays = _load_portable(name, portable[0])
+    else:
+        arrays = _load_tfds(name, data_dir, download)
     for a in arrays:
         a.setflags(write=False)  # shared by every caller of the cache
     return arrays
@@ -152,8 +188,9 @@ def _subset_size(key: str, value, available: int) -> Optional[int]:
 
 @functools.lru_cache(maxsize=4)
 def _load(name: str, data_dir: Optional[str], val_size: int, train_size: Optional[int],
-          test_size: Optional[int]) -> Dataset:
-    train_x, train_y, test_x, test_y = _source(name, data_dir)
+          test_size: Optional[int], download: bool = False,
+          portable: Optional[tuple] = None) -> Dataset:
+    train_x, train_y, test_x, test_y = _source(name, data_dir, download, portable)
     n = train_x.shape[0]
     if not isinstance(val_size, (int, np.integer)) or isinstance(val_size, bool) \
             or not 0 <= val_size < n:
@@ -188,12 +225,16 @@ def load(data_config) -> Dataset:
 
     Keys: name, data_dir (None → $TFDS_DATA_DIR → TFDS's default), val_size, train_size and
     test_size (None = all), cache (optional .npz path: read it when it exists, else load and
-    write it). Results are cached in-process, so a second call is free; the arrays are
+    write it), source ('tfds', the default, or 'portable': decode the file at portable_path with
+    numpy + Pillow, no TensorFlow; same splits and statistics), download (tfds.load's download,
+    default False). Results are cached in-process, so a second call is free; the arrays are
     read-only.
 
     Raises:
-      ValueError: unknown dataset name, or sizes that do not fit.
+      ValueError: unknown dataset name or source, or sizes that do not fit.
       DataNotFoundError: the TFDS data is not in the data directory.
+      portable.PortableFileError (a ValueError): source='portable' without a path, or a missing,
+        truncated or corrupt file.
     """
     name = data_config.get("name")
     if name not in DATASETS:
@@ -207,10 +248,31 @@ def load(data_config) -> Dataset:
         path = os.path.abspath(cache)
         return _load_cache_checked(path, os.path.getmtime(path), tuple(sorted(request.items())))
     dataset = _load(name, _resolve_data_dir(data_config.get("data_dir")), request["val_size"],
-                    request["train_size"], request["test_size"])
+                    request["train_size"], request["test_size"],
+                    bool(data_config.get("download", False)), _portable_key(name, data_config))
     if cache:
         save_cache(dataset, cache, request=request)
     return dataset
+
+
+def _portable_key(name: str, data_config) -> Optional[tuple]:
+    source = data_config.get("source") or "tfds"
+    if source not in SOURCES:
+        raise ValueError(f"data.source={source!r}: use one of {', '.join(SOURCES)}.")
+    if source == "tfds" or name == "digits":  # digits is embedded: no file to read
+        return None
+    path = data_config.get("portable_path")
+    if not path:
+        raise portable_lib.PortableFileError(
+            "data.source='portable' needs data.portable_path, the file made once where TFDS works "
+            f"with `{portable_lib.MAKE_COMMAND.format(name=name, path=name + '_portable.npz')}`; "
+            f"then pass --config.data.portable_path={name}_portable.npz.")
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise portable_lib.PortableFileError(
+            f"data.portable_path={data_config.get('portable_path')!r}: no file at {path}. Make it "
+            f"where TFDS works: `{portable_lib.MAKE_COMMAND.format(name=name, path=path)}`.")
+    return path, os.path.getmtime(path)
 
 
 def clear_cache() -> None:
@@ -274,6 +336,60 @@ def _load_cache_checked(path: str, mtime: float, request_items: tuple) -> Datase
     if dataset.name != request["name"]:
         raise ValueError(f"The data cache {path} holds {dataset.name!r}, not {request['name']!r}.")
     return dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable file (made here, where TensorFlow may be imported; read by jaxprune/portable.py)
+
+
+def make_portable(out: str, name: str = "cifar10", data_dir: Optional[str] = None,
+                  download: bool = False) -> dict:
+    """Writes TFDS's `name` train and test records, as stored (JPEG / PNG bytes), in TFDS order,
+    with labels and checksums, to one portable file at `out`; returns its meta. Needs TensorFlow.
+
+    The sha256 of the pixels the TFDS path decodes is stored too, so the TF-free reader can say
+    whether its decoder reproduces them bit for bit.
+    """
+    if name not in TFDS_DATASETS:
+        raise ValueError(f"make_portable: {name!r} is not a TFDS dataset ({', '.join(TFDS_DATASETS)}).")
+    data_dir = _resolve_data_dir(data_dir)
+    tfds = _import_tfds(name)
+    raw = _tfds_load(tfds, name, data_dir, download,
+                     decoders={"image": tfds.decode.SkipDecoding()})
+    train_x, train_y, test_x, test_y = _source(name, data_dir, download)  # the TFDS path's pixels
+    pixels = {"train": (train_x, train_y), "test": (test_x, test_y)}
+    splits = {}
+    for split, ds in zip(portable_lib.SPLITS, raw):
+        records, labels = [], []
+        for example in tfds.as_numpy(ds.batch(8192)):
+            records += list(example["image"])
+            labels.append(example["label"])
+        splits[split] = portable_lib.pack(records, np.concatenate(labels))
+        if not np.array_equal(splits[split].labels, pixels[split][1]):
+            raise RuntimeError(f"make_portable: TFDS gave the {split} records in two orders.")
+    version = tfds.builder(name, data_dir=data_dir).info.version
+    return portable_lib.write(out, name, str(version), train_x.shape[1:], splits,
+                              {s: portable_lib.sha256(pixels[s][0]) for s in pixels})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxprune.data",
+        description="Data tools. `portable`: write a TFDS dataset to one file that "
+                    "--config.data.source=portable reads without TensorFlow.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("portable", help="TFDS records → one portable .npz (needs TFDS)")
+    make.add_argument("--out", required=True, help="the file to write, e.g. cifar10_portable.npz")
+    make.add_argument("--name", default="cifar10", choices=TFDS_DATASETS)
+    make.add_argument("--data_dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR)")
+    make.add_argument("--download", action="store_true", help="let TFDS download the dataset")
+    args = parser.parse_args(argv)
+    meta = make_portable(args.out, args.name, args.data_dir, args.download)
+    counts = ", ".join(f"{s} {v['count']}" for s, v in meta["splits"].items())
+    print(f"Wrote {args.out}: {meta['dataset']} {meta['tfds_version']} ({counts}), "
+          f"{os.path.getsize(args.out) / 2**20:.1f} MiB. Use it with --config.data.source=portable "
+          f"--config.data.portable_path={args.out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,3 +472,7 @@ def eval_batches(num: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     valid = flat < num
     indices = np.where(valid, flat, 0).astype(np.int32).reshape(steps, batch_size)
     return indices, valid.astype(np.float32).reshape(steps, batch_size)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

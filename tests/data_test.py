@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data
+from jaxprune import data, portable
 
 
 def config(name, **kwargs):
@@ -175,3 +175,124 @@ def test_real_cifar10_copy():
     np.testing.assert_allclose(ds.mean, [124.0, 123.0, 113.0], atol=3.0)
     assert np.all((ds.std > 55) & (ds.std < 75))
     assert np.bincount(ds.val_labels, minlength=10).min() > 400
+
+
+# ----------------------------------------------------------------------------------------------
+# Portable files (jaxprune/portable.py): TFDS records in one .npz, read without TensorFlow.
+
+
+@pytest.fixture(scope="module")
+def portable_file(tmp_path_factory):
+    """A portable cifar10 file made from mock TFDS data, and that data's TFDS-path Dataset."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    tmp_path = tmp_path_factory.mktemp("portable")
+    path = str(tmp_path / "cifar10_portable.npz")
+    cfg = config("cifar10", data_dir=str(tmp_path), val_size=8, train_size=20, test_size=30)
+    data.clear_cache()
+    with tfds.testing.mock_data(num_examples=40):
+        meta = data.make_portable(path, "cifar10", data_dir=str(tmp_path))
+        reference = data.load(cfg)
+    data.clear_cache()
+    return path, meta, cfg, reference
+
+
+def test_portable_roundtrip_gives_the_tfds_dataset(portable_file):
+    path, meta, cfg, reference = portable_file
+    assert meta["dataset"] == "cifar10" and meta["tfds_version"] == "3.0.2"
+    assert meta["image_shape"] == [32, 32, 3]
+    assert {s: v["count"] for s, v in meta["splits"].items()} == {"train": 40, "test": 40}
+    ds = data.load(dict(cfg, source="portable", portable_path=path))
+    for field in data.Dataset._fields:  # same splits, same images, same mean / std
+        np.testing.assert_array_equal(getattr(ds, field), getattr(reference, field), err_msg=field)
+    decoded = portable.load(path, "cifar10", decoder="pillow", threads=3)
+    assert decoded.decoder == "pillow" and decoded.bit_exact  # mock records are lossless PNG
+    assert decoded.train_images.shape == (40, 32, 32, 3) and decoded.train_labels.dtype == np.int32
+
+
+def test_portable_loader_imports_no_tensorflow(portable_file):
+    path = portable_file[0]
+    code = ("import sys; sys.modules['tensorflow'] = sys.modules['tensorflow_datasets'] = None\n"
+            "import jaxprune.data as d\n"
+            f"ds = d.load({{'name': 'cifar10', 'val_size': 8, 'source': 'portable', "
+            f"'portable_path': {path!r}}})\n"
+            "assert ds.train_images.shape == (32, 32, 32, 3), ds.train_images.shape\n"
+            "assert not [m for m in sys.modules if m.startswith('tensorflow') and sys.modules[m]]")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_portable_truncated_or_corrupt_file_is_refused(portable_file, tmp_path):
+    path = portable_file[0]
+    raw = open(path, "rb").read()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(portable.PortableFileError, match="truncated or corrupt") as info:
+        data.load(config("cifar10", source="portable", portable_path=str(truncated)))
+    assert "python -m jaxprune.data portable" in str(info.value)
+    # Rewritten arrays with the old meta: the stored sha256 catches them.
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["train_labels"] = (arrays["train_labels"] + 1) % 10
+    tampered = tmp_path / "tampered.npz"
+    np.savez(tampered, **arrays)
+    with pytest.raises(portable.PortableFileError, match="train labels fail their sha256"):
+        portable.read(str(tampered))
+    with pytest.raises(portable.PortableFileError, match="holds 'cifar10', but data.name='mnist'"):
+        portable.read(path, "mnist")
+
+
+def test_portable_source_needs_an_existing_path(tmp_path):
+    with pytest.raises(portable.PortableFileError, match="needs data.portable_path") as info:
+        data.load(config("cifar10", source="portable", portable_path=None))
+    assert "python -m jaxprune.data portable --name cifar10 --out" in str(info.value)
+    missing = str(tmp_path / "nowhere.npz")
+    with pytest.raises(portable.PortableFileError, match="no file at") as info:
+        data.load(config("cifar10", source="portable", portable_path=missing))
+    assert missing in str(info.value) and isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match="data.source='tf': use one of tfds, portable"):
+        data.load(config("cifar10", source="tf"))
+
+
+def test_decoders_agree_on_lossless_records():
+    from PIL import Image
+    import io
+
+    images = np.random.default_rng(0).integers(0, 256, (5, 4, 6, 3), dtype=np.uint8)
+    records = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        records.append(buffer.getvalue())
+    split = portable.pack(records, np.arange(5))
+    assert split.offsets[-1] == split.data.size and split.labels.dtype == np.int32
+    for decoder in ("pillow", "auto"):
+        np.testing.assert_array_equal(portable.decode(split, (4, 6, 3), decoder=decoder), images)
+    with pytest.raises(portable.PortableFileError, match="record 0 does not decode"):
+        portable.decode(portable.pack([b"not an image"], [0]), (4, 6, 3), decoder="pillow")
+    with pytest.raises(ValueError, match="decoder='tf'"):
+        portable.resolve_decoder("tf")
+
+
+def test_download_flag_reaches_tfds(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    seen = {}
+
+    def fake_load(name, **kwargs):
+        seen.update(kwargs)
+        raise FileNotFoundError("fake")
+
+    monkeypatch.setattr(tfds, "load", fake_load)
+    for download in (False, True):
+        data.clear_cache()
+        with pytest.raises(data.DataNotFoundError, match=f"data.download={download}"):
+            data.load(config("cifar10", data_dir=str(tmp_path), download=download))
+        assert seen["download"] is download
+
+
+def test_embedded_digits_equal_scikit_learn():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    digits = sklearn_datasets.load_digits()
+    with np.load(data.DIGITS_FILE) as z:
+        assert z["images"].dtype == np.uint8
+        np.testing.assert_array_equal(z["images"].astype(np.float64), digits.images)
+        np.testing.assert_array_equal(z["labels"], digits.target)
