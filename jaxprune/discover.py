@@ -1,0 +1,968 @@
+"""Channel groups of any traced model, found from its jaxpr, and channel masks without a hook.
+
+    discovery = discover_groups(apply_fn, variables, x)      # apply_fn(variables, x) -> outputs
+    discovery.groups          # prunable `Group`s: every (leaf, axis) slice a channel indexes
+    discovery.unprunable      # {group name: why it must not be pruned}
+    discovery.channel_groups()                     # as `structure.ChannelGroup`s (zoo layout)
+    masked_fn = mask_activations(apply_fn)         # masked_fn(variables, x, channel_masks)
+
+`apply_fn(variables, x)` is traced once with `jax.make_jaxpr` (abstract values; nothing runs).
+Calls (`jit`, `closed_call`, `custom_jvp_call`, `custom_vjp_call`, `remat`) are inlined into
+one flat program. Each value then gets a *channel label*: which of its axes carries which
+groups' channels. A `conv_general_dilated` or `dot_general` whose kernel is a param leaf
+*produces* a new group on its output-feature axis. Labels follow values through
+elementwise ops (a per-channel param leaf combined with a labelled value, such as a bias or
+a BatchNorm scale / mean, joins the group on its axis), reductions and pooling over other
+axes, transposes, reshapes (a flatten of (H, W, C) into H*W*C records the spatial factor:
+channel c at position p is input index p * C + c), concatenation on the channel axis (each
+operand's groups keep their offset), and residual adds (the two operands' groups are
+*coupled*: union-find merges them into one group). A depthwise conv (`feature_group_count`
+equal to its channels) passes its input's groups through and its kernel's output axis joins
+them. A conv / dot whose input is labelled on the contracted axis *consumes* those channels:
+the kernel's input axis (with offset and spatial factor) joins the group.
+
+A group is marked unprunable, with the reason, when it feeds a model output (the logits);
+when it goes through a primitive discovery does not follow (reductions over the channel
+axis, slicing, gathers, grouped convs, scans, ...); or when it is combined with a value
+whose channel axis discovery cannot slice (the model input, a constant that varies over
+channels). Those groups are reported, never dropped silently.
+
+Hookless masks (`mask_activations`): the same flat program is evaluated with each group's
+mask multiplied onto the inputs of its consumers (on the labelled axis, with offsets and
+spatial factors). That is exactly what removing the channels computes, for any model; the
+weights are shared, so `jax.vmap` over the masks batches only the activations. The program
+is re-traced per input shape / train flag (cached), so it works inside `jit`, `vmap` and
+`shard_map`. Gradients through the masked program use each primitive's own rule: custom
+JVP / VJP rules of inlined calls are not kept (evaluation only).
+
+This module never imports Flax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from jaxprune import masks as masks_lib
+from jaxprune.structure import ChannelGroup, Path
+
+# --------------------------------------------------------------------------------------------
+# Members and groups (the result).
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One slice of one variable leaf indexed by a group's channels.
+
+    Channel c of the group is index `(o * period + offset + c) * inner + i` of `axis`, for
+    every o < outer and i < inner. A plain producer or per-channel leaf has offset 0,
+    period = size, outer = inner = 1; a Dense reading a flattened (H, W, C) map has
+    outer = H * W; a consumer of a concatenation has the operand's offset and the
+    concatenation's width as period.
+
+    Attributes:
+      path: path of the leaf in `variables` (tuple of str).
+      axis: the leaf axis (non-negative).
+      role: 'producer' (a conv / dense kernel's output axis), 'consumer' (a kernel's input
+        axis) or 'param' (a per-channel leaf: bias, norm scale / bias / statistics, a
+        depthwise kernel's output axis).
+      offset, period, outer, inner: the index layout above.
+      ndim: the leaf's rank.
+    """
+
+    path: Path
+    axis: int
+    role: str
+    offset: int = 0
+    period: int = 0
+    outer: int = 1
+    inner: int = 1
+    ndim: int = 0
+
+    def indices(self, channels: np.ndarray) -> np.ndarray:
+        """Leaf-axis indices of the given channel indices (every outer / inner copy)."""
+        channels = np.asarray(channels, np.int64)
+        o = np.arange(self.outer)[:, None, None]
+        i = np.arange(self.inner)[None, None, :]
+        c = channels[None, :, None]
+        return ((o * self.period + self.offset + c) * self.inner + i).reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Channels removed together. `reason` is '' for a prunable group, else why it is not."""
+
+    name: str
+    size: int
+    members: Tuple[Member, ...]
+    reason: str = ""
+
+    @property
+    def producers(self) -> Tuple[Member, ...]:
+        return tuple(m for m in self.members if m.role == "producer")
+
+    @property
+    def consumers(self) -> Tuple[Member, ...]:
+        return tuple(m for m in self.members if m.role == "consumer")
+
+
+class Discovery(NamedTuple):
+    """What `discover_groups` found.
+
+    Attributes:
+      groups: the prunable groups, in order of their first producer in the program.
+      unprunable: {group name: reason} for the groups that must not be pruned.
+      blocked: those unprunable groups (their members, for inspection).
+    """
+
+    groups: Tuple[Group, ...]
+    unprunable: Dict[str, str]
+    blocked: Tuple[Group, ...]
+
+    @property
+    def all_groups(self) -> Tuple[Group, ...]:
+        return self.groups + self.blocked
+
+    def channel_groups(self, params_key: Optional[str] = "params",
+                       stats_key: Optional[str] = "batch_stats") -> Tuple[ChannelGroup, ...]:
+        """The prunable groups as `structure.ChannelGroup`s (paths relative to the subtrees).
+
+        With `params_key` set, variables are `{params_key: params, stats_key: stats}` and
+        members under `stats_key` become `stats`; with `params_key=None` the paths are used
+        as they are and every per-channel leaf is a producer.
+
+        Raises:
+          ValueError naming the group and member a ChannelGroup cannot express (a channel
+          axis that is not the last axis of a producer / -2 of a consumer, a concatenation
+          offset, a channel-major flatten). Use this module's masks and `surgery.compact`.
+        """
+        out = []
+        for g in self.groups:
+            producers, consumers, stats = [], [], []
+            for m in g.members:
+                path, under = m.path, None
+                if params_key is not None:
+                    under, path = m.path[0], m.path[1:]
+                    if under not in (params_key, stats_key):
+                        raise ValueError(f"group {g.name!r}: member {_fmt(m.path)!r} is in "
+                                         f"neither {params_key!r} nor {stats_key!r}")
+                plain = m.offset == 0 and m.period == g.size and m.inner == 1
+                if m.role == "consumer":
+                    if not plain or m.axis != m.ndim - 2:
+                        raise ValueError(f"group {g.name!r}: consumer {_fmt(m.path)!r} (axis "
+                                         f"{m.axis}, {m}) is not expressible as a ChannelGroup")
+                    consumers.append((path, m.outer))
+                else:
+                    if not plain or m.outer != 1 or m.axis != m.ndim - 1:
+                        raise ValueError(f"group {g.name!r}: {m.role} {_fmt(m.path)!r} (axis "
+                                         f"{m.axis}, {m}) is not expressible as a ChannelGroup")
+                    (stats if under is not None and under == stats_key else producers).append(path)
+            out.append(ChannelGroup(g.name, g.size, producers=tuple(producers),
+                                    consumers=tuple(consumers), stats=tuple(stats)))
+        return tuple(out)
+
+
+_fmt = masks_lib.path_str
+
+# --------------------------------------------------------------------------------------------
+# The flat program: one list of equations with every call inlined.
+
+
+class _Lit(NamedTuple):
+    value: Any
+
+
+class _Eqn(NamedTuple):
+    prim: Any
+    ins: tuple      # value ids (int) or _Lit
+    outs: tuple     # value ids
+    params: dict
+
+
+class Program(NamedTuple):
+    """A traced function as flat equations over integer value ids."""
+
+    eqns: Tuple[_Eqn, ...]
+    avals: Tuple[Any, ...]          # id -> abstract value (shape, dtype)
+    invars: Tuple[int, ...]         # the flattened (variables, x) leaves
+    outvars: Tuple[Any, ...]        # ids or _Lit
+    consts: Dict[int, Any]
+    var_paths: Tuple[Path, ...]     # paths of the variables leaves (first invars)
+    out_tree: Any
+
+
+# Call-like primitives and the param holding the jaxpr whose inputs are the eqn's inputs.
+_CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr",
+          "remat": "jaxpr", "checkpoint": "jaxpr", "remat2": "jaxpr"}
+
+
+def _inline(jaxpr, consts, in_refs, eqns, avals, const_vals):
+    env = {}
+
+    def new(aval):
+        avals.append(aval)
+        return len(avals) - 1
+
+    def read(v):
+        if isinstance(v, jax_core.Literal):
+            return _Lit(v.val)
+        return env[v]
+
+    for cv, c in zip(jaxpr.constvars, consts):
+        i = new(jax_core.get_aval(c) if hasattr(jax_core, "get_aval") else
+                jax.ShapeDtypeStruct(np.shape(c), np.asarray(c).dtype))
+        const_vals[i] = c
+        env[cv] = i
+    for v, r in zip(jaxpr.invars, in_refs):
+        env[v] = r
+    for eqn in jaxpr.eqns:
+        ins = tuple(read(v) for v in eqn.invars)
+        key = _CALLS.get(eqn.primitive.name)
+        sub = eqn.params.get(key) if key else None
+        if sub is not None:
+            sub_jaxpr, sub_consts = ((sub.jaxpr, sub.consts)
+                                     if isinstance(sub, jax_core.ClosedJaxpr) else (sub, ()))
+            if len(sub_jaxpr.invars) == len(ins):
+                outs = _inline(sub_jaxpr, sub_consts, ins, eqns, avals, const_vals)
+                for ov, r in zip(eqn.outvars, outs):
+                    env[ov] = r
+                continue
+        outs = tuple(new(ov.aval) for ov in eqn.outvars)
+        for ov, r in zip(eqn.outvars, outs):
+            env[ov] = r
+        eqns.append(_Eqn(eqn.primitive, ins, outs, dict(eqn.params)))
+    return tuple(read(v) for v in jaxpr.outvars)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def trace(apply_fn: Callable, variables, example_input) -> Program:
+    """The flat `Program` of `apply_fn(variables, x)` (abstract trace; nothing is run)."""
+    leaves, _ = masks_lib.leaves_with_paths(variables)
+    closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(
+        _abstract(variables), _abstract(example_input))
+    eqns: List[_Eqn] = []
+    avals: List[Any] = []
+    const_vals: Dict[int, Any] = {}
+    invars = []
+    for v in closed.jaxpr.invars:
+        avals.append(v.aval)
+        invars.append(len(avals) - 1)
+    outs = _inline(closed.jaxpr, closed.consts, tuple(invars), eqns, avals, const_vals)
+    return Program(tuple(eqns), tuple(avals), tuple(invars), outs, const_vals,
+                   tuple(p for p, _ in leaves), jax.tree.structure(out_shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Labels.
+
+
+class Label(NamedTuple):
+    """Channels on one axis: segments (group id, start, size) of a `period`-wide channel
+    block, repeated `outer` times, each channel `inner` elements wide (see `Member`)."""
+
+    axis: int
+    segs: Tuple[Tuple[int, int, int], ...]
+    period: int
+    outer: int = 1
+    inner: int = 1
+
+    def moved(self, axis):
+        return self._replace(axis=axis)
+
+    @property
+    def plain(self) -> bool:
+        return self.outer == 1 and self.inner == 1
+
+
+class _Info(NamedTuple):
+    """What is known about one value.
+
+    data: depends on the model input. label: its channel label (data values only).
+    srcs: for non-data values, the param leaves it is computed from, each with a map from
+      the value's axes to the leaf's axes (-1: not a leaf axis). vary: per axis, whether the
+      value may vary along it (False for broadcast axes).
+    """
+
+    data: bool
+    label: Optional[Label] = None
+    srcs: frozenset = frozenset()
+    vary: Tuple[bool, ...] = ()
+
+
+_UNARY = frozenset({
+    "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan",
+    "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh", "abs", "sign", "floor",
+    "ceil", "round", "sqrt", "rsqrt", "cbrt", "integer_pow", "square", "erf", "erfc", "erf_inv",
+    "convert_element_type", "copy", "copy_p", "reduce_precision", "not", "is_finite", "real",
+    "imag", "lgamma", "digamma", "sharding_constraint", "pvary", "stop_gradient",
+    "optimization_barrier", "mesh_cast", "reshard",
+})
+_NARY = frozenset({
+    "add", "add_any", "sub", "mul", "div", "max", "min", "pow", "rem", "atan2", "and", "or",
+    "xor", "eq", "ne", "lt", "le", "gt", "ge", "select_n", "clamp", "nextafter",
+})
+_REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+                     "reduce_or", "argmax", "argmin"})
+_CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+
+
+def _touched_axes(eqn, in_shape, out_shape) -> Optional[set]:
+    """Axes a rank-preserving structural op acts on, or None when it is not one."""
+    name, p = eqn.prim.name, eqn.params
+    if name.startswith("reduce_window"):
+        t = {a for a, w in enumerate(p["window_dimensions"]) if w != 1}
+        t |= {a for a, s in enumerate(p["window_strides"]) if s != 1}
+        t |= {a for a, pd in enumerate(p["padding"]) if tuple(pd) != (0, 0)}
+        for k in ("base_dilation", "window_dilation"):
+            t |= {a for a, d in enumerate(p.get(k) or ()) if d != 1}
+        return t
+    if name == "slice" or name == "dynamic_slice" or name == "pad":
+        return {a for a, (i, o) in enumerate(zip(in_shape, out_shape)) if i != o} | (
+            {a for a, c in enumerate(p["padding_config"]) if tuple(c) != (0, 0, 0)}
+            if name == "pad" else set())
+    if name == "rev":
+        return set(p["dimensions"])
+    if name in _CUMULATIVE:
+        return {p["axis"]}
+    return None
+
+
+def _reshape_blocks(ins, outs):
+    """[(in axes, out axes)] blocks of a reshape, size-1 axes left out (None: no blocks)."""
+    ia = [a for a, d in enumerate(ins) if d != 1]
+    oa = [a for a, d in enumerate(outs) if d != 1]
+    blocks, i, j = [], 0, 0
+    while i < len(ia) and j < len(oa):
+        bi, bo = [ia[i]], [oa[j]]
+        pi, po = ins[ia[i]], outs[oa[j]]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po:
+                if i >= len(ia):
+                    return None
+                bi.append(ia[i]); pi *= ins[ia[i]]; i += 1
+            else:
+                if j >= len(oa):
+                    return None
+                bo.append(oa[j]); po *= outs[oa[j]]; j += 1
+        blocks.append((bi, bo))
+    if i != len(ia) or j != len(oa):
+        return None
+    return blocks
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: List[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+class Site(NamedTuple):
+    """A consumer input (equation index, operand index) and its label: masks go here."""
+
+    eqn: int
+    operand: int
+    label: Label
+
+
+class Analysis(NamedTuple):
+    """Per-value labels of a `Program` and the groups they refer to (internal)."""
+
+    program: Program
+    info: Tuple[_Info, ...]
+    uf: _UnionFind
+    sizes: Tuple[int, ...]                 # group id -> size
+    members: Tuple[Tuple[int, Member], ...]
+    reasons: Tuple[Tuple[int, str], ...]
+    sites: Tuple[Site, ...]
+    names: Dict[int, str]                  # root group id -> name
+    depthwise: frozenset                   # eqn indices of depthwise convs on labelled inputs
+
+
+def _analyse(prog: Program) -> Analysis:
+    avals = prog.avals
+    info: List[Optional[_Info]] = [None] * len(avals)
+    uf = _UnionFind()
+    sizes: List[int] = []
+    members: List[Tuple[int, Member]] = []
+    reasons: List[Tuple[int, str]] = []
+    sites: List[Site] = []
+    depthwise = set()
+    n_vars = len(prog.var_paths)
+    for k, i in enumerate(prog.invars):
+        shape = avals[i].shape
+        if k < n_vars:
+            info[i] = _Info(False, None, frozenset({(k, tuple(range(len(shape))))}),
+                            tuple(d != 1 for d in shape))
+        else:
+            info[i] = _Info(True)
+    for i, c in prog.consts.items():
+        info[i] = _Info(False, None, frozenset(), tuple(d != 1 for d in np.shape(c)))
+
+    def shape_of(r):
+        return tuple(np.shape(r.value)) if isinstance(r, _Lit) else tuple(avals[r].shape)
+
+    def get(r) -> _Info:
+        if isinstance(r, _Lit):
+            return _Info(False, None, frozenset(), tuple(d != 1 for d in np.shape(r.value)))
+        return info[r]
+
+    def poison(label: Optional[Label], reason: str):
+        if label is not None:
+            for gid, _, _ in label.segs:
+                reasons.append((gid, reason))
+
+    def new_group(size: int) -> int:
+        sizes.append(size)
+        return uf.add()
+
+    def join(label: Label, path_idx: int, leaf_axis: int, role: str):
+        for gid, start, size in label.segs:
+            members.append((gid, Member(prog.var_paths[path_idx], leaf_axis, role, start,
+                                        label.period, label.outer, label.inner,
+                                        len(avals[prog.invars[path_idx]].shape))))
+
+    def nondata_generic(ins, out_shape):
+        srcs = frozenset((k, (-1,) * len(out_shape)) for x in ins for k, _ in get(x).srcs)
+        return _Info(False, None, srcs, tuple(d != 1 for d in out_shape))
+
+    for e_idx, eqn in enumerate(prog.eqns):
+        name = eqn.prim.name
+        ins = [get(r) for r in eqn.ins]
+        in_shapes = [shape_of(r) for r in eqn.ins]
+        out_shapes = [tuple(avals[o].shape) for o in eqn.outs]
+        labels = [x.label for x in ins if x.label is not None]
+        any_data = any(x.data for x in ins)
+        out: Optional[List[_Info]] = None
+        where = f"{name} (equation {e_idx})"
+
+        if name in _UNARY and len(eqn.outs) == len(eqn.ins):
+            out = list(ins)
+        elif name in _NARY:
+            oshape = out_shapes[0]
+            rank = len(oshape)
+            lab = None
+            if labels:
+                axes = {lb.axis for lb in labels}
+                ref = labels[0]
+                if len(axes) != 1 or any((lb.period, lb.outer, lb.inner, [s[1:] for s in lb.segs])
+                                         != (ref.period, ref.outer, ref.inner,
+                                             [s[1:] for s in ref.segs]) for lb in labels):
+                    for lb in labels:
+                        poison(lb, f"{where} combines values whose channels are laid out "
+                                   "differently")
+                else:
+                    for lb in labels[1:]:
+                        for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
+                            uf.union(g1, g2)
+                    lab = ref
+                    a = ref.axis
+                    for x, s in zip(ins, in_shapes):
+                        if x.label is not None or len(s) != rank or s[a] == 1:
+                            continue
+                        if x.data:
+                            poison(ref, f"{where} combines the channels with a value discovery "
+                                        "cannot follow (the model input, or an unsupported op)")
+                            continue
+                        mapped = [(k, m[a]) for k, m in x.srcs if m[a] >= 0]
+                        if x.vary[a] and not mapped:
+                            poison(ref, f"{where} combines the channels with a constant that "
+                                        "varies over them")
+                        for k, leaf_axis in mapped:
+                            join(ref, k, leaf_axis, "param")
+                out = [_Info(True, lab)]
+            elif any_data:
+                out = [_Info(True)]
+            else:
+                srcs, vary = set(), [False] * rank
+                for x, s in zip(ins, in_shapes):
+                    if len(s) != rank:
+                        continue
+                    for k, m in x.srcs:
+                        srcs.add((k, tuple(m[a] if s[a] == oshape[a] else -1
+                                           for a in range(rank))))
+                    vary = [v or (xv and s[a] == oshape[a])
+                            for a, (v, xv) in enumerate(zip(vary, x.vary))]
+                out = [_Info(False, None, frozenset(srcs), tuple(vary))]
+        elif name == "reshape" or name == "squeeze" or name == "expand_dims":
+            x, s_in, s_out = ins[0], in_shapes[0], out_shapes[0]
+            blocks = _reshape_blocks(s_in, s_out)
+            if x.data:
+                lab = x.label
+                if lab is not None:
+                    new = None
+                    blk = None if blocks is None else next(
+                        (b for b in blocks if lab.axis in b[0]), None)
+                    if blk is not None:
+                        bi, bo = blk
+                        if len(bi) == 1 and len(bo) == 1:
+                            new = lab.moved(bo[0])
+                        elif len(bo) == 1:
+                            pos = bi.index(lab.axis)
+                            om = math.prod(s_in[a] for a in bi[:pos])
+                            im = math.prod(s_in[a] for a in bi[pos + 1:])
+                            new = lab._replace(axis=bo[0], outer=lab.outer * om,
+                                               inner=lab.inner * im)
+                        elif len(bi) == 1:
+                            sz = [s_out[a] for a in bo]
+                            for k in range(len(bo)):
+                                if (math.prod(sz[:k]) == lab.outer and sz[k] == lab.period
+                                        and math.prod(sz[k + 1:]) == lab.inner):
+                                    new = lab._replace(axis=bo[k], outer=1, inner=1)
+                    if new is None:
+                        poison(lab, f"{where} reshapes the channel axis in a way discovery "
+                                    f"does not follow ({s_in} -> {s_out})")
+                    out = [_Info(True, new)]
+                else:
+                    out = [_Info(True)]
+            else:
+                amap = {}
+                vary = [False] * len(s_out)
+                for bi, bo in (blocks or []):
+                    if len(bi) == 1 and len(bo) == 1:
+                        amap[bo[0]] = bi[0]
+                    for b in bo:
+                        vary[b] = any(x.vary[a] for a in bi)
+                if blocks is None:
+                    vary = [d != 1 for d in s_out]
+                srcs = frozenset((k, tuple(m[amap[a]] if a in amap else -1
+                                           for a in range(len(s_out)))) for k, m in x.srcs)
+                out = [_Info(False, None, srcs, tuple(vary))]
+        elif name == "broadcast_in_dim":
+            x, s_in, s_out = ins[0], in_shapes[0], out_shapes[0]
+            bd = eqn.params["broadcast_dimensions"]
+            if x.data:
+                lab = x.label
+                if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
+                    poison(lab, f"{where} broadcasts the channel axis")
+                    lab = None
+                out = [_Info(True, None if lab is None else lab.moved(bd[lab.axis]))]
+            else:
+                keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
+                srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1
+                                           for a in range(len(s_out)))) for k, m in x.srcs)
+                vary = tuple(a in keep and x.vary[keep[a]] for a in range(len(s_out)))
+                out = [_Info(False, None, srcs, vary)]
+        elif name == "transpose":
+            x, perm = ins[0], eqn.params["permutation"]
+            if x.data:
+                lab = x.label
+                out = [_Info(True, None if lab is None else lab.moved(perm.index(lab.axis)))]
+            else:
+                out = [_Info(False, None,
+                             frozenset((k, tuple(m[p] for p in perm)) for k, m in x.srcs),
+                             tuple(x.vary[p] for p in perm))]
+        elif name in _REDUCE:
+            x, axes = ins[0], tuple(eqn.params["axes"])
+            s_in = in_shapes[0]
+            remaining = [a for a in range(len(s_in)) if a not in axes]
+            if x.data:
+                lab = x.label
+                if lab is not None and lab.axis in axes:
+                    poison(lab, f"{where} reduces over the channel axis")
+                    lab = None
+                out = [_Info(True, None if lab is None else lab.moved(remaining.index(lab.axis)))]
+            else:
+                out = [_Info(False, None,
+                             frozenset((k, tuple(m[a] for a in remaining)) for k, m in x.srcs),
+                             tuple(x.vary[a] for a in remaining))]
+        elif name == "concatenate":
+            dim = eqn.params["dimension"]
+            if labels and any(lb.axis == dim for lb in labels):
+                segs, offset, ok = [], 0, True
+                for x, s in zip(ins, in_shapes):
+                    if x.label is not None:
+                        if x.label.axis != dim or not x.label.plain:
+                            ok = False
+                        segs += [(g, st + offset, sz) for g, st, sz in x.label.segs]
+                    offset += s[dim]
+                if ok:
+                    out = [_Info(True, Label(dim, tuple(segs), offset))]
+                else:
+                    for lb in labels:
+                        poison(lb, f"{where} concatenates channels laid out differently")
+                    out = [_Info(True)]
+            elif labels:
+                ref = labels[0]
+                if len(labels) != len(ins) or any(
+                        lb.segs and (lb.period, lb.outer, lb.inner, [s[1:] for s in lb.segs])
+                        != (ref.period, ref.outer, ref.inner, [s[1:] for s in ref.segs])
+                        or lb.axis != ref.axis for lb in labels):
+                    for lb in labels:
+                        poison(lb, f"{where} concatenates channels with values laid out "
+                                   "differently")
+                    out = [_Info(True)]
+                else:
+                    for lb in labels[1:]:
+                        for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
+                            uf.union(g1, g2)
+                    out = [_Info(True, ref)]
+            elif any_data:
+                out = [_Info(True)]
+            else:
+                out = [nondata_generic(eqn.ins, out_shapes[0])]
+        elif name == "dot_general" or name == "conv_general_dilated":
+            out = [_Info(True)]
+            x_info, k_info = ins
+            x_idx = 0
+            if not x_info.data and k_info.data:
+                x_info, k_info, x_idx = k_info, x_info, 1
+            oshape = out_shapes[0]
+            if not x_info.data:
+                out = [nondata_generic(eqn.ins, oshape)]
+            elif k_info.data or not k_info.srcs:
+                for lb in labels:
+                    poison(lb, f"{where} multiplies the channels with another activation")
+            elif name == "dot_general":
+                (lc, rc), (lb_, rb) = eqn.params["dimension_numbers"]
+                xc, kc, xb, kb = (lc, rc, lb_, rb) if x_idx == 0 else (rc, lc, rb, lb_)
+                xs, ks = in_shapes[x_idx], in_shapes[1 - x_idx]
+                x_free = [a for a in range(len(xs)) if a not in xc and a not in xb]
+                k_free = [a for a in range(len(ks)) if a not in kc and a not in kb]
+                # output axes: batch, lhs free, rhs free
+                pos_x = {a: len(xb) + i for i, a in enumerate(x_free)}
+                pos_k = {a: len(xb) + len(x_free) + i for i, a in enumerate(k_free)}
+                if x_idx == 1:
+                    pos_k = {a: len(xb) + i for i, a in enumerate(k_free)}
+                    pos_x = {a: len(xb) + len(k_free) + i for i, a in enumerate(x_free)}
+                lab = x_info.label
+                new_lab = None
+                if lab is not None:
+                    if lab.axis in xc:
+                        ka = kc[list(xc).index(lab.axis)]
+                        mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+                        if not mapped:
+                            poison(lab, f"{where} contracts the channels with a kernel that is "
+                                        "not a param leaf axis")
+                        for k, leaf_axis in mapped:
+                            join(lab, k, leaf_axis, "consumer")
+                        sites.append(Site(e_idx, x_idx, lab))
+                    elif lab.axis in pos_x:
+                        new_lab = lab.moved(pos_x[lab.axis])
+                    else:
+                        poison(lab, f"{where} uses the channel axis as a batch dimension")
+                kfree = [a for a in k_free if ks[a] != 1]
+                if len(kfree) == 1:
+                    ka = kfree[0]
+                    mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+                    if mapped:
+                        if new_lab is not None:
+                            poison(new_lab, f"{where} keeps the channels on a free axis")
+                        gid = new_group(ks[ka])
+                        new_lab = Label(pos_k[ka], ((gid, 0, ks[ka]),), ks[ka])
+                        for k, leaf_axis in mapped:
+                            join(new_lab, k, leaf_axis, "producer")
+                out = [_Info(True, new_lab)]
+            else:  # conv_general_dilated
+                dn = eqn.params["dimension_numbers"]
+                lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+                fgc = eqn.params["feature_group_count"]
+                bgc = eqn.params["batch_group_count"]
+                xs, ks = in_shapes
+                in_ch, out_ch = xs[lhs_spec[1]], oshape[out_spec[1]]
+                lab = x_info.label
+                if x_idx != 0 or bgc != 1:
+                    poison(lab, f"{where} is a conv discovery does not follow "
+                                f"(batch_group_count={bgc})")
+                    out = [_Info(True)]
+                else:
+                    new_lab = None
+                    k_out = [(k, m[rhs_spec[0]]) for k, m in k_info.srcs if m[rhs_spec[0]] >= 0]
+                    k_in = [(k, m[rhs_spec[1]]) for k, m in k_info.srcs if m[rhs_spec[1]] >= 0]
+                    if lab is not None and (lab.axis != lhs_spec[1] or not lab.plain):
+                        poison(lab, f"{where} convolves over the channel axis")
+                        lab = None
+                    if fgc == 1:
+                        if lab is not None:
+                            if not k_in:
+                                poison(lab, f"{where} contracts the channels with a kernel that "
+                                            "is not a param leaf axis")
+                            for k, leaf_axis in k_in:
+                                join(lab, k, leaf_axis, "consumer")
+                            sites.append(Site(e_idx, 0, lab))
+                        if k_out:
+                            gid = new_group(out_ch)
+                            new_lab = Label(out_spec[1], ((gid, 0, out_ch),), out_ch)
+                            for k, leaf_axis in k_out:
+                                join(new_lab, k, leaf_axis, "producer")
+                    elif fgc == in_ch == out_ch and lab is not None:
+                        # depthwise: output channel c reads input channel c only.
+                        new_lab = lab.moved(out_spec[1])
+                        for k, leaf_axis in k_out:
+                            join(lab, k, leaf_axis, "param")
+                        depthwise.add(e_idx)
+                    else:
+                        poison(lab, f"{where} is a grouped conv (feature_group_count={fgc}, "
+                                    f"{in_ch} -> {out_ch} channels) discovery does not follow")
+                        if k_out and fgc == in_ch == out_ch:
+                            gid = new_group(out_ch)
+                            new_lab = Label(out_spec[1], ((gid, 0, out_ch),), out_ch)
+                            for k, leaf_axis in k_out:
+                                join(new_lab, k, leaf_axis, "param")
+                            poison(new_lab, f"{where} is a depthwise conv of a value whose "
+                                            "channels cannot be pruned")
+                    out = [_Info(True, new_lab)]
+        else:
+            touched = (_touched_axes(eqn, in_shapes[0], out_shapes[0])
+                       if len(eqn.ins) >= 1 and len(eqn.outs) == 1
+                       and len(in_shapes[0]) == len(out_shapes[0]) else None)
+            if touched is not None and ins[0].data:
+                lab = ins[0].label
+                for x in ins[1:]:
+                    poison(x.label, f"{where} takes the channels as an index operand")
+                if lab is not None and lab.axis in touched:
+                    poison(lab, f"{where} acts on the channel axis")
+                    lab = None
+                out = [_Info(True, lab)]
+            elif touched is not None and not any_data:
+                x = ins[0]
+                vary = tuple(v or a in touched for a, v in enumerate(x.vary))
+                srcs = frozenset((k, tuple(-1 if a in touched else m[a]
+                                           for a in range(len(m)))) for k, m in x.srcs)
+                out = [_Info(False, None, srcs, vary)]
+            else:
+                for lb in labels:
+                    poison(lb, f"the channels go through {where}, which discovery does not "
+                               "follow")
+                if any_data:
+                    out = [_Info(True) for _ in eqn.outs]
+                else:
+                    out = [nondata_generic(eqn.ins, s) for s in out_shapes]
+        for o, x in zip(eqn.outs, out):
+            info[o] = x
+
+    for r in prog.outvars:
+        if not isinstance(r, _Lit):
+            poison(info[r].label, "feeds a model output (the logits)")
+
+    # Names: the first producer's leaf path (without a trailing 'kernel').
+    names: Dict[int, str] = {}
+    taken = set()
+    for gid, m in members:
+        root = uf.find(gid)
+        if root in names or m.role != "producer":
+            continue
+        path = m.path[:-1] if len(m.path) > 1 and m.path[-1] in ("kernel", "w", "weight") \
+            else m.path
+        name = "/".join(path)
+        base, n = name, 1
+        while name in taken:
+            n += 1
+            name = f"{base}#{n}"
+        taken.add(name)
+        names[root] = name
+    return Analysis(prog, tuple(info), uf, tuple(sizes), tuple(members), tuple(reasons),
+                    tuple(sites), names, frozenset(depthwise))
+
+
+def _groups(an: Analysis) -> Tuple[Group, ...]:
+    """The analysis' groups (one per union-find root), in order of their first producer."""
+    uf = an.uf
+    by_root: Dict[int, List[Member]] = {}
+    for gid, m in an.members:
+        lst = by_root.setdefault(uf.find(gid), [])
+        if m not in lst:
+            lst.append(m)
+    why: Dict[int, List[str]] = {}
+    for gid, r in an.reasons:
+        lst = why.setdefault(uf.find(gid), [])
+        if r not in lst:
+            lst.append(r)
+    out = []
+    for root in sorted(by_root, key=lambda r: list(an.names).index(r) if r in an.names else 1e9):
+        out.append(Group(an.names.get(root, f"group{root}"), an.sizes[root],
+                         tuple(by_root[root]), "; ".join(why.get(root, []))))
+    return tuple(out)
+
+
+def discover_groups(apply_fn: Callable, variables, example_input) -> Discovery:
+    """The channel groups of `apply_fn(variables, x)`, found from its jaxpr.
+
+    Args:
+      apply_fn: pure `apply_fn(variables, x) -> outputs`. Its outputs are treated as the
+        logits: a group that reaches an output is unprunable. Return only the logits (for a
+        train-mode function, not the updated BatchNorm statistics).
+      variables: any pytree of arrays or `jax.ShapeDtypeStruct`s (e.g. {'params': ...,
+        'batch_stats': ...}); member paths are paths in it.
+      example_input: an input (array or ShapeDtypeStruct, or a pytree of them) of the shapes
+        to trace with; nothing is computed.
+
+    Returns:
+      `Discovery(groups, unprunable, blocked)`.
+    """
+    prog = trace(apply_fn, variables, example_input)
+    groups = _groups(_analyse(prog))
+    ok = tuple(g for g in groups if not g.reason)
+    blocked = tuple(g for g in groups if g.reason)
+    return Discovery(ok, {g.name: g.reason for g in blocked}, blocked)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating a program, with channel masks at the consumers.
+
+
+def _read(env, r):
+    return r.value if isinstance(r, _Lit) else env[r]
+
+
+def mask_vector(label: Label, length: int, group_masks: Dict[int, Any], dtype):
+    """The [length] multiplier of a labelled axis from per-group masks (None: all ones)."""
+    segs = [(g, st, sz) for g, st, sz in label.segs if group_masks.get(g) is not None]
+    if not segs:
+        return None
+    if len(label.segs) == 1 and label.plain and label.segs[0][1] == 0 \
+            and label.segs[0][2] == label.period:
+        return jnp.asarray(group_masks[label.segs[0][0]], dtype)
+    pieces, pos = [], 0
+    for g, st, sz in sorted(segs, key=lambda s: s[1]):
+        if st > pos:
+            pieces.append(jnp.ones((st - pos,), dtype))
+        pieces.append(jnp.asarray(group_masks[g], dtype))
+        pos = st + sz
+    if pos < label.period:
+        pieces.append(jnp.ones((label.period - pos,), dtype))
+    vec = jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+    if label.inner > 1:
+        vec = jnp.repeat(vec, label.inner)
+    if label.outer > 1:
+        vec = jnp.tile(vec, label.outer)
+    return vec
+
+
+def _apply_mask(x, label: Label, group_masks):
+    vec = mask_vector(label, x.shape[label.axis], group_masks, x.dtype)
+    if vec is None:
+        return x
+    view = [1] * x.ndim
+    view[label.axis] = x.shape[label.axis]
+    return x * vec.reshape(view)
+
+
+def evaluate(prog: Program, flat_inputs: Sequence[Any], *, sites: Sequence[Site] = (),
+             group_masks: Optional[Dict[int, Any]] = None,
+             param_overrides: Optional[Dict[int, Dict[str, Any]]] = None,
+             dynamic_params: Optional[Dict[int, Callable]] = None):
+    """Runs `prog` on flat inputs (variables leaves then input leaves); flat outputs.
+
+    `sites` with `group_masks` {group id: mask} multiply consumer inputs by the masks;
+    `param_overrides` {eqn index: params} and `dynamic_params` {eqn index: fn(ins) -> params}
+    replace equation params (used by compaction for new shapes).
+    """
+    env = dict(prog.consts)
+    for i, v in zip(prog.invars, flat_inputs):
+        env[i] = v
+    at: Dict[int, List[Site]] = {}
+    if group_masks:
+        for s in sites:
+            at.setdefault(s.eqn, []).append(s)
+    for e_idx, eqn in enumerate(prog.eqns):
+        ins = [_read(env, r) for r in eqn.ins]
+        for s in at.get(e_idx, ()):
+            ins[s.operand] = _apply_mask(ins[s.operand], s.label, group_masks)
+        params = eqn.params
+        if param_overrides and e_idx in param_overrides:
+            params = param_overrides[e_idx]
+        if dynamic_params and e_idx in dynamic_params:
+            params = dynamic_params[e_idx](ins, params)
+        outs = eqn.prim.bind(*ins, **params)
+        if not eqn.prim.multiple_results:
+            outs = (outs,)
+        for o, v in zip(eqn.outs, outs):
+            env[o] = v
+    return [_read(env, r) for r in prog.outvars]
+
+
+def _spec_key(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+
+
+def mask_activations(apply_fn: Callable) -> Callable:
+    """`masked_fn(variables, x, channel_masks)`: `apply_fn(variables, x)` with channels masked.
+
+    `channel_masks` is {group name: float[size]} for any subset of the groups that
+    `discover_groups(apply_fn, variables, x)` names (prunable or not); each mask multiplies the
+    inputs of the group's consumers, which is what removing the channels computes. The model
+    needs no `channel_masks` argument. Jittable and vmappable over `channel_masks` (the
+    weights stay shared). Traced once per input / variables shapes (cached).
+
+    Raises:
+      ValueError for an unknown group name or a mask of the wrong size.
+    """
+    cache: Dict[Any, Tuple[Program, Analysis, Dict[str, int]]] = {}
+
+    def analysed(variables, x):
+        key = _spec_key((variables, x))
+        if key not in cache:
+            prog = trace(apply_fn, variables, x)
+            an = _analyse(prog)
+            ids = {}
+            for gid in range(len(an.sizes)):
+                root = an.uf.find(gid)
+                if root in an.names:
+                    ids[an.names[root]] = root
+            cache[key] = (prog, an, ids)
+        return cache[key]
+
+    def masked_fn(variables, x, channel_masks=None):
+        prog, an, ids = analysed(variables, x)
+        group_masks = {}
+        for name, m in (channel_masks or {}).items():
+            if name not in ids:
+                raise ValueError(f"channel_masks has unknown group {name!r}; the traced model's "
+                                 f"groups are {sorted(ids)}")
+            if np.shape(m) != (an.sizes[ids[name]],):
+                raise ValueError(f"channel_masks[{name!r}] has shape {np.shape(m)}, expected "
+                                 f"({an.sizes[ids[name]]},)")
+            group_masks[ids[name]] = m
+        sites = [s._replace(label=s.label._replace(
+            segs=tuple((an.uf.find(g), st, sz) for g, st, sz in s.label.segs)))
+            for s in an.sites]
+        flat = jax.tree.leaves((variables, x))
+        outs = evaluate(prog, flat, sites=sites, group_masks=group_masks)
+        return jax.tree.unflatten(prog.out_tree, outs)
+
+    return masked_fn
+
+
+def hookless_apply(apply_fn: Callable) -> Callable:
+    """A zoo-style `apply(params, batch_stats, x, *, train, channel_masks=None)` built from an
+    `apply_fn(params, batch_stats, x, *, train)` that takes no `channel_masks` argument.
+
+    Group names are those of `discover_groups` on
+    `lambda v, x: apply_fn(v['params'], v['batch_stats'], x, train=...)`, so pass the
+    evaluator `discovery.channel_groups()`. Drop-in for `search.evaluate.make_evaluator`.
+    """
+    fns = {train: mask_activations(
+        lambda v, x, train=train: apply_fn(v["params"], v["batch_stats"], x, train=train))
+        for train in (False, True)}
+
+    def apply(params, batch_stats, x, *, train: bool, channel_masks=None):
+        return fns[bool(train)]({"params": params, "batch_stats": batch_stats}, x,
+                                channel_masks)
+
+    return apply

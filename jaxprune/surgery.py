@@ -1,0 +1,220 @@
+"""Physically smaller models from discovered channel groups, for any traced model.
+
+    small_fn, small_vars = compact(apply_fn, variables, discovery, keep)
+    small_fn(small_vars, x)  ==  mask_activations(apply_fn)(variables, x, keep as masks)
+    save(directory, small_fn, small_vars, x);  small_fn, small_vars = load(directory)
+
+Every member of a group (`discover.Member`) is sliced on its axis: producers' output axes,
+per-channel leaves, consumers' input axes (with the offsets of concatenations and the
+spatial factor of flattens). The compact *program* is the user's function re-traced at the
+original widths and evaluated with new shapes: every equation that names a shape
+(`reshape`, `broadcast_in_dim`, ...) gets the shape its output has once the channels are
+gone, and depthwise convs get their new `feature_group_count`. So `apply_fn` itself need not
+accept smaller params (Flax Linen modules check param shapes against their init; NNX and
+plain functions often would, but nothing relies on it). Limits: the groups must come from
+the same `apply_fn` and variable shapes; the program is re-traced per input shape (cached);
+gradients through inlined `custom_jvp` / `custom_vjp` calls use the primal's rules.
+
+`save` writes the compact params and the compact program (`jax.export`, serialized with a
+symbolic batch size, so it needs neither `apply_fn` nor this package to run) beside them:
+
+    directory/variables.npz   the leaves, in tree-flatten order
+    directory/program.bin     `jax.export.Exported.serialize()` of the compact function
+    directory/meta.json       the kept channels per group, input shape, jax version
+
+This module never imports Flax.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import discover as dlib
+from jaxprune import masks as masks_lib
+
+_SHAPE_PARAMS = ("new_sizes", "shape")
+
+
+def _group_list(groups) -> Tuple[dlib.Group, ...]:
+    if isinstance(groups, dlib.Discovery):
+        return groups.all_groups
+    return tuple(groups)
+
+
+def _check_keep(keep, groups) -> Dict[str, np.ndarray]:
+    """{group name: bool[size]} validated; groups not named keep everything."""
+    by_name = {g.name: g for g in groups}
+    unknown = sorted(set(keep) - set(by_name))
+    if unknown:
+        raise ValueError(f"keep names unknown group(s) {unknown}; groups: {sorted(by_name)}")
+    out = {}
+    for name, value in keep.items():
+        g = by_name[name]
+        try:
+            arr = np.asarray(value)
+        except Exception as e:  # a tracer: shapes depend on keep
+            raise ValueError(f"keep[{name!r}] must be concrete (compaction cannot run under "
+                             f"jit): {e}") from e
+        if arr.shape != (g.size,):
+            raise ValueError(f"keep[{name!r}] has shape {arr.shape}, expected ({g.size},)")
+        arr = arr.astype(bool)
+        if not arr.any():
+            raise ValueError(f"keep[{name!r}] keeps no channel; keep at least one per group")
+        if not arr.all() and g.reason:
+            raise ValueError(f"group {name!r} cannot be pruned: {g.reason}")
+        out[name] = arr
+    return out
+
+
+def slice_variables(variables, groups, keep):
+    """`variables` with the channels that `keep` drops removed from every member leaf."""
+    groups = _group_list(groups)
+    keep = _check_keep(keep, groups)
+    leaves, treedef = masks_lib.leaves_with_paths(variables)
+    index = {p: i for i, (p, _) in enumerate(leaves)}
+    axis_keep: Dict[Tuple[int, int], np.ndarray] = {}
+    for g in groups:
+        if g.name not in keep or keep[g.name].all():
+            continue
+        dropped = np.flatnonzero(~keep[g.name])
+        for m in g.members:
+            i = index[tuple(m.path)]
+            shape = np.shape(leaves[i][1])
+            vec = axis_keep.setdefault((i, m.axis), np.ones((shape[m.axis],), bool))
+            vec[m.indices(dropped)] = False
+    new = [leaf for _, leaf in leaves]
+    for (i, axis), vec in sorted(axis_keep.items()):
+        new[i] = jnp.take(jnp.asarray(new[i]), jnp.asarray(np.flatnonzero(vec)), axis=axis)
+    return jax.tree.unflatten(treedef, new)
+
+
+def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
+    """{eqn index: params} with new shapes, and {eqn index: fn} for depthwise convs."""
+    prog, info = an.program, an.info
+
+    def new_shape(vid):
+        shape = list(prog.avals[vid].shape)
+        x = info[vid]
+        if x.data:
+            lab = x.label
+            if lab is not None:
+                gone = sum(removed.get(an.uf.find(g), 0) for g, _, _ in lab.segs)
+                shape[lab.axis] = lab.outer * (lab.period - gone) * lab.inner
+        else:
+            for k, amap in x.srcs:
+                for a, leaf_axis in enumerate(amap):
+                    if leaf_axis >= 0 and shape[a] == prog.avals[prog.invars[k]].shape[leaf_axis]:
+                        shape[a] = new_leaf_shapes[k][leaf_axis]
+        return tuple(shape)
+
+    overrides, dynamic = {}, {}
+    for e_idx, eqn in enumerate(prog.eqns):
+        for key in _SHAPE_PARAMS:
+            if key in eqn.params and len(eqn.outs) == 1:
+                shape = new_shape(eqn.outs[0])
+                if shape != tuple(prog.avals[eqn.outs[0]].shape):
+                    overrides[e_idx] = {**eqn.params, key: shape}
+        if e_idx in an.depthwise:
+            feature = eqn.params["dimension_numbers"].lhs_spec[1]
+            dynamic[e_idx] = lambda ins, p, f=feature: {**p, "feature_group_count":
+                                                       ins[0].shape[f]}
+    return overrides, dynamic
+
+
+def compact(apply_fn: Callable, variables, groups, keep) -> Tuple[Callable, Any]:
+    """`(compact_apply_fn, compact_variables)`: the model with the dropped channels removed.
+
+    Args:
+      apply_fn: `apply_fn(variables, x)`, the function `groups` were discovered on.
+      variables: its (dense) variables, concrete arrays.
+      groups: the `discover.Discovery` (or its groups) of `apply_fn` at these variables.
+      keep: {group name: bool[size]}; groups not named are kept whole. Unprunable groups
+        must be kept whole. Concrete (the output shapes depend on it).
+
+    Returns:
+      `compact_apply_fn(compact_variables, x)` (pure, jittable; any batch size) computes what
+      `discover.mask_activations(apply_fn)(variables, x, keep)` computes.
+
+    Raises:
+      ValueError for unknown groups, wrong sizes, a group with nothing kept, or pruning a
+      group that discovery marked unprunable (with its reason).
+    """
+    groups = _group_list(groups)
+    keep = _check_keep(keep, groups)
+    removed_by_name = {n: int((~k).sum()) for n, k in keep.items()}
+    small = slice_variables(variables, groups, keep)
+    dense_spec = dlib._abstract(variables)
+    new_leaf_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(small)]
+    cache: Dict[Any, Any] = {}
+
+    def prepared(x):
+        key = dlib._spec_key(x)
+        if key not in cache:
+            prog = dlib.trace(apply_fn, dense_spec, x)
+            an = dlib._analyse(prog)
+            removed = {}
+            for root, name in an.names.items():
+                if removed_by_name.get(name):
+                    removed[root] = removed_by_name[name]
+            missing = sorted(n for n, r in removed_by_name.items()
+                             if r and n not in an.names.values())
+            if missing:
+                raise ValueError(f"groups {missing} are not in apply_fn traced at input "
+                                 f"{key[1]}; compact with groups discovered on this apply_fn")
+            cache[key] = (prog, *_rewrites(an, removed, new_leaf_shapes))
+        return cache[key]
+
+    def compact_apply_fn(compact_variables, x):
+        prog, overrides, dynamic = prepared(x)
+        flat = jax.tree.leaves((compact_variables, x))
+        outs = dlib.evaluate(prog, flat, param_overrides=overrides, dynamic_params=dynamic)
+        return jax.tree.unflatten(prog.out_tree, outs)
+
+    compact_apply_fn.widths = {g.name: int(keep[g.name].sum()) if g.name in keep else g.size
+                               for g in groups}
+    return compact_apply_fn, small
+
+
+def save(directory: str, compact_apply_fn: Callable, compact_variables, example_input, *,
+         batch_polymorphic: bool = True) -> None:
+    """Writes the compact variables and the exported compact program into `directory`.
+
+    The program is exported with `jax.export` for the input shape of `example_input` (a
+    single array, batch axis first); with `batch_polymorphic` the batch size is symbolic.
+    """
+    os.makedirs(directory, exist_ok=True)
+    shape = tuple(np.shape(example_input))
+    dtype = jnp.result_type(example_input)
+    if batch_polymorphic:
+        dims = ", ".join(["b"] + [str(d) for d in shape[1:]])
+        x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), dtype)
+    else:
+        x_spec = jax.ShapeDtypeStruct(shape, dtype)
+    exported = jax.export.export(jax.jit(compact_apply_fn))(dlib._abstract(compact_variables),
+                                                            x_spec)
+    with open(os.path.join(directory, "program.bin"), "wb") as f:
+        f.write(exported.serialize())
+    leaves = [np.asarray(x) for x in jax.tree.leaves(compact_variables)]
+    np.savez(os.path.join(directory, "variables.npz"),
+             **{f"leaf{i:05d}": x for i, x in enumerate(leaves)})
+    meta = dict(widths=getattr(compact_apply_fn, "widths", None), input_shape=list(shape[1:]),
+                batch_polymorphic=batch_polymorphic, jax_version=jax.__version__)
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def load(directory: str) -> Tuple[Callable, Any]:
+    """`(apply_fn, variables)` of a model written by `save`; `apply_fn(variables, x)`."""
+    with open(os.path.join(directory, "program.bin"), "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    with np.load(os.path.join(directory, "variables.npz")) as z:
+        leaves = [jnp.asarray(z[k]) for k in sorted(z.files)]
+    args_tree = exported.in_tree.children()[0]           # ((variables, x), {}) -> (variables, x)
+    var_tree = args_tree.children()[0]
+    variables = jax.tree.unflatten(var_tree, leaves)
+    return exported.call, variables
