@@ -22,13 +22,13 @@ from jaxprune import models
 from jaxprune import train
 
 
-def _time(step, state, images, labels, idx, key, repeats):
-    state, m = step(state, images, labels, idx, key)  # compile
+def _time(step, state, images, labels, recipe, key, repeats):
+    state, m = step(state, images, labels, key, recipe)  # compile
     jax.block_until_ready(m)
     times = []
     for i in range(repeats):
         t0 = time.perf_counter()
-        state, m = step(state, images, labels, idx, jax.random.fold_in(key, i))
+        state, m = step(state, images, labels, jax.random.fold_in(key, i), recipe)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -49,34 +49,32 @@ def main():
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (args.batch,) + shape, dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, (args.batch,), dtype=np.int32))
-    idx = jnp.arange(args.batch, dtype=jnp.int32)
     key = jax.random.key(1)
     mean, std = np.full((3,), 120.0, np.float32), np.full((3,), 64.0, np.float32)
 
-    # Dense: plain optax chain, no mask transform.
-    schedule = train.learning_rate_schedule(cfg, 1000)
-    dense_tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(schedule, 0.9, nesterov=True))
+    recipe = train.make_recipe(0.1, 1000)
+
+    def jitted_step(tx):
+        step = train.make_train_step(model.apply, tx, schedule="cosine", mean=mean, std=std,
+                                     augment=True)
+        return jax.jit(step, donate_argnums=(0,))
+
+    # Dense: the same chain without the mask transform, and no masks.
+    dense_tx = optax.chain(optax.add_decayed_weights(5e-4), optax.trace(0.9, nesterov=True),
+                           train.scale_by_learning_rate_arg())
     ones = masks_lib.ones_like(model.params)
+    dense_state = train.create_state(model.params, model.batch_stats, ones, dense_tx)
+    dense_step = jitted_step(dense_tx)
 
-    class _NoMask:  # dense tx ignores masks=
-        init = staticmethod(dense_tx.init)
-
-        @staticmethod
-        def update(updates, state, params=None, *, masks=None):
-            return dense_tx.update(updates, state, params)
-
-    dense_state = train.create_state(model.params, model.batch_stats, ones, _NoMask)
-    dense_step = train.make_train_step(model.apply, _NoMask, mean=mean, std=std, augment=True)
-
-    masked_tx = train.make_optimizer(cfg, 1000)
+    masked_tx = train.make_optimizer(cfg)
     scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), model.groups)
     keep = masks_lib.channel_keep(scores, jnp.full((len(model.groups),), args.keep), model.groups)
     masks = masks_lib.channel_masks(keep, model.groups, model.params)
     masked_state = train.create_state(model.params, model.batch_stats, masks, masked_tx)
-    masked_step = train.make_train_step(model.apply, masked_tx, mean=mean, std=std, augment=True)
+    masked_step = jitted_step(masked_tx)
 
-    t_dense = _time(dense_step, dense_state, images, labels, idx, key, args.repeats)
-    t_masked = _time(masked_step, masked_state, images, labels, idx, key, args.repeats)
+    t_dense = _time(dense_step, dense_state, images, labels, recipe, key, args.repeats)
+    t_masked = _time(masked_step, masked_state, images, labels, recipe, key, args.repeats)
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  model={args.model} "
           f"batch={args.batch} keep={args.keep}")
     print(f"dense step   {1e3 * t_dense:9.2f} ms   ({args.batch / t_dense:8.1f} img/s)")

@@ -38,6 +38,9 @@ def get_config(arg=None):
     config.data.test_size = config_dict.placeholder(int)  # None → all 10,000
     config.data.augment = True  # random crop (pad 4) + horizontal flip
     config.data.cache = config_dict.placeholder(str)  # optional .npz cache path
+    config.data.source = "tfds"  # "portable": read data.portable_path, no TensorFlow needed
+    config.data.portable_path = config_dict.placeholder(str)  # `python -m jaxprune.data portable`
+    config.data.download = False  # True: let TFDS download it (Colab); offline, keep False
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "resnet20"
@@ -54,6 +57,10 @@ def get_config(arg=None):
     config.train.l1 = 0.0
     config.train.l1_target = "bn"
     config.train.checkpoint_every = 1000
+    config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
+    config.train.warmup_epochs = 0.0  # linear warm-up of the dense phase (for large batches)
+    config.train.label_smoothing = 0.0
+    config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
 
     config.prune = ml_collections.ConfigDict()
     config.prune.methods = "threshold,sensitivity"
@@ -69,6 +76,7 @@ def get_config(arg=None):
     config.finetune = ml_collections.ConfigDict()
     config.finetune.epochs = 40
     config.finetune.learning_rate = 0.01
+    config.finetune.warmup_epochs = 0.0
 
     config.search = ml_collections.ConfigDict()
     config.search.methods = "reinforce,gan,evolution,random,uniform"

@@ -33,6 +33,9 @@ def get_config(arg=None):
     config.data.test_size = config_dict.placeholder(int)  # None → all 360
     config.data.augment = False  # flips and crops change digits
     config.data.cache = config_dict.placeholder(str)
+    config.data.source = "tfds"  # unused: digits are embedded (no TFDS, no portable file)
+    config.data.portable_path = config_dict.placeholder(str)  # unused by the embedded source
+    config.data.download = False  # unused by the embedded source
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "lenet5"
@@ -49,6 +52,10 @@ def get_config(arg=None):
     config.train.l1 = 0.0
     config.train.l1_target = "weights"
     config.train.checkpoint_every = 200
+    config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
+    config.train.warmup_epochs = 0.0  # linear warm-up of the dense phase (for large batches)
+    config.train.label_smoothing = 0.0
+    config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
 
     config.prune = ml_collections.ConfigDict()
     config.prune.methods = "threshold,sensitivity"
@@ -64,6 +71,7 @@ def get_config(arg=None):
     config.finetune = ml_collections.ConfigDict()
     config.finetune.epochs = 20
     config.finetune.learning_rate = 0.01
+    config.finetune.warmup_epochs = 0.0
 
     config.search = ml_collections.ConfigDict()
     config.search.methods = "reinforce,gan,evolution,random,uniform"

@@ -21,7 +21,7 @@ import os
 import re
 from typing import Any, Callable, Optional
 
-from jaxprune.data import DATASETS
+from jaxprune.data import DATASETS, SOURCES
 from jaxprune.errors import ConfigError
 MODELS = ("lenet5", "mlp", "vgg16", "resnet20", "resnet56", "resnet18")
 PRUNE_METHODS = ("threshold", "sensitivity")
@@ -32,6 +32,7 @@ CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "step", "constant"),
     "train.l1_target": ("weights", "bn"),
+    "train.precision": ("fp32", "bf16"),
     "prune.granularity": ("channel", "unstructured", "nm"),
     "prune.scope": ("layerwise", "global"),
     "prune.target": ("macs", "params"),
@@ -137,6 +138,10 @@ SCHEMA: dict[str, Check] = {
     "train.weight_decay": _non_negative_number,
     "train.l1": _non_negative_number,
     "train.checkpoint_every": _int(0),  # 0: only at the end of each phase
+    "train.warmup_epochs": _non_negative_number,
+    "train.label_smoothing": _number(0, 1, high_open=True),
+    "train.compile_cache_dir": _optional_str,
+    "finetune.warmup_epochs": _non_negative_number,
     "prune.methods": _method_list(PRUNE_METHODS),
     "prune.sparsity": _number(0, 1, high_open=True,
                               note=" (the fraction removed; 1.0 or above would remove everything)"),
@@ -153,7 +158,9 @@ SCHEMA: dict[str, Check] = {
     "search.step": _number(0, 1, high_open=True, note=" (keep-ratio grid step; 0 = continuous)"),
     **{key: _choice(allowed) for key, allowed in CHOICES.items()},
 }
-OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "prune.imp_rounds": _int(1),
+OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choice(SOURCES),
+                             "data.portable_path": _optional_str, "data.download": _bool,
+                             "prune.imp_rounds": _int(1),
                              "prune.n": _int(1), "prune.m": _int(1),
                              "search.chunk_size": _int(0),
                              "prune.channel_multiple": _int(1)}  # may be absent from a config
@@ -264,6 +271,12 @@ def problems(config) -> list[str]:
     if scored and _lookup(config, "data.val_size") == 0:
         found.append(f"data.val_size=0, but {', '.join(scored)} score candidates on the "
                      "validation split; use data.val_size >= 1")
+    if _lookup(config, "data.source") == "portable" and not _lookup(config, "data.portable_path") \
+            and _lookup(config, "data.name") != "digits":
+        found.append("data.source='portable' needs data.portable_path: make the file once where "
+                     "TFDS works with `python -m jaxprune.data portable --name "
+                     f"{_lookup(config, 'data.name')} --out FILE.npz`, then pass "
+                     "--config.data.portable_path=FILE.npz")
     granularity = _lookup(config, "prune.granularity")
     if granularity == "nm" and (methods(_lookup(config, "search.methods"))
                                 or "sensitivity" in methods(_lookup(config, "prune.methods"))):

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import time
+import zlib
 from typing import Any, Optional
 
 import jax
@@ -23,6 +24,7 @@ from jaxprune import config_checks
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
+from jaxprune import errors
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
 from jaxprune import parallel
@@ -49,6 +51,29 @@ class Context:
     keys: dict
     progress: bool = True
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
+    _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
+    _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
+
+    def device_data(self, split: str):
+        """`train` → (images, labels) device arrays; `val` / `test` → `train.EvalData`.
+
+        Uploaded once per run; `val` and `test` share one capacity, so one compiled evaluation
+        per model serves both."""
+        if not self._device:
+            ds = self.dataset
+            batch = int(self.config.train.eval_batch_size)
+            capacity = max(ds.val_images.shape[0], ds.test_images.shape[0])
+            self._device["train"] = (jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
+            self._device["val"] = train_lib.device_eval_data(ds.val_images, ds.val_labels, batch,
+                                                             capacity)
+            self._device["test"] = train_lib.device_eval_data(ds.test_images, ds.test_labels,
+                                                              batch, capacity)
+        return self._device[split]
+
+    @functools.cached_property
+    def tx(self):
+        """One optimizer for every phase (rates and lengths are arguments of the train fn)."""
+        return train_lib.make_optimizer(self.config.train)
 
     @property
     def fingerprint(self) -> dict:
@@ -58,8 +83,13 @@ class Context:
                 "widths": [list(w) for w in self.model.spec.widths]}
 
     def checkpointer(self, phase: str, extra: Optional[dict] = None):
+        """The phase's checkpoints, fingerprinted with the model, the data, every config key the
+        phase's result depends on (`config_checks.phase_settings`) and `extra`; a damaged newest
+        step falls back to the previous good one."""
+        fingerprint = {**self.fingerprint, **config_checks.phase_settings(self.config, phase),
+                       **(extra or {})}
         return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints", phase),
-                                     max_to_keep=2, fingerprint=dict(self.fingerprint, **(extra or {})))
+                                     max_to_keep=2, fingerprint=fingerprint, fallback=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,10 +97,13 @@ class Context:
 
 
 def write_run_info(config, workdir: str) -> None:
-    """Writes the resolved config and the package versions into the workdir (kept per start)."""
+    """Writes the resolved config and the package versions into the workdir: `run_info.json`
+    holds the latest start and, under `starts`, every start; `config.txt` the latest config.
+    Called only once the config and the workdir's checkpoints have passed their checks."""
     import importlib.metadata as md
+    import socket
+    import sys
 
-    os.makedirs(workdir, exist_ok=True)
     versions = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "ml-collections",
                 "tensorflow-datasets", "numpy"):
@@ -81,16 +114,100 @@ def write_run_info(config, workdir: str) -> None:
     devices = jax.devices()
     info = {"config": config.to_dict(), "versions": versions,
             "devices": [str(d) for d in devices], "platform": devices[0].platform,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    ckpt_lib.save_json(os.path.join(workdir, "run_info.json"), info)
-    with open(os.path.join(workdir, "config.txt"), "w") as f:
-        f.write(str(config))
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
+            "host": socket.gethostname(), "argv": list(sys.argv)}
+    path = os.path.join(workdir, "run_info.json")
+    try:
+        old = ckpt_lib.load_json(path)
+    except (OSError, ValueError):
+        old = {}
+    starts = old.get("starts") if isinstance(old, dict) else None
+    if starts is None:  # the format before the history: one start
+        starts = [old] if isinstance(old, dict) and old.get("config") else []
+    ckpt_lib.save_json(path, dict(info, starts=list(starts) + [info]))
+    report_lib.write_text(os.path.join(workdir, "config.txt"), str(config))
+
+
+def _prepare_workdir(workdir: str) -> str:
+    """Creates the workdir and takes its lock; a path that cannot be one is a `WorkdirError`."""
+    if not str(workdir or "").strip():
+        raise errors.WorkdirError("--workdir is empty; give a directory for checkpoints and "
+                                  "results, e.g. --workdir=runs/quickstart.")
+    workdir = os.fspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise errors.WorkdirError(f"--workdir {workdir} is a file, not a directory; use another "
+                                  "path (nothing was changed).")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise errors.WorkdirError(f"--workdir {workdir} cannot be created ({e.strerror or e}); "
+                                  "use a path you can write to.") from e
+    ckpt_lib.lock_workdir(workdir)
+    return workdir
+
+
+def check_workdir(config, workdir: str) -> None:
+    """Refuses, before anything is written, a workdir whose checkpoints were made with other
+    settings (by the first config key that differs), or whose fingerprint is missing. Only the
+    phases of this config's methods count: dropping a method from the list is not a change."""
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    methods = set(config_checks.methods(config.prune.methods)) | set(
+        config_checks.methods(config.search.methods))
+    for name in sorted(os.listdir(root)):
+        if not os.path.isdir(os.path.join(root, name)):
+            continue
+        kind, _, rest = name.partition("_")
+        if name != "dense" and rest.split("_")[0] not in methods:
+            continue
+        ckpt_lib.check_fingerprint(os.path.join(root, name),
+                                   config_checks.phase_settings(config, name),
+                                   keys=config_checks.is_setting)
+
+
+def _load_data(data_config):
+    """`data.load`, with data that exists but cannot be read reported as a `DataError`."""
+    import pickle
+    import zipfile
+
+    cache = data_config.get("cache")
+    if cache and os.path.isfile(cache) and not zipfile.is_zipfile(cache):
+        raise errors.DataError(f"the data cache data.cache={cache} is not an .npz file (damaged "
+                               "or truncated); move it away so it is rebuilt.")
+    try:
+        return data_lib.load(data_config)
+    except (errors.UserError, data_lib.DataNotFoundError):
+        raise
+    except ValueError as e:
+        raise errors.DataError(f"data ({data_config.name}): {e}") from e
+    except (OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise errors.DataError(_unreadable_data(data_config, e)) from e
+    except Exception as e:  # TensorFlow's own errors (e.g. DataLossError of a truncated record)
+        if type(e).__module__.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+            raise errors.DataError(_unreadable_data(data_config, e)) from e
+        raise
+
+
+def _unreadable_data(data_config, e) -> str:
+    cache = data_config.get("cache")
+    fix = (f"move the cache {cache} away so it is rebuilt, or " if cache else "") + \
+        "copy or download the dataset again (TFDS_DATA_DIR / data.data_dir)"
+    return (f"the {data_config.name} data could not be read ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or truncated: {fix}.")
 
 
 def make_context(config, workdir: str, progress: bool = True) -> Context:
     config_checks.validate_config(config)
+    workdir = _prepare_workdir(workdir)
+    try:
+        check_workdir(config, workdir)
+    except BaseException:
+        ckpt_lib.unlock_workdir(workdir)
+        raise
     write_run_info(config, workdir)
-    dataset = data_lib.load(config.data)
+    train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
+    dataset = _load_data(config.data)
     root = jax.random.key(int(config.seed))
     names = ("init", "train", "finetune", "search", "calib")
     keys = dict(zip(names, jax.random.split(root, len(names))))
@@ -106,36 +223,63 @@ def make_context(config, workdir: str, progress: bool = True) -> Context:
 
 
 def _eval_fn(ctx: Context, apply_fn):
-    """Exact evaluation of a model; one compiled function per model for the whole run (the dense
-    model is evaluated in every fine-tuning phase and for its row)."""
+    """Exact evaluation of a model on a device split (`evaluate(params, batch_stats, split)`);
+    one compiled function per model for the whole run."""
     if apply_fn not in ctx._eval_fns:
         ds = ctx.dataset
-        ctx._eval_fns[apply_fn] = train_lib.make_eval_fn(
-            apply_fn, mean=ds.mean, std=ds.std, batch_size=int(ctx.config.train.eval_batch_size))
+        evaluate = train_lib.make_eval_fn(
+            apply_fn, mean=ds.mean, std=ds.std, batch_size=int(ctx.config.train.eval_batch_size),
+            precision=str(ctx.config.train.precision))
+
+        def on_split(params, batch_stats, split):
+            data = ctx.device_data(split) if isinstance(split, str) else split
+            return evaluate(params, batch_stats, data)
+
+        on_split.compiled = evaluate.compiled
+        ctx._eval_fns[apply_fn] = on_split
     return ctx._eval_fns[apply_fn]
 
 
+def _train_fn(ctx: Context, apply_fn, mask_update_fn=None):
+    """The compiled chunk-of-steps function of a model: one for the dense phase and every
+    one-shot fine-tune (masks are state; rates and lengths are arguments); gradual and IMP
+    schedules, which update masks inside the step, get their own."""
+    cache_key = (apply_fn, mask_update_fn)
+    if cache_key not in ctx._train_fns:
+        t = ctx.config.train
+        ds = ctx.dataset
+        step = train_lib.make_train_step(
+            apply_fn, ctx.tx, schedule=str(t.schedule), mean=ds.mean, std=ds.std,
+            augment=bool(ctx.config.data.augment), precision=str(t.precision),
+            label_smoothing=float(t.label_smoothing), l1=float(t.l1),
+            l1_target=str(t.l1_target), unprunable=ctx.model.unprunable,
+            mask_update_fn=mask_update_fn)
+        ctx._train_fns[cache_key] = train_lib.make_train_fn(step, batch_size=int(t.batch_size))
+    return ctx._train_fns[cache_key]
+
+
 def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, masks, epochs: int,
-                learning_rate: float, key, mask_update_fn=None, recipe: Optional[dict] = None):
+                learning_rate: float, key, warmup_epochs: float = 0.0, mask_update_fn=None,
+                recipe: Optional[dict] = None):
     """Trains (or resumes, or restores a finished) phase; returns (state, train_seconds).
 
     The phase's checkpoint directory is fingerprinted with the model, the data and `recipe`
     (what determines the phase's result: schedule, keep vector, …), so a workdir made with
     other settings is refused with a message instead of being silently reused.
     """
-    cfg = ctx.config.train.copy_and_resolve_references()
-    with cfg.unlocked():
-        cfg.learning_rate = float(learning_rate)
-    ds = ctx.dataset
-    steps_per_epoch = max(ds.train_images.shape[0] // int(cfg.batch_size), 1)
-    tx = train_lib.make_optimizer(cfg, epochs * steps_per_epoch)
-    state = train_lib.create_state(params, batch_stats, masks, tx)
     t = ctx.config.train
+    ds = ctx.dataset
+    steps_per_epoch = max(ds.train_images.shape[0] // int(t.batch_size), 1)
+    total_steps = int(epochs) * steps_per_epoch
+    schedule = train_lib.make_recipe(learning_rate, total_steps,
+                                     round(float(warmup_epochs) * steps_per_epoch))
+    state = train_lib.create_state(params, batch_stats, masks, ctx.tx)
     checkpointer = ctx.checkpointer(phase, extra=dict(
         recipe or {}, epochs=int(epochs), learning_rate=float(learning_rate),
-        batch_size=int(t.batch_size), optimizer=str(t.optimizer), schedule=str(t.schedule),
-        weight_decay=float(t.weight_decay), l1=float(t.l1), seed=int(ctx.config.seed),
-        train_examples=int(ds.train_images.shape[0])))
+        warmup_epochs=float(warmup_epochs), batch_size=int(t.batch_size),
+        optimizer=str(t.optimizer), schedule=str(t.schedule), weight_decay=float(t.weight_decay),
+        l1=float(t.l1), precision=str(t.precision), label_smoothing=float(t.label_smoothing),
+        seed=int(ctx.config.seed), train_examples=int(ds.train_images.shape[0])))
     seconds = 0.0
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(like=state, fallback=True)
@@ -144,15 +288,12 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
             _log(ctx, f"[{phase}] finished earlier (step {int(state.step)}); restored from checkpoint.")
             return state, seconds
         _log(ctx, f"[{phase}] resuming from step {int(state.step)}.")
-    step_fn = train_lib.make_train_step(
-        apply_fn, tx, mean=ds.mean, std=ds.std, augment=bool(ctx.config.data.augment),
-        l1=float(cfg.l1), l1_target=str(cfg.l1_target), unprunable=ctx.model.unprunable,
-        mask_update_fn=mask_update_fn)
+    images, labels = ctx.device_data("train")
     result = train_lib.fit(
-        state, step_fn, images=ds.train_images, labels=ds.train_labels, epochs=epochs,
-        batch_size=int(cfg.batch_size), key=key, eval_fn=_eval_fn(ctx, apply_fn),
-        val=(ds.val_images, ds.val_labels), checkpointer=checkpointer,
-        checkpoint_every=int(cfg.checkpoint_every), writer=ctx.writer, phase=phase,
+        state, _train_fn(ctx, apply_fn, mask_update_fn), images=images, labels=labels,
+        epochs=int(epochs), batch_size=int(t.batch_size), key=key, recipe=schedule,
+        evaluate=_eval_fn(ctx, apply_fn), val="val", checkpointer=checkpointer,
+        checkpoint_every=int(t.checkpoint_every), writer=ctx.writer, phase=phase,
         seconds_so_far=seconds, progress=ctx.progress)
     return result.state, result.train_seconds
 
@@ -167,14 +308,15 @@ def measure_row(ctx: Context, method: str, *, model, params, batch_stats, masks=
     """Test accuracy, params, MACs, size, latency of a (compact or masked) model."""
     ds = ctx.dataset
     evaluate = _eval_fn(ctx, model.apply)
-    test = evaluate(params, batch_stats, ds.test_images, ds.test_labels)
+    test = evaluate(params, batch_stats, "test")
     shape = tuple(ds.input_shape)
     n_params = costs_lib.count_params(params, masks)
     dense_params = costs_lib.count_params(ctx.model.params)
     macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
     batch = int(ctx.config.train.eval_batch_size)
     x = jnp.zeros((batch,) + shape, jnp.float32)
-    fwd = jax.jit(lambda p, b, x: model.apply(p, b, x, train=False)[0])
+    forward = train_lib.mixed_apply(model.apply, str(ctx.config.train.precision))
+    fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
     latency = costs_lib.latency(fwd, params, batch_stats, x)
     row = {"method": method, "accuracy": test["accuracy"], "test_loss": test["loss"],
            "params": int(n_params), "macs": int(macs),
@@ -191,7 +333,7 @@ def dense_phase(ctx: Context):
     state, seconds = train_phase(ctx, "dense", apply_fn=m.apply, params=m.params,
                                  batch_stats=m.batch_stats, masks=masks_lib.ones_like(m.params),
                                  epochs=int(cfg.epochs), learning_rate=float(cfg.learning_rate),
-                                 key=ctx.keys["train"])
+                                 warmup_epochs=float(cfg.warmup_epochs), key=ctx.keys["train"])
     row = measure_row(ctx, "unpruned", model=m, params=state.params, batch_stats=state.batch_stats,
                       train_seconds=seconds)
     return state, row
@@ -320,6 +462,7 @@ class Pruner:
         return train_phase(self.ctx, phase, apply_fn=self.ctx.model.apply, params=params,
                            batch_stats=self.dense_batch_stats, masks=masks,
                            epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
+                           warmup_epochs=float(fcfg.warmup_epochs),
                            key=jax.random.fold_in(self.ctx.keys["finetune"], _stable_hash(phase)),
                            mask_update_fn=mask_update_fn, recipe=recipe)
 
@@ -369,11 +512,15 @@ def channel_keep_from_masks(masks, groups) -> dict:
 
 
 def _stable_hash(text: str) -> int:
-    return int.from_bytes(text.encode()[:4].ljust(4, b"\0"), "little") % (2 ** 31)
+    """A hash of the whole text, stable across processes (Python's `hash` is salted)."""
+    return zlib.crc32(text.encode()) % (2 ** 31)
 
 
 def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
-    """Saves the final (compact) model so a notebook can restore it with `restore_model`."""
+    """Saves the final (compact) model so a notebook can restore it with `restore_model`.
+
+    A rerun writes a changed model as a new step and removes the old one only after it (an
+    unchanged one is not rewritten), so a kill at any moment leaves a readable model."""
     checkpointer = ckpt_lib.Checkpointer(
         os.path.join(ctx.workdir, "models", method), max_to_keep=1,
         fingerprint={"model": model.spec.name, "dataset": ctx.dataset.name,
@@ -383,8 +530,7 @@ def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=No
     tree = {"params": params, "batch_stats": batch_stats}
     if masks is not None:
         tree["masks"] = masks
-    checkpointer.save(0, tree, {"method": method, "spec": _spec_json(model.spec)}, force=True)
-    checkpointer.wait()
+    checkpointer.save_replacing(tree, {"method": method, "spec": _spec_json(model.spec)})
 
 
 def _spec_json(spec) -> dict:
@@ -401,9 +547,12 @@ def restore_model(workdir: str, method: str = "unpruned"):
     if not os.path.isdir(directory):
         have = sorted(os.listdir(os.path.join(workdir, "models"))) \
             if os.path.isdir(os.path.join(workdir, "models")) else []
-        raise FileNotFoundError(f"No saved model {method!r} in {directory}. Saved models: {have or 'none'}; "
-                                "run the pipeline on this workdir first.")
-    checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=1, fingerprint=None)
+        raise errors.NotFoundError(
+            f"No saved model {method!r} in {directory}. Saved models: {have or 'none'}; "
+            "run the pipeline on this workdir first.")
+    # Read-only: keeps every step; a damaged newest step falls back to the previous good one.
+    checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=None, fingerprint=None,
+                                         fallback=True)
     tree, meta = checkpointer.restore()
     spec = meta["spec"]
     spec = models_lib.ModelSpec(name=spec["name"], num_classes=int(spec["num_classes"]),
@@ -601,6 +750,7 @@ def run(config, workdir: str, progress: bool = True) -> list:
         report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
     _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
     ctx.writer.close()
+    ckpt_lib.unlock_workdir(ctx.workdir)
     return rows
 
 
@@ -609,24 +759,41 @@ def _write(ctx: Context, rows, final: bool = False, wall: Optional[float] = None
             f"example; latency is the median for a batch of {int(ctx.config.train.eval_batch_size)} "
             f"on {jax.devices()[0].platform}; size is the bytes of the saved (compact) params; "
             f"train (s) is the dense training or the fine-tuning time.")
-    report_lib.write_results(ctx.workdir, rows, note)
+    # Merged by method with the table on disk: a rerun that stops early (Ctrl-C, a refused
+    # phase, a damaged checkpoint) never shrinks a complete table.
+    merged = report_lib.write_results(ctx.workdir, rows, note)
     if final and ctx.progress:
-        print("\n" + report_lib.table_text(rows))
+        print("\n" + report_lib.table_text(merged))
         if wall is not None:
             print(f"wall time of this invocation: {wall:.1f} s; results in {ctx.workdir}/results.md")
 
 
-# Errors that mean "the input is wrong" (config, data, workdir): main prints them without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ckpt_lib.CheckpointError, data_lib.DataNotFoundError)
+# Errors that mean "the input is wrong" (config, data, workdir, checkpoints, a diverging recipe):
+# main prints them as one line. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (errors.UserError, data_lib.DataNotFoundError, budget_lib.InfeasibleBudgetError,
+               FloatingPointError)
 
 
 def load_config(path: str, arg: Optional[str] = None):
     """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags)."""
     import importlib.util
 
+    if not os.path.isfile(path):
+        raise errors.NotFoundError(f"No config file at {path}; configs live in the repository's "
+                                   "configs/ (e.g. configs/quickstart.py).")
     spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"No config file at {path}; configs live in the repository's configs/.")
+        raise errors.NotFoundError(f"{path} is not a Python config file; use one like "
+                                   "configs/quickstart.py.")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise errors.ConfigError(f"{path} has no get_config(); a config file defines "
+                                     "get_config(arg=None) returning a ConfigDict.")
+        return module.get_config(arg) if arg else module.get_config()
+    except errors.UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
+        raise errors.ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
+                                 f"{type(e).__name__}: {e}. Fix that file.") from e

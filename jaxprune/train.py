@@ -1,17 +1,33 @@
-"""Training and evaluation: a pure, jitted train step with masks, and the epoch loop around it.
+"""Training and evaluation on the device: one compiled call per chunk of steps, masks in the state.
 
 The train state carries the masks beside the params (not hidden in the optimizer state), so a
 pruned weight is zero in `params`, False in `masks`, and stays exactly zero: the optimizer
 chain ends in `masks.masked_updates()`, which zeroes its update whatever momentum, Adam or
 weight decay did before it.
 
-The whole training split lives on the device as uint8; a step receives only the int32 indices
-of its batch and does gather → normalise → augment inside the compiled step.
+The loop is built for accelerators whose time is scarce:
+  * the whole training split lives on the device once, as uint8; a compiled `train_fn` runs a
+    whole epoch (or a chunk of it, between checkpoints) as one `lax.scan`: it draws the epoch's
+    permutation, gathers each batch, normalises and augments it on the device, and returns the
+    per-step losses once per chunk;
+  * the learning rate, the number of steps and the warm-up are arguments (a `Recipe` of
+    arrays), not constants, and masks are state: the same compiled function serves the dense
+    phase and every masked fine-tune of the same model;
+  * `train.precision = "bf16"` computes in bfloat16 while params, optimizer state and BN
+    statistics stay float32;
+  * evaluation keeps its splits on the device (`EvalData`, padded to one capacity) and loops
+    over a dynamic number of batches, so one compilation per model serves every split.
+
+Randomness: the epoch permutation comes from `fold_in(perm_key, epoch)` and each step's
+augmentation from `fold_in(aug_key, step)`, so a resumed run sees exactly the batches an
+uninterrupted one would.
 """
 from __future__ import annotations
 
+import math
+import sys
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +36,14 @@ import optax
 
 from jaxprune import data as data_lib
 from jaxprune import masks as masks_lib
+
+SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+class NonFiniteError(FloatingPointError):
+    """The training loss became NaN or infinite; nothing from the bad steps was saved."""
 
 
 class TrainState(NamedTuple):
@@ -30,40 +54,88 @@ class TrainState(NamedTuple):
     masks: Any
 
 
-def learning_rate_schedule(train_config, total_steps: int) -> optax.Schedule:
-    """`cosine` (to zero), `step` (×0.1 at 50 % and 75 %) or `constant`."""
-    lr = float(train_config.learning_rate)
+class Recipe(NamedTuple):
+    """What changes between the phases of one model: passed as arrays, so no recompilation.
+
+    Attributes:
+      learning_rate: peak learning rate (float32 scalar).
+      total_steps: steps of the whole phase, for the decay (int32 scalar).
+      warmup_steps: linear warm-up from ~0 to the peak over these first steps (int32 scalar).
+    """
+
+    learning_rate: jax.Array
+    total_steps: jax.Array
+    warmup_steps: jax.Array
+
+
+def make_recipe(learning_rate: float, total_steps: int, warmup_steps: int = 0) -> Recipe:
     total_steps = max(int(total_steps), 1)
-    if train_config.schedule == "cosine":
-        return optax.cosine_decay_schedule(lr, total_steps)
-    if train_config.schedule == "step":
-        return optax.piecewise_constant_schedule(
-            lr, {int(total_steps * 0.5): 0.1, int(total_steps * 0.75): 0.1})
-    if train_config.schedule == "constant":
-        return optax.constant_schedule(lr)
-    raise ValueError(f"train.schedule={train_config.schedule!r}: use 'cosine', 'step' or 'constant'.")
+    return Recipe(jnp.float32(learning_rate), jnp.int32(total_steps),
+                  jnp.int32(min(max(int(warmup_steps), 0), total_steps)))
 
 
-def make_optimizer(train_config, total_steps: int) -> optax.GradientTransformationExtraArgs:
-    """The configured optimizer, ending in the mask transform (call `update(..., masks=...)`)."""
-    schedule = learning_rate_schedule(train_config, total_steps)
+def learning_rate(schedule: str, recipe: Recipe, step) -> jax.Array:
+    """The learning rate at `step` (jittable; `recipe` may be traced).
+
+    Linear warm-up over `recipe.warmup_steps`, then `cosine` (to zero at `total_steps`), `step`
+    (×0.1 at 50 % and again at 75 % of the steps) or `constant`.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    step = jnp.asarray(step, jnp.float32)
+    total = recipe.total_steps.astype(jnp.float32)
+    warm = recipe.warmup_steps.astype(jnp.float32)
+    ramp = jnp.where(warm > 0, jnp.minimum((step + 1.0) / jnp.maximum(warm, 1.0), 1.0), 1.0)
+    if schedule == "cosine":
+        progress = jnp.clip((step - warm) / jnp.maximum(total - warm, 1.0), 0.0, 1.0)
+        decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif schedule == "step":
+        decay = jnp.where(step >= jnp.floor(0.5 * total), 0.1, 1.0) * \
+            jnp.where(step >= jnp.floor(0.75 * total), 0.1, 1.0)
+    else:
+        decay = jnp.ones(())
+    return recipe.learning_rate * ramp * decay
+
+
+def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
+    """`updates * -learning_rate`, the rate given per call: `update(..., learning_rate=lr)`."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, learning_rate, **extra):
+        del params, extra
+        return jax.tree.map(lambda u: -learning_rate * u, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(train_config) -> optax.GradientTransformationExtraArgs:
+    """The configured optimizer; call `tx.update(grads, opt_state, params, masks=..., learning_rate=...)`.
+
+    `sgd`: decoupled-from-nothing weight decay added to the gradient, Nesterov momentum (as
+    `optax.sgd`); `adam`: AdamW. The learning rate is an argument, not part of the chain, so
+    one compiled step serves phases with different rates and lengths. The chain ends in the
+    mask transform: pruned weights get exactly zero update.
+    """
     weight_decay = float(train_config.weight_decay)
     if train_config.optimizer == "sgd":
-        tx = optax.chain(
-            optax.add_decayed_weights(weight_decay),
-            optax.sgd(schedule, momentum=float(train_config.momentum), nesterov=True))
+        tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                         optax.trace(decay=float(train_config.momentum), nesterov=True))
     elif train_config.optimizer == "adam":
-        tx = optax.adamw(schedule, weight_decay=weight_decay)
+        tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
     else:
-        raise ValueError(f"train.optimizer={train_config.optimizer!r}: use 'sgd' or 'adam'.")
-    return optax.chain(tx, masks_lib.masked_updates())
+        raise ValueError(f"train.optimizer={train_config.optimizer!r}: use one of "
+                         f"{', '.join(OPTIMIZERS)}.")
+    return optax.chain(tx, scale_by_learning_rate_arg(), masks_lib.masked_updates())
 
 
 def create_state(params, batch_stats, masks, tx) -> TrainState:
     """A fresh train state; params are masked once so pruned weights start at exactly zero.
 
-    Every leaf is a fresh buffer: the train step donates its state, and the caller's params,
-    batch stats and masks must survive that.
+    Every leaf is a fresh buffer: the train functions donate their state, and the caller's
+    params, batch stats and masks must survive that.
     """
     masks_lib.check_compatible(params, masks)
     params = masks_lib.apply(params, masks)
@@ -87,90 +159,192 @@ def l1_penalty(params, target: str, unprunable=()) -> jax.Array:
     return total
 
 
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+    """Per-example cross entropy in float32, optionally with label smoothing."""
+    logits = logits.astype(jnp.float32)
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
 
 
-def make_train_step(apply_fn: Callable, tx, *, mean, std, augment: bool, l1: float = 0.0,
-                    l1_target: str = "weights", unprunable=(), mask_update_fn=None):
-    """Returns a jitted `step(state, images_u8, labels, idx, key) -> (state, metrics)`.
+def compute_dtype(precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}: use one of {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
 
-    `mask_update_fn(step, params, masks) -> masks`, if given, runs first (gradual / iterative
-    pruning); params are re-masked with the new masks so newly pruned weights are exactly 0.
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        tree)
+
+
+def mixed_apply(apply_fn: Callable, precision: str) -> Callable:
+    """`apply_fn` computing in `precision`; float32 logits and BN statistics come back.
+
+    Params are cast inside (their gradients stay float32); batch statistics are passed and
+    returned in float32, so running averages accumulate at full precision.
     """
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
+    dtype = compute_dtype(precision)
+    if dtype == jnp.float32:
+        return apply_fn
+
+    def apply(params, batch_stats, x, **kwargs):
+        logits, new_stats = apply_fn(_cast_floats(params, dtype), batch_stats, x.astype(dtype),
+                                     **kwargs)
+        return logits.astype(jnp.float32), _cast_floats(new_stats, jnp.float32)
+
+    return apply
+
+
+def make_train_step(apply_fn: Callable, tx, *, schedule: str, mean, std, augment: bool,
+                    precision: str = "fp32", label_smoothing: float = 0.0, l1: float = 0.0,
+                    l1_target: str = "weights", unprunable=(), mask_update_fn=None):
+    """The pure, un-jitted step `step(state, images_u8, labels, key, recipe) -> (state, metrics)`.
+
+    `images_u8` is one batch; it is normalised (and augmented) here. `mask_update_fn(step,
+    params, masks) -> masks`, if given, runs first (gradual / iterative pruning); params are
+    re-masked with the new masks so newly pruned weights are exactly 0.
+    """
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    forward = mixed_apply(apply_fn, precision)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}.")
 
     def loss_fn(params, batch_stats, x, y):
-        logits, new_batch_stats = apply_fn(params, batch_stats, x, train=True)
-        loss = jnp.mean(cross_entropy(logits, y))
+        logits, new_batch_stats = forward(params, batch_stats, x, train=True)
+        loss = jnp.mean(cross_entropy(logits, y, label_smoothing))
         total = loss + (l1 * l1_penalty(params, l1_target, unprunable) if l1 > 0 else 0.0)
         return total, (loss, logits, new_batch_stats)
 
-    def step(state: TrainState, images, labels, idx, key):
+    def step(state: TrainState, images, labels, key, recipe: Recipe):
         masks, params = state.masks, state.params
         if mask_update_fn is not None:
             masks = mask_update_fn(state.step, params, masks)
             params = masks_lib.apply(params, masks)
-        x = data_lib.normalize(images[idx], mean, std)
-        y = labels[idx]
+        x = data_lib.normalize(images, mean, std)
         if augment:
             x = data_lib.augment(key, x)
         grads, (loss, logits, new_batch_stats) = jax.grad(loss_fn, has_aux=True)(
-            params, state.batch_stats, x, y)
-        updates, opt_state = tx.update(grads, state.opt_state, params, masks=masks)
+            params, state.batch_stats, x, labels)
+        lr = learning_rate(schedule, recipe, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, params, masks=masks,
+                                       learning_rate=lr)
         params = optax.apply_updates(params, updates)
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=new_batch_stats,
                                opt_state=opt_state, masks=masks)
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        return new_state, {"loss": loss, "accuracy": accuracy, "learning_rate": lr}
 
-    return jax.jit(step, donate_argnums=(0,))
+    return step
 
 
-def make_eval_fn(apply_fn: Callable, *, mean, std, batch_size: int):
-    """Returns jitted `eval(params, batch_stats, images_u8, labels) -> {accuracy, loss}` (exact).
+def make_train_fn(step: Callable, *, batch_size: int):
+    """Compiles `step` into `train_fn(state, images, labels, perm_key, aug_key, recipe, start,
+    num_steps) -> (state, metrics)` that runs `num_steps` steps from global step `start`.
 
-    The split is padded to a multiple of `batch_size` on the host and scanned over on the
-    device, with a weight per example so padding does not count.
+    All steps of one call lie in one epoch: the call draws that epoch's permutation of the
+    (device-resident) training split and scans over its batches. `num_steps` is static, so
+    each distinct chunk length compiles once; everything else is an argument. The state is
+    donated. Metrics are per step (`loss`, `accuracy`, `learning_rate`: float32[num_steps]).
     """
-    mean = jnp.asarray(mean, jnp.float32)
-    std = jnp.asarray(std, jnp.float32)
 
-    @jax.jit
-    def _eval(params, batch_stats, images, labels, weights):
-        def body(carry, batch):
-            x, y, w = batch
-            logits, _ = apply_fn(params, batch_stats, data_lib.normalize(x, mean, std), train=False)
-            correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
-            loss = jnp.sum(cross_entropy(logits, y) * w)
-            return (carry[0] + correct, carry[1] + loss), None
+    def train_fn(state: TrainState, images, labels, perm_key, aug_key, recipe: Recipe, start,
+                 num_steps: int):
+        num = images.shape[0]
+        steps_per_epoch = num // batch_size
+        start = jnp.asarray(start, jnp.int32)
+        epoch = start // steps_per_epoch
+        perm = jax.random.permutation(jax.random.fold_in(perm_key, epoch), num)
+        order = perm[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
 
-        n = images.shape[0] // batch_size
-        shaped = (images.reshape((n, batch_size) + images.shape[1:]),
-                  labels.reshape((n, batch_size)), weights.reshape((n, batch_size)))
-        (correct, loss), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), shaped)
-        total = jnp.sum(weights)
-        return {"accuracy": correct / total, "loss": loss / total}
+        def body(state, i):
+            global_step = start + i
+            idx = order[global_step - epoch * steps_per_epoch]
+            key = jax.random.fold_in(aug_key, global_step)
+            return step(state, images[idx], labels[idx], key, recipe)
 
-    def evaluate(params, batch_stats, images, labels):
-        images, labels, weights = pad_to_multiple(np.asarray(images), np.asarray(labels), batch_size)
-        out = _eval(params, batch_stats, images, labels, weights)
-        return {k: float(v) for k, v in out.items()}
+        return jax.lax.scan(body, state, jnp.arange(num_steps, dtype=jnp.int32))
 
-    return evaluate
+    return jax.jit(train_fn, donate_argnums=(0,), static_argnames=("num_steps",))
 
 
-def pad_to_multiple(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """Pads a split to a multiple of batch_size; returns images, labels, float32 weights."""
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class EvalData(NamedTuple):
+    """One split on the device, padded to whole batches (and to a shared capacity).
+
+    `weights` is 1 for real examples and 0 for padding; `num_batches` (a Python int) says how
+    many batches hold real examples, so a split padded to a larger capacity costs no more.
+    """
+
+    images: jax.Array
+    labels: jax.Array
+    weights: jax.Array
+    num_batches: int
+
+
+def device_eval_data(images, labels, batch_size: int, capacity: Optional[int] = None) -> EvalData:
+    """Pads a split to whole batches (at least `capacity` examples) and puts it on the device once.
+
+    Splits given the same capacity share one compiled evaluation.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
     n = images.shape[0]
-    padded = -(-n // batch_size) * batch_size
+    num_batches = max(math.ceil(n / batch_size), 1)
+    padded = max(num_batches * batch_size, math.ceil((capacity or 0) / batch_size) * batch_size)
     weights = np.zeros((padded,), np.float32)
     weights[:n] = 1.0
     if padded != n:
         images = np.concatenate([images, np.zeros((padded - n,) + images.shape[1:], images.dtype)])
         labels = np.concatenate([labels, np.zeros((padded - n,), labels.dtype)])
-    return images, labels, weights
+    return EvalData(jnp.asarray(images), jnp.asarray(labels), jnp.asarray(weights), num_batches)
+
+
+def make_eval_fn(apply_fn: Callable, *, mean, std, batch_size: int, precision: str = "fp32"):
+    """Returns `evaluate(params, batch_stats, data) -> {"accuracy", "loss"}` (exact, floats).
+
+    `data` is an `EvalData` (preferred: already on the device) or an `(images, labels)` pair of
+    host arrays, which is padded and uploaded on each call. Compiled once per data capacity;
+    the loop runs over `data.num_batches` batches only.
+    """
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    forward = mixed_apply(apply_fn, precision)
+
+    @jax.jit
+    def _eval(params, batch_stats, images, labels, weights, num_batches):
+        def body(i, carry):
+            x = jax.lax.dynamic_slice_in_dim(images, i * batch_size, batch_size)
+            y = jax.lax.dynamic_slice_in_dim(labels, i * batch_size, batch_size)
+            w = jax.lax.dynamic_slice_in_dim(weights, i * batch_size, batch_size)
+            logits, _ = forward(params, batch_stats, data_lib.normalize(x, mean, std), train=False)
+            correct = jnp.sum((jnp.argmax(logits, -1) == y) * w)
+            loss = jnp.sum(cross_entropy(logits, y) * w)
+            return carry[0] + correct, carry[1] + loss
+
+        correct, loss = jax.lax.fori_loop(0, num_batches, body, (jnp.zeros(()), jnp.zeros(())))
+        total = jnp.maximum(jnp.sum(weights), 1.0)
+        return {"accuracy": correct / total, "loss": loss / total}
+
+    def evaluate(params, batch_stats, data, labels=None):
+        if labels is not None:  # (params, batch_stats, images, labels)
+            data = (data, labels)
+        if not isinstance(data, EvalData):
+            data = device_eval_data(*data, batch_size)
+        out = _eval(params, batch_stats, data.images, data.labels, data.weights,
+                    jnp.int32(data.num_batches))
+        return {k: float(v) for k, v in jax.device_get(out).items()}
+
+    evaluate.compiled = _eval  # for tests that count compilations
+    return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop around the compiled chunks
 
 
 class FitResult(NamedTuple):
@@ -179,77 +353,129 @@ class FitResult(NamedTuple):
     history: list
 
 
-def fit(state: TrainState, step_fn, *, images, labels, epochs: int, batch_size: int, key,
-        eval_fn: Optional[Callable] = None, val: Optional[tuple] = None,
+def chunk_bounds(start: int, total_steps: int, steps_per_epoch: int, checkpoint_every: int):
+    """[(begin, end)) step ranges from `start`: each within one epoch, cut at checkpoint steps."""
+    bounds = []
+    step = start
+    while step < total_steps:
+        end = min((step // steps_per_epoch + 1) * steps_per_epoch, total_steps)
+        if checkpoint_every and checkpoint_every > 0:
+            end = min(end, (step // checkpoint_every + 1) * checkpoint_every)
+        bounds.append((step, end))
+        step = end
+    return bounds
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def fit(state: TrainState, train_fn, *, images, labels, epochs: int, batch_size: int, key,
+        recipe: Recipe, evaluate: Optional[Callable] = None, val=None,
         checkpointer=None, checkpoint_every: int = 0, meta: Optional[dict] = None,
         writer=None, phase: str = "train", seconds_so_far: float = 0.0,
-        progress: bool = True) -> FitResult:
-    """Runs `epochs` epochs of `step_fn` from `state.step` on (a resumed state is continued).
+        progress: bool = True, stop_at_step: Optional[int] = None) -> FitResult:
+    """Runs `epochs` epochs of `train_fn` (from `make_train_fn`) from `state.step` on.
 
-    Batches come from a permutation seeded by `fold_in(key, epoch)` and per-step augmentation keys
-    from `fold_in(key, step)`, so a resumed run sees exactly the batches an uninterrupted one would.
-    Saves through `checkpointer` every `checkpoint_every` steps and at the end.
+    `images`/`labels` are the training split (put on the device once here if they are host
+    arrays; pass device arrays to share them between phases). After every epoch, `evaluate(params,
+    batch_stats, val)` if given. Saves through `checkpointer` every `checkpoint_every` steps and
+    at the end. `stop_at_step` ends early without the final save (as a kill would).
+
+    Raises:
+      NonFiniteError: a training loss became NaN/inf; the state of that chunk is not saved.
     """
-    from tqdm.auto import tqdm  # local: keeps `import jaxprune.train` light
-
     num = int(images.shape[0])
     steps_per_epoch = num // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"train.batch_size={batch_size} is larger than the {num} training examples; "
                          "lower --config.train.batch_size.")
     total_steps = epochs * steps_per_epoch
-    images = jnp.asarray(images)
-    labels = jnp.asarray(labels)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
     start = int(state.step)
     history = []
     seconds = float(seconds_so_far)
     perm_key, aug_key = jax.random.split(key)
-    for epoch in range(start // steps_per_epoch, epochs):
-        order = data_lib.epoch_batches(jax.random.fold_in(perm_key, epoch), num, batch_size)
-        first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
-        bar = tqdm(range(first, steps_per_epoch), desc=f"{phase} epoch {epoch + 1}/{epochs}",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+    bar = None
+    if progress and _is_terminal():
+        from tqdm.auto import tqdm  # only on a terminal: a log file gets plain lines
+        bar = tqdm(total=total_steps, initial=start, desc=phase, unit="step", leave=False,
+                   dynamic_ncols=True)
+    sums, seen, t_epoch = {"loss": 0.0, "accuracy": 0.0}, 0, 0.0
+    for begin, end in chunk_bounds(start, total_steps, steps_per_epoch, checkpoint_every):
+        if stop_at_step is not None and begin >= stop_at_step:
+            break
         t0 = time.perf_counter()
-        sums = {"loss": 0.0, "accuracy": 0.0}
-        seen = 0
-        metrics = None
-        for i in bar:
-            step_key = jax.random.fold_in(aug_key, epoch * steps_per_epoch + i)
-            state, metrics = step_fn(state, images, labels, jnp.asarray(order[i]), step_key)
-            seen += 1
-            if seen % 10 == 0 or i == steps_per_epoch - 1:
-                m = jax.device_get(metrics)
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{float(m['loss']):.3f}", acc=f"{float(m['accuracy']):.3f}",
-                                img_s=f"{seen * batch_size / max(elapsed, 1e-9):.0f}")
-            for k in sums:
-                sums[k] += metrics[k]  # stays on device; read once at epoch end
-            step = int(epoch * steps_per_epoch + i + 1)
-            if checkpointer is not None and checkpoint_every and step % checkpoint_every == 0 \
-                    and step < total_steps:
-                jax.block_until_ready(state)
-                checkpointer.save(step, state, dict(meta or {}, phase=phase, done=False,
-                                                    train_seconds=seconds + time.perf_counter() - t0))
-        jax.block_until_ready(state)
-        epoch_seconds = time.perf_counter() - t0
-        seconds += epoch_seconds
-        record = {"phase": phase, "epoch": epoch + 1, "step": int(state.step),
-                  "train_loss": float(sums["loss"]) / max(seen, 1),
-                  "train_accuracy": float(sums["accuracy"]) / max(seen, 1),
-                  "images_per_second": seen * batch_size / max(epoch_seconds, 1e-9),
-                  "train_seconds": seconds}
-        if eval_fn is not None and val is not None:
-            ev = eval_fn(state.params, state.batch_stats, *val)
-            record.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"])
-        history.append(record)
-        if writer is not None:
-            writer.write(int(state.step), record)
-        if progress:
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in record.items() if k != "phase")
-            tqdm.write(f"[{phase}] {shown}")
-    if checkpointer is not None:
+        state, metrics = train_fn(state, images, labels, perm_key, aug_key, recipe, begin,
+                                  num_steps=end - begin)
+        metrics = jax.device_get(metrics)  # one host sync per chunk
+        elapsed = time.perf_counter() - t0
+        bad = np.flatnonzero(~np.isfinite(metrics["loss"]))
+        if bad.size:
+            raise NonFiniteError(
+                f"[{phase}] the training loss became {metrics['loss'][bad[0]]} at step "
+                f"{begin + int(bad[0]) + 1} (learning rate {float(metrics['learning_rate'][bad[0]]):.3g}); "
+                "the learning rate is the likely cause: lower --config.train.learning_rate (or "
+                "finetune.learning_rate), or add warm-up. Nothing from these steps was saved; the "
+                "last good checkpoint is kept.")
+        seconds += elapsed
+        t_epoch += elapsed
+        sums["loss"] += float(np.sum(metrics["loss"]))
+        sums["accuracy"] += float(np.sum(metrics["accuracy"]))
+        seen += end - begin
+        if bar is not None:
+            bar.update(end - begin)
+            bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.3f}",
+                            img_s=f"{(end - begin) * batch_size / max(elapsed, 1e-9):.0f}")
+        if checkpointer is not None and checkpoint_every and end % checkpoint_every == 0 \
+                and end < total_steps:
+            checkpointer.save(end, state, dict(meta or {}, phase=phase, done=False,
+                                               train_seconds=seconds))
+        if end % steps_per_epoch == 0 or end == total_steps:
+            epoch = -(-end // steps_per_epoch)
+            record = {"phase": phase, "epoch": epoch, "step": end,
+                      "train_loss": sums["loss"] / max(seen, 1),
+                      "train_accuracy": sums["accuracy"] / max(seen, 1),
+                      "learning_rate": float(metrics["learning_rate"][-1]),
+                      "images_per_second": seen * batch_size / max(t_epoch, 1e-9),
+                      "train_seconds": seconds}
+            if evaluate is not None and val is not None:
+                ev = evaluate(state.params, state.batch_stats, val)
+                record.update(val_accuracy=ev["accuracy"], val_loss=ev["loss"])
+            history.append(record)
+            if writer is not None:
+                writer.write(end, record)
+            if progress:
+                line = (f"[{phase}] epoch {epoch}/{epochs}: loss {record['train_loss']:.4f}, "
+                        f"train acc {record['train_accuracy']:.4f}")
+                if "val_accuracy" in record:
+                    line += f", val acc {record['val_accuracy']:.4f}"
+                line += f", {record['images_per_second']:.0f} img/s, {seconds:.1f} s"
+                bar.write(line) if bar is not None else print(line, flush=True)
+            sums, seen, t_epoch = {"loss": 0.0, "accuracy": 0.0}, 0, 0.0
+    if bar is not None:
+        bar.close()
+    if checkpointer is not None and (stop_at_step is None or int(state.step) >= total_steps):
         checkpointer.save(int(state.step), state, dict(meta or {}, phase=phase, done=True,
                                                        train_seconds=seconds), force=True)
         checkpointer.wait()
     return FitResult(state=state, train_seconds=seconds, history=history)
+
+
+def enable_compile_cache(directory: Optional[str]) -> None:
+    """JAX's persistent compilation cache in `directory` (None: leave it off).
+
+    A rerun, or the next config on the same machine, loads compiled programs instead of
+    compiling them again (worth most on an accelerator, where compiling a ResNet step takes
+    tens of seconds)."""
+    if not directory:
+        return
+    import os
+
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

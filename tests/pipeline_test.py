@@ -110,3 +110,22 @@ def test_global_threshold_meets_the_budget(tmp_path, granularity, target):
     assert pruned[target] <= 0.4 * dense[target] + 1
     assert pruned[target] >= 0.3 * dense[target]  # the budget is used, not undershot
     assert len(set(pruned["keep"])) > 1  # one global threshold gives per-unit keeps
+
+
+def test_one_compiled_train_fn_and_eval_fn_serve_dense_and_finetune(tmp_path):
+    """The dense phase and a masked fine-tune share one compiled train function (masks are
+    state, rates and lengths arguments), and the dense model's evaluation compiles once for the
+    validation and test splits together."""
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.train.checkpoint_every = 0
+        config.finetune.epochs = 2
+        config.finetune.learning_rate = 0.003
+    ctx = pipeline.make_context(config, str(tmp_path), progress=False)
+    dense_state, _ = pipeline.dense_phase(ctx)
+    pruner = pipeline.Pruner(ctx, dense_state)
+    pipeline.handset_phase(ctx, pruner, "threshold")
+    assert len(ctx._train_fns) == 1
+    (train_fn,) = ctx._train_fns.values()
+    assert train_fn._cache_size() == 1  # one chunk length (a whole epoch) for both phases
+    assert ctx._eval_fns[ctx.model.apply].compiled._cache_size() == 1
