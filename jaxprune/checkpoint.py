@@ -155,6 +155,8 @@ def check_fingerprint(directory: str, fingerprint: dict, keys=None) -> bool:
         old_v, new_v = stored.get(k, _ABSENT), new.get(k, _ABSENT)
         if old_v != new_v:
             diffs.append(f"`{k}` was {_shown(old_v)}, now {_shown(new_v)}")
+    if len(diffs) > 8:
+        diffs = diffs[:8] + [f"and {len(diffs) - 8} more"]
     if diffs:
         raise CheckpointMismatchError(
             f"Checkpoints in {directory} were made with other settings: " + "; ".join(diffs)
@@ -540,3 +542,68 @@ class Checkpointer:
             return True
         except Exception:  # noqa: BLE001 - any failure means the files themselves are bad
             return False
+
+
+# ----------------------------------------------------------------------------------------------
+# One process per workdir
+
+LOCK_FILE = ".jaxprune.lock"
+_HELD: dict = {}  # workdir -> open lock file of this process
+
+
+def lock_workdir(workdir: str) -> None:
+    """Takes the workdir's lock for this process, or raises `errors.WorkdirLockedError` naming
+    the process that holds it (pid, host, start time).
+
+    The lock is an OS file lock (`flock`) on `workdir/.jaxprune.lock`, so the kernel frees it
+    when its holder dies, even by SIGKILL: a stale lock left by a dead process is taken over
+    (the file only names who held it last). Re-entrant within one process; `unlock_workdir`
+    releases it (exit does too).
+    """
+    import fcntl
+    import socket
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    if workdir in _HELD:
+        return
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise errors.WorkdirError(
+            f"--workdir {workdir} cannot be written ({e.strerror or e}); use a directory you can "
+            "write to.") from e
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        try:
+            holder = json.loads(f.read() or "{}")
+        except ValueError:
+            holder = {}
+        f.close()
+        raise errors.WorkdirLockedError(
+            f"--workdir {workdir} is in use by another jaxprune run (pid {holder.get('pid', '?')} "
+            f"on {holder.get('host', '?')}, started {holder.get('started', '?')}). Wait for it "
+            "to finish or stop it, or use another --workdir.") from None
+    f.seek(0)
+    try:
+        previous = json.loads(f.read() or "{}")
+    except ValueError:
+        previous = {}
+    if previous.get("pid") and previous.get("pid") != os.getpid():
+        logging.info("Taking over the lock of %s left by pid %s (no longer running).",
+                     workdir, previous.get("pid"))
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+    f.flush()
+    _HELD[workdir] = f
+
+
+def unlock_workdir(workdir: str) -> None:
+    """Releases this process's lock on `workdir` (no-op when not held)."""
+    f = _HELD.pop(os.path.abspath(os.fspath(workdir)), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock

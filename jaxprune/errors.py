@@ -31,3 +31,7 @@ class WorkdirError(UserError):
 
 class WorkdirLockedError(WorkdirError):
     """Another live process runs on the same workdir."""
+
+
+class NotFoundError(UserError, FileNotFoundError):
+    """Something asked for (a saved model, a config file) does not exist."""

@@ -3,8 +3,15 @@
 Config values are overridden with `--config.train.epochs=5`; an unknown key or a value of the
 wrong type stops with an error before anything runs. Running the same command on the same
 workdir again resumes: finished phases are skipped, an interrupted one continues.
+
+Bad input (config, data, workdir, checkpoints, a diverging recipe, a full disk) ends with one
+line, `jaxprune: error: <problem and fix>`, and exit status 2; Ctrl-C ends with a line saying how
+to resume and status 130. Anything else is a bug and keeps its traceback.
 """
+import difflib
+import errno
 import os
+import re
 import sys
 
 from absl import app
@@ -19,20 +26,118 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _QUIET = flags.DEFINE_bool("quiet", False, "No progress bars or tables on the terminal.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
+INTERRUPTED = ("jaxprune: interrupted; rerun the same command to resume (finished phases and "
+               "the last checkpoint of the current one are kept).")
+
+
+def fail(message: str) -> None:
+    """Prints `jaxprune: error: <message>` as one line and exits with status 2."""
+    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    items = [l[2:] for l in lines[1:] if l.startswith("- ")]
+    if items and len(items) == len(lines) - 1:  # "Invalid config:\n  - a\n  - b" → "…: a; b"
+        text = f"{lines[0]} {'; '.join(items)}"
+    else:
+        text = " ".join(lines)
+    print(f"jaxprune: error: {text}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_STATUS)
+
+
+def _flag_value(argv, name: str):
+    """The value of `--name=V` / `--name V` in argv (the last one), or None."""
+    value = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _unknown_override(argv) -> str:
+    """Names the `--config.<key>=` override that the config does not have, with the nearest key."""
+    from jaxprune import config_checks  # light: no JAX
+
+    known = sorted(config_checks.known_keys())
+    for arg in argv[1:]:
+        match = re.match(r"--config\.([\w.]+)", arg)
+        if match and match.group(1) not in known:
+            key = match.group(1)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            return (f"--config.{key}: the config has no key {key}"
+                    + (f"; did you mean --config.{close[0]}?" if close else
+                       "; see the config file for its keys."))
+    return ""
+
+
+def parse_flags(argv):
+    """absl flag parsing with every failure (a missing or broken config file, an unknown or
+    mistyped --config. key, a missing flag) reported as one `jaxprune: error:` line."""
+    path = _flag_value(argv, "config")
+    if path is not None:
+        file, _, variant = path.partition(":")
+        if not file:
+            fail("--config is empty; give a config file, e.g. --config=configs/quickstart.py.")
+        if not os.path.isfile(file):
+            fail(f"--config={path}: there is no file {file}; configs live in the repository's "
+                 "configs/ (e.g. --config=configs/quickstart.py).")
+    try:
+        return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:
+        message = str(e)
+        if "Error whilst parsing config file" in message:
+            lines = [l.strip() for l in message.splitlines() if l.strip()]
+            fail(f"--config={path}: the config file fails to load: {lines[-1]}. Fix that file "
+                 "or the variant after ':'.")
+        fail(message.splitlines()[0] + ".")
+    except flags.Error as e:
+        fail(str(e).splitlines()[0] + " (see --helpshort).")
+    except AttributeError as e:  # config_flags: an override of a key the config lacks
+        fail(_unknown_override(argv) or f"--config override: {str(e).strip(chr(39))}")
+    except Exception as e:  # noqa: BLE001 - a config file that raises while it is loaded
+        fail(f"--config={path}: the config file fails to load: {type(e).__name__}: {e}.")
+
+
+def _disk_full(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        fail(f"unexpected arguments {' '.join(argv[1:])}; every setting is a --config.<key>= "
+             "or --workdir= flag.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from jaxprune import pipeline  # after flag parsing, so --help is fast
-
+    workdir = _WORKDIR.value
     try:
-        pipeline.run(_CONFIG.value, _WORKDIR.value, progress=not _QUIET.value)
-    except pipeline.USER_ERRORS as e:  # bad input: one clear message, no traceback
-        print(f"jaxprune: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        from jaxprune import pipeline  # after flag parsing, so --help is fast
 
+        try:
+            config = _CONFIG.value
+        except Exception as e:  # noqa: BLE001 - config_flags defers some load failures to here
+            fail(f"--config: the config file fails to load: {e}.")
+        if config is None:
+            fail("--config gave no config; use e.g. --config=configs/quickstart.py.")
+        pipeline.run(config, workdir, progress=not _QUIET.value)
+    except KeyboardInterrupt:
+        print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_STATUS)
+    except Exception as e:  # noqa: BLE001 - sorted into bad input and bugs here
+        pipeline = sys.modules.get("jaxprune.pipeline")
+        if pipeline is not None and isinstance(e, pipeline.USER_ERRORS):
+            fail(e)  # bad input: one clear message, no traceback
+        if _disk_full(e):
+            fail(f"the disk holding --workdir {workdir} is full ({type(e).__name__}). Free some "
+                 "space and rerun the same command to resume; nothing saved was lost.")
+        raise  # a bug: keep the traceback
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

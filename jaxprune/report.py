@@ -101,6 +101,11 @@ def strict_json(value):
     return value
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically (see `_atomic_write`)."""
+    _atomic_write(path, text)
+
+
 def _atomic_write(path: str, text: str) -> None:
     """Writes a temporary file beside `path` (unique, so two writers never share it), fsyncs it
     and renames it over `path`: a reader sees the old or the new file, never a mix."""
