@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import zlib
@@ -49,6 +50,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 _STATE, _META = "state", "meta"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _STEP_DIR = re.compile(r"^\d+$")
+_REPLACED = ".replaced"  # `<step>.replaced`: a step set aside while its replacement is saved
+_ASIDE_DIR = re.compile(r"^(\d+)\.replaced$")
 _CHECKSUMS = "_checksums"  # meta key holding {leaf path: checksum}; stripped on restore
 
 
@@ -262,10 +265,13 @@ class Checkpointer:
         self.last_restored_step: Optional[int] = None
         self.fallback = bool(fallback)
         self._bad_steps: set[int] = set()
+        self._pending_aside: set[int] = set()
         self._fingerprint_written = False
         if self.fingerprint is not None:
             self._check_fingerprint()
         os.makedirs(self.directory, exist_ok=True)
+        if fingerprint is not None:  # a writer: finish what a killed replacement left
+            self._finish_replacements()
         leftovers = sorted(n for n in os.listdir(self.directory) if _TMP_MARKER in n)
         if leftovers:
             logging.warning(
@@ -355,8 +361,7 @@ class Checkpointer:
         step = int(step)
         if step < 0:
             raise ValueError(f"step={step}: checkpoint steps are non-negative ints.")
-        self._manager.wait_until_finished()
-        self._collect_garbage()
+        self.wait()
         steps = self.all_steps()
         if step in steps:
             damaged = step in self._bad_steps or self._check_step(step) is not None
@@ -364,8 +369,8 @@ class Checkpointer:
                 return False
             if damaged:  # a newer save replaces a damaged step: keep it aside, never delete it
                 self._quarantine(step)
-            else:
-                self._manager.delete(step)  # replace our own readable step, as asked
+            else:  # replace our own readable step, as asked: it is removed only once the new
+                self._set_aside(step)  # one is on disk (a kill in between restores it)
             self._manager.reload()
             steps = self.all_steps()
         newer = [s for s in steps if s > step]
@@ -402,6 +407,31 @@ class Checkpointer:
         self.wait()
         return saved
 
+    def _set_aside(self, step: int) -> None:
+        aside = self._step_dir(step) + _REPLACED
+        if os.path.exists(aside):  # left by an earlier replacement that finished
+            shutil.rmtree(aside)
+        os.rename(self._step_dir(step), aside)
+        self._pending_aside.add(step)
+
+    def _finish_replacements(self) -> None:
+        """Removes set-aside steps whose replacement is on disk; restores the others (the
+        replacement never finished: a kill during its save)."""
+        for name in os.listdir(self.directory):
+            match = _ASIDE_DIR.match(name)
+            if not match:
+                continue
+            step = int(match.group(1))
+            if step in self._pending_aside:
+                continue  # its replacement is being written right now
+            aside = os.path.join(self.directory, name)
+            if os.path.isdir(self._step_dir(step)):
+                shutil.rmtree(aside)
+            else:
+                os.rename(aside, self._step_dir(step))
+                logging.warning("Checkpoint step %d of %s restored: its replacement never "
+                                "finished.", step, self.directory)
+
     def _quarantine(self, step: int) -> None:
         src = self._step_dir(step)
         dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -423,8 +453,12 @@ class Checkpointer:
             self._manager.delete(step)
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk (then applies `max_to_keep`)."""
+        """Blocks until pending saves are on disk (then removes the steps they replaced and
+        applies `max_to_keep`)."""
         self._manager.wait_until_finished()
+        if self._pending_aside:
+            self._pending_aside.clear()
+            self._finish_replacements()
         self._collect_garbage()
 
     def close(self) -> None:

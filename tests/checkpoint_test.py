@@ -278,3 +278,21 @@ def test_save_json_is_strict():
         text = open(path).read()
         assert "NaN" not in text and "Infinity" not in text
         assert json.loads(text, parse_constant=lambda c: math.nan) == {"a": None, "b": [None, 1.0]}
+
+
+def test_forced_replacement_keeps_the_old_step_until_the_new_one_is_on_disk(tmp_path, monkeypatch):
+    ckpt = save_steps(tmp_path, [4])
+    assert ckpt.save(4, make_state(9.0), {"done": True}, force=True)
+    ckpt.wait()
+    assert sorted(os.listdir(tmp_path)) == ["4", ckpt_lib.FINGERPRINT_FILE]
+    # A kill while the replacement is written: the old step is set aside, not deleted ...
+    monkeypatch.setattr(ckpt._manager, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(4, make_state(5.0), {"v": 5}, force=True)
+    assert not os.path.exists(tmp_path / "4") and os.path.isdir(tmp_path / "4.replaced")
+    # ... and the next run finds it back.
+    again = ckpt_lib.Checkpointer(tmp_path, fingerprint=FINGERPRINT)
+    state, meta = again.restore(like=make_state())
+    assert meta == {"done": True} and int(state.step) == 9
+    assert sorted(os.listdir(tmp_path)) == ["4", ckpt_lib.FINGERPRINT_FILE]
+    again.close()
