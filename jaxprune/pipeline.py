@@ -553,6 +553,10 @@ def restore_model(workdir: str, method: str = "unpruned"):
     # Read-only: keeps every step; a damaged newest step falls back to the previous good one.
     checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=None, fingerprint=None,
                                          fallback=True)
+    if checkpointer.latest_step() is None:
+        raise errors.NotFoundError(
+            f"The saved model {method!r} in {directory} never finished saving (its run was "
+            "stopped); run the pipeline on this workdir again to save it.")
     tree, meta = checkpointer.restore()
     spec = meta["spec"]
     spec = models_lib.ModelSpec(name=spec["name"], num_classes=int(spec["num_classes"]),
