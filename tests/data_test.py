@@ -267,6 +267,19 @@ def test_decoders_agree_on_lossless_records():
     assert split.offsets[-1] == split.data.size and split.labels.dtype == np.int32
     for decoder in ("pillow", "auto"):
         np.testing.assert_array_equal(portable.decode(split, (4, 6, 3), decoder=decoder), images)
+    # JPEG (4:2:0): the direct libjpeg call gives Image.open's pixels; simplejpeg (when
+    # installed) may differ from Pillow, as TensorFlow does (fast IDCT), by a few levels.
+    jpegs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90, subsampling=2)
+        jpegs.append(buffer.getvalue())
+    expected = np.stack([np.asarray(Image.open(io.BytesIO(j))) for j in jpegs])
+    jpeg_split = portable.pack(jpegs, np.arange(5))
+    np.testing.assert_array_equal(portable.decode(jpeg_split, (4, 6, 3), decoder="pillow"),
+                                  expected)
+    auto = portable.decode(jpeg_split, (4, 6, 3), decoder="auto")
+    assert np.abs(auto.astype(int) - expected).max() <= 8
     with pytest.raises(portable.PortableFileError, match="record 0 does not decode"):
         portable.decode(portable.pack([b"not an image"], [0]), (4, 6, 3), decoder="pillow")
     with pytest.raises(ValueError, match="decoder='tf'"):
@@ -296,3 +309,25 @@ def test_embedded_digits_equal_scikit_learn():
         assert z["images"].dtype == np.uint8
         np.testing.assert_array_equal(z["images"].astype(np.float64), digits.images)
         np.testing.assert_array_equal(z["labels"], digits.target)
+
+
+def test_config_check_wants_a_portable_path():
+    import importlib.util
+
+    from jaxprune import config_checks
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10.py")
+    spec = importlib.util.spec_from_file_location("_cifar10_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("smoke").to_dict()
+    assert config_checks.problems(cfg) == [] and cfg["data"]["source"] == "tfds"
+    cfg["data"]["source"] = "portable"
+    found = config_checks.problems(cfg)
+    assert len(found) == 1 and "data.source='portable' needs data.portable_path" in found[0] \
+        and "python -m jaxprune.data portable --name cifar10" in found[0], found
+    cfg["data"]["portable_path"] = "cifar10_portable.npz"
+    assert config_checks.problems(cfg) == []
+    cfg["data"].update(source="tf", download="yes")
+    found = config_checks.problems(cfg)
+    assert any("data.source='tf'" in p for p in found) and any("data.download" in p for p in found)
