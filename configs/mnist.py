@@ -37,9 +37,6 @@ def get_config(arg=None):
     config.data.source = "tfds"  # "portable": read data.portable_path, no TensorFlow needed
     config.data.portable_path = config_dict.placeholder(str)  # `python -m jaxprune.data portable`
     config.data.download = False  # True: let TFDS download it (Colab); offline, keep False
-    config.data.source = "tfds"  # "portable": read data.portable_path, no TensorFlow needed
-    config.data.portable_path = config_dict.placeholder(str)  # `python -m jaxprune.data portable`
-    config.data.download = False  # True: let TFDS download it (Colab); offline, keep False
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "lenet5"

@@ -36,9 +36,6 @@ def get_config(arg=None):
     config.data.source = "tfds"  # unused: digits are embedded (no TFDS, no portable file)
     config.data.portable_path = config_dict.placeholder(str)  # unused by the embedded source
     config.data.download = False  # unused by the embedded source
-    config.data.source = "tfds"  # unused: digits are embedded (no TFDS, no portable file)
-    config.data.portable_path = config_dict.placeholder(str)  # unused by the embedded source
-    config.data.download = False  # unused by the embedded source
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "lenet5"
