@@ -3,7 +3,8 @@
 Reads a portable file (made by `python -m jaxprune.data portable --out ...`), decodes all
 60,000 records with each available decoder (simplejpeg when installed, Pillow always) and
 compares every pixel with the TFDS path's pixels (`data._source`, TensorFlow's decoder):
-max and mean absolute difference, the fraction of pixels (and of images) that differ.
+max and mean absolute difference, the mean signed difference per channel (a bias
+shifts the normalisation statistics), the fraction of pixels (and of images) that differ.
 
     TFDS_DATA_DIR=../shared/tensorflow_datasets \\
     python benchmarks/portable_fidelity.py --path .cache/cifar10_portable.npz \\
@@ -60,7 +61,11 @@ def main():
                  for s in portable.SPLITS]
         flat = np.concatenate([d.reshape(-1) for d in diffs])
         per_image = np.concatenate([d.reshape(d.shape[0], -1).max(1) for d in diffs])
+        signed = sum(images[s].astype(np.float64).reshape(-1, images[s].shape[-1]).sum(0)
+                     - reference[s].astype(np.float64).reshape(-1, images[s].shape[-1]).sum(0)
+                     for s in portable.SPLITS) / (flat.size / images["test"].shape[-1])
         row = {"max_abs": int(flat.max()), "mean_abs": float(flat.mean()),
+               "mean_signed_per_channel": [round(float(v), 4) for v in signed],
                "fraction_pixels_differ": float((flat != 0).mean()),
                "fraction_images_differ": float((per_image != 0).mean()),
                "images": int(per_image.size), "bit_exact": bool(flat.max() == 0)}
