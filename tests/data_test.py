@@ -190,7 +190,8 @@ def portable_file(tmp_path_factory):
     cfg = config("cifar10", data_dir=str(tmp_path), val_size=8, train_size=20, test_size=30)
     data.clear_cache()
     with tfds.testing.mock_data(num_examples=40):
-        meta = data.make_portable(path, "cifar10", data_dir=str(tmp_path))
+        assert data.main(["portable", "--out", path, "--data_dir", str(tmp_path)]) == 0  # the CLI
+        meta, _ = portable.read(path, "cifar10")
         reference = data.load(cfg)
     data.clear_cache()
     return path, meta, cfg, reference
