@@ -23,10 +23,16 @@ import ml_collections
 from ml_collections import config_dict
 
 
+VARIANTS = ("", "gpu", "gpu_resnet56", "gpu_vgg16", "lenet", "cpu", "smoke")
+
+
 def get_config(arg=None):
-    """arg: None (GPU-sized), 'cpu' (2 CPU cores, ~10-15 min) or 'smoke' (tests, seconds)."""
-    if arg not in (None, "", "cpu", "smoke"):
-        raise ValueError(f"configs/cifar10.py: unknown variant {arg!r}; use '', 'cpu' or 'smoke'.")
+    """arg: None (200-epoch recipe), 'gpu' / 'gpu_resnet56' / 'gpu_vgg16' (≤ 8 H200-minutes
+    each), 'lenet' (LeNet-5 to convergence on 2 CPU cores), 'cpu' (a demonstration on a 5k
+    subset) or 'smoke' (tests, seconds)."""
+    if arg not in (None,) + VARIANTS:
+        raise ValueError(f"configs/cifar10.py: unknown variant {arg!r}; use one of "
+                         f"{', '.join(repr(v) for v in VARIANTS)}.")
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -88,7 +94,61 @@ def get_config(arg=None):
     config.search.lower = 0.2
     config.search.step = 0.0
 
-    if arg == "cpu":
+    if arg in ("gpu", "gpu_resnet56", "gpu_vgg16"):
+        # One H200, bf16, the data device-resident (`data.source='portable'`: no TensorFlow on
+        # the GPU image). Fast-CIFAR recipes (airbench, super-convergence) train with large
+        # batches, a linearly scaled peak rate after a short warm-up, label smoothing and a
+        # short schedule: 30 epochs of batch 512 at peak 0.4 (0.1 × 512/128).
+        config.data.source = "portable"
+        config.train.precision = "bf16"
+        config.train.batch_size = 512
+        config.train.eval_batch_size = 2500
+        config.train.learning_rate = 0.4
+        config.train.warmup_epochs = 2.0
+        config.train.label_smoothing = 0.1
+        config.train.epochs = 30
+        config.train.checkpoint_every = 880  # 10 epochs of 88 steps: chunks stay whole epochs
+        config.finetune.epochs = 10
+        config.finetune.learning_rate = 0.04
+        config.finetune.warmup_epochs = 0.5
+        config.search.rounds = 12
+        config.search.candidates = 64
+        config.search.calib_batches = 2
+        config.search.calib_batch_size = 256
+        config.search.val_examples = 2000
+        config.search.lower = 0.2
+        if arg == "gpu_resnet56":  # ~3× ResNet-20's compute per image
+            config.model.name = "resnet56"
+            config.train.epochs = 25
+            config.train.checkpoint_every = 440
+            config.finetune.epochs = 6
+            config.search.rounds = 8
+        elif arg == "gpu_vgg16":  # ~8× ResNet-20's MACs, but wide convs the GPU runs well
+            config.model.name = "vgg16"
+            config.train.learning_rate = 0.1  # VGG without residuals diverges at 0.4
+            config.train.epochs = 25
+            config.train.checkpoint_every = 440
+            config.finetune.epochs = 6
+            config.finetune.learning_rate = 0.01
+            config.search.rounds = 8
+    elif arg == "lenet":
+        # LeNet-5 to convergence on the full split (45k / 5k / 10k) on a 2-core CPU.
+        config.model.name = "lenet5"
+        config.train.epochs = 30
+        config.train.batch_size = 128
+        config.train.eval_batch_size = 1000
+        config.train.learning_rate = 0.05
+        config.train.checkpoint_every = 1755  # every 5 epochs of 351 steps
+        config.prune.channel_multiple = 1  # 6 and 16 channels: a grid of 8 would freeze them
+        config.finetune.epochs = 8
+        config.finetune.learning_rate = 0.01
+        config.search.rounds = 12
+        config.search.candidates = 32
+        config.search.calib_batches = 4
+        config.search.calib_batch_size = 128
+        config.search.val_examples = 5000
+        config.search.lower = 0.1
+    elif arg == "cpu":
         config.data.train_size = 5000
         config.train.epochs = 5
         config.train.eval_batch_size = 256

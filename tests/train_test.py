@@ -29,10 +29,10 @@ def setup():
     return model, images, labels, masks
 
 
-def _train_fn(model, tx, batch_size=8, **kw):
+def _train_fn(model, tx, batch_size=8, mode=None, **kw):
     step = train.make_train_step(model.apply, tx, schedule="cosine", mean=MEAN, std=STD,
                                  augment=True, **kw)
-    return train.make_train_fn(step, batch_size=batch_size)
+    return train.make_train_fn(step, batch_size=batch_size, mode=mode)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
@@ -70,6 +70,26 @@ def test_one_compilation_serves_dense_and_masked_phases(setup):
                            recipe=train.make_recipe(lr, epochs * 5, warmup), progress=False)
         assert int(result.state.step) == epochs * 5
     assert train_fn._cache_size() == 1  # 5 steps an epoch: one chunk length
+
+
+def test_scanned_and_stepwise_chunks_train_identically(setup):
+    """`scan` (accelerators) and `steps` (CPU) run the same step on the same batches and keys."""
+    model, images, labels, masks = setup
+    tx = train.make_optimizer(_cfg())
+    out = {}
+    for mode in ("scan", "steps"):
+        fn = _train_fn(model, tx, mode=mode)
+        state = train.create_state(model.params, model.batch_stats, masks, tx)
+        result = train.fit(state, fn, images=images, labels=labels, epochs=2, batch_size=8,
+                           key=jax.random.key(5), recipe=train.make_recipe(0.05, 10),
+                           checkpoint_every=3, progress=False)
+        out[mode] = result
+        lengths = {e - b for b, e in train.chunk_bounds(0, 10, 5, 3)}  # {3, 2, 1}
+        assert fn._cache_size() == (len(lengths) if mode == "scan" else 1)
+    for a, b in zip(jax.tree.leaves(out["scan"].state), jax.tree.leaves(out["steps"].state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert out["scan"].history[-1]["train_loss"] == pytest.approx(
+        out["steps"].history[-1]["train_loss"], rel=1e-4)
 
 
 def test_chunks_stay_inside_epochs_and_stop_at_checkpoints():
