@@ -31,8 +31,19 @@ INTERRUPTED = ("jaxprune: interrupted; rerun the same command to resume (finishe
                "the last checkpoint of the current one are kept).")
 
 
-def fail(message: str) -> None:
-    """Prints `jaxprune: error: <message>` as one line and exits with status 2."""
+def _exit(status: int) -> None:
+    """Exits at once, without interpreter finalisation: with JAX's and orbax's threads still
+    alive, finalisation can crash (a segfault instead of our status). Files are written
+    atomically, an unfinished save is ignored at the next start, and the kernel frees the
+    workdir lock."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def fail(message: str, *, now: bool = False) -> None:
+    """Prints `jaxprune: error: <message>` as one line and exits with status 2 (`now`: without
+    interpreter finalisation, see `_exit`)."""
     lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
     items = [l[2:] for l in lines[1:] if l.startswith("- ")]
     if items and len(items) == len(lines) - 1:  # "Invalid config:\n  - a\n  - b" → "…: a; b"
@@ -40,6 +51,8 @@ def fail(message: str) -> None:
     else:
         text = " ".join(lines)
     print(f"jaxprune: error: {text}", file=sys.stderr, flush=True)
+    if now:
+        _exit(USAGE_STATUS)
     sys.exit(USAGE_STATUS)
 
 
@@ -129,14 +142,14 @@ def main(argv):
         pipeline.run(config, workdir, progress=not _QUIET.value)
     except KeyboardInterrupt:
         print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
-        sys.exit(INTERRUPTED_STATUS)
+        _exit(INTERRUPTED_STATUS)
     except Exception as e:  # noqa: BLE001 - sorted into bad input and bugs here
         pipeline = sys.modules.get("jaxprune.pipeline")
         if pipeline is not None and isinstance(e, pipeline.USER_ERRORS):
-            fail(e)  # bad input: one clear message, no traceback
+            fail(e, now=True)  # bad input: one clear message, no traceback
         if _disk_full(e):
             fail(f"the disk holding --workdir {workdir} is full ({type(e).__name__}). Free some "
-                 "space and rerun the same command to resume; nothing saved was lost.")
+                 "space and rerun the same command to resume; nothing saved was lost.", now=True)
         raise  # a bug: keep the traceback
 
 if __name__ == "__main__":
