@@ -134,13 +134,13 @@ def get_config(arg=None):
     elif arg == "lenet":
         # LeNet-5 to convergence on the full split (45k / 5k / 10k) on a 2-core CPU.
         config.model.name = "lenet5"
-        config.train.epochs = 30
+        config.train.epochs = 20
         config.train.batch_size = 128
         config.train.eval_batch_size = 1000
         config.train.learning_rate = 0.05
         config.train.checkpoint_every = 1755  # every 5 epochs of 351 steps
         config.prune.channel_multiple = 1  # 6 and 16 channels: a grid of 8 would freeze them
-        config.finetune.epochs = 8
+        config.finetune.epochs = 5
         config.finetune.learning_rate = 0.01
         config.search.rounds = 12
         config.search.candidates = 32
