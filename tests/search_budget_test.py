@@ -161,3 +161,66 @@ def test_per_group_step_gives_whole_channel_multiples():
     assert np.all(np.asarray(jax.vmap(cost)(jnp.asarray(out))) <= budget)
     with pytest.raises(ValueError, match="step"):
         budget_lib.project(keep, cost, budget, lower, 1.0, step=np.asarray([0.5, 0.0, 0.1]))
+
+
+# -- the greedy fill on the channel grid (issue #9, item 1) ------------------------------------
+
+import functools  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet20_grid():
+    """ResNet-20's cost model, 8-channel grid and lower bound exactly as pipeline.Pruner builds them."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import projection_slack
+    return projection_slack.grid_setup("resnet20")
+
+
+@pytest.mark.parametrize("target,fraction", [("macs", 0.7), ("params", 0.3)])
+def test_grid_projection_fills_budget_resnet20(target, fraction):
+    cm, _, _, space, step = _resnet20_grid()
+    cost_fn = cm.macs if target == "macs" else cm.params
+    exact = cm.macs_exact if target == "macs" else cm.params_exact
+    dense = cm.dense_macs if target == "macs" else cm.dense_params
+    keeps = jax.random.uniform(jax.random.key(3), (48, space.num_groups), minval=0.2, maxval=1.0)
+    budget = fraction * dense
+    one = jax.jit(lambda k: budget_lib.project(k, cost_fn, budget, space.lower, space.upper,
+                                               step=step))
+    out = np.asarray(jax.vmap(one)(keeps))                     # jit of vmap of single vectors
+    slack = np.asarray([budget - exact(k) for k in out]) / dense
+    assert np.all(slack >= 0)                                  # never over the budget
+    assert np.median(slack) <= 0.01 and np.max(slack) <= 0.03  # and the budget is used
+    np.testing.assert_array_equal(np.asarray(cm.kept(out)) % 8, 0)   # whole multiples of 8
+    np.testing.assert_array_equal(np.asarray(one(keeps[3])), out[3])
+
+
+def test_grid_projection_of_ones_reaches_the_budget():
+    # The issue's case: project(ones) at 70 % used to land at 0.509 of the dense MACs.
+    cm, _, _, space, step = _resnet20_grid()
+    out = jax.jit(lambda k: budget_lib.project(k, cm.macs, 0.7 * cm.dense_macs, space.lower,
+                                               space.upper, step=step))(jnp.ones((space.num_groups,)))
+    assert 0.69 <= cm.macs_exact(out) / cm.dense_macs <= 0.7
+
+
+def test_uniform_control_is_one_architecture_on_the_grid():
+    from jaxprune.search import controllers
+    cm, _, _, space, step = _resnet20_grid()
+    uniform = controllers.get_controller("uniform")
+    proposals = uniform.ask(jax.random.key(0), uniform.init(jax.random.key(1), space), 32)
+    assert len({tuple(np.asarray(p)) for p in proposals}) > 1       # different proposals ...
+    proposals = jnp.concatenate([proposals, jnp.ones((1, space.num_groups))])
+    out = np.asarray(jax.jit(lambda k: budget_lib.project(
+        k, cm.macs, 0.5 * cm.dense_macs, space.lower, space.upper, step=step))(proposals))
+    assert len({tuple(row) for row in out}) == 1   # ... one architecture, the layer-wise keep
+
+
+def test_continuous_projection_slack_is_small():
+    cm, _, _, space, _ = _resnet20_grid()
+    keeps = jax.random.uniform(jax.random.key(4), (32, space.num_groups), minval=0.2, maxval=1.0)
+    budget = 0.5 * cm.dense_macs
+    out = np.asarray(jax.jit(lambda k: budget_lib.project(k, cm.macs, budget, 0.2, 1.0))(keeps))
+    slack = np.asarray([budget - cm.macs_exact(k) for k in out]) / cm.dense_macs
+    # no grid: only the rounding to whole channels is left (one channel of a 16-channel group)
+    assert np.all(slack >= 0) and np.median(slack) <= 0.01 and np.max(slack) <= 0.03

@@ -2,26 +2,37 @@
 
 A controller proposes keep ratios without knowing what they cost; `project` moves each vector
 onto the budget before it is evaluated, so every candidate the search scores is one it could
-return. The projection scales the whole vector by one scalar,
+return, and (with `fill=True`) one that uses the budget: candidates of equal cost have
+comparable accuracies. Only the proposal's *shape* matters, `shape = keep / max(keep)` (which
+groups it favours: the thing a controller learns); its overall size is fixed by the budget.
 
-    keep'(alpha) = clip(alpha * clip(keep, lower, upper), lower, upper)        (alpha >= 0)
+1. **Scale.** Bisection (fixed `iters`) on alpha for the largest
+   `goal = clip(alpha * shape, lower, upper)` with `cost_fn(goal) <= budget`. Costs that grow
+   with the kept channels (MACs, params) are monotone in alpha; alpha = 0 is every group at
+   `lower`, the cheapest vector. Without a grid (`step=None`) `goal` is the result.
+2. **Grid** (`step`, e.g. whole multiples of 8 channels, `8 / group size`). Scaling and
+   snapping down alone stalls: once one coarse group (a 16-channel group has 2 grid points)
+   would overshoot, no other group grows, and ResNet-20 at a 70 % budget landed at 51 %. So
+   `goal` is snapped down onto the grid (every entry <= goal: within budget) and filled
+   greedily: repeatedly raise by one grid step the group furthest below its share of `goal`
+   (smallest keep / goal) among those whose raise still fits, until none fits.
+3. **Restarts.** A coarse group the fill could not raise may still fit if others give way:
+   the fill is re-run with each group i in turn pinned one grid step above the fill's value
+   (as its lower bound, when that is feasible), and the result using the most budget wins.
+4. **Exchanges.** Finally single exchanges, raise group i by a step and lower group j by a
+   step, are taken (the one using the most budget first) while one uses more budget.
 
-(snapped down to the `step` grid when one is given). This family is monotone: every entry is
-non-decreasing in alpha, and so is any cost that grows with the number of kept channels
-(MACs, params). alpha = 0 is the cheapest vector (every group at its lower bound),
-alpha = 1 is the proposal itself, and a large enough alpha puts every group at its upper bound.
-Scaling keeps the *shape* of the proposal (which groups it favours) — the thing a controller
-learns — and changes only its overall size, which the budget fixes anyway.
+Every step only accepts vectors within budget (exact integer comparison for integer costs),
+so whenever the budget is feasible at all (see `check_feasible`) every returned vector has
+`cost_fn(keep') <= budget`. All loops are `fori_loop` / `while_loop` with static bounds, so
+`project` is jittable and vmappable. Measured on the 8-channel grid over 1,000 random
+candidates at 30/50/70 % MACs budgets (`benchmarks/projection_slack.py`): median unused
+budget <= 0.09 % of the dense MACs and max <= 0.8 % for ResNet-20/56 and VGG-16 (it was up to
+16 % median / 36 % max with scaling alone). Proposals that differ only in overall size (every
+`uniform` control vector c * ones) project to the bit-identical vector.
 
-`project` bisects alpha for the largest value whose cost is within the budget, in a fixed
-number of iterations, so it is jittable and vmappable. The invariant of the bisection is that
-the lower end is always within budget, so (whenever the budget is feasible at all, see
-`check_feasible`) every returned vector satisfies `cost_fn(keep') <= budget` exactly.
-
-With `fill=True` (the default) a proposal that is already *below* the budget is scaled *up*
-until the budget is used: a cheaper candidate wastes capacity that the budget allows, and
-comparing candidates of equal cost makes their accuracies comparable. With `fill=False` such a
-proposal is returned unchanged (clipped to the bounds).
+With `fill=False` a proposal already within budget is returned unchanged (clipped to the
+bounds, snapped down to the grid); only vectors over budget are projected.
 """
 from __future__ import annotations
 
@@ -62,45 +73,100 @@ def _within(cost: jax.Array, budget) -> jax.Array:
     return cost <= budget
 
 
-def _family(keep0: jax.Array, alpha: jax.Array, lower, upper, step):
-    scaled = alpha * keep0
+def _snap_down(x, step, lower, upper):
+    """Largest grid point (multiple of `step`) <= x, clipped to the bounds; no grid: clip."""
     if step is not None:
-        scaled = jnp.floor(scaled / step + 1e-5) * step
-    return jnp.clip(scaled, lower, upper)
+        x = jnp.floor(x / step + 1e-5) * step
+    return jnp.clip(x, lower, upper)
 
 
-def _project_one(keep, cost_fn, budget, lower, upper, iters, fill, step):
-    keep0 = jnp.clip(keep, lower, upper)
-    if step is not None:  # the proposal itself must lie on the grid too
-        keep0 = _family(keep0, jnp.float32(1.0), lower, upper, step)
+def _project_one(keep, cost_fn, budget, lower, upper, iters, fill, step, fill_iters):
+    def ok(vector):
+        return _within(cost_fn(vector), budget)
 
-    def ok(alpha):
-        return _within(cost_fn(_family(keep0, alpha, lower, upper, step)), budget)
+    g = keep.shape[-1]
+    eye = jnp.eye(g, dtype=bool)
+    keep0 = _snap_down(jnp.clip(keep, lower, upper), step, lower, upper)
+    # The shape of the proposal: relative to its largest entry, so proposals that differ only
+    # in overall size (e.g. every uniform vector c * ones) give bit-identical projections.
+    raw = jnp.clip(keep, 1e-6, upper)
+    shape = raw / jnp.max(raw)
+    alpha_hi = jnp.max(upper / shape).astype(jnp.float32)  # every group at its upper bound
 
-    keep0_ok = _within(cost_fn(keep0), budget)
-    # alpha at which every entry reaches its upper bound.
-    alpha_max = jnp.maximum(jnp.max(upper / jnp.maximum(keep0, 1e-6)), 1.0)
-    if fill:
-        lo = jnp.where(keep0_ok, 1.0, 0.0)
-        hi = jnp.where(keep0_ok, alpha_max, 1.0)
+    def goal_for(floor):
+        """Bisection on alpha: the largest clip(alpha * shape, floor, upper) within budget."""
+        def target(alpha):
+            return jnp.clip(alpha * shape, floor, upper)
+
+        def body(_, bounds):
+            lo, hi = bounds
+            mid = 0.5 * (lo + hi)
+            good = ok(target(mid))
+            return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, iters, body, (jnp.float32(0.0), alpha_hi))
+        return target(jnp.where(ok(target(hi)), hi, lo))
+
+    goal = goal_for(lower)
+    if step is None:
+        projected = goal
     else:
-        lo, hi = jnp.float32(0.0), jnp.float32(1.0)
+        denom = jnp.maximum(goal, 1e-6)
 
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        good = ok(mid)
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+        def up_of(x):
+            return jnp.minimum(jnp.floor(x / step + 1e-5) * step + step, upper)
 
-    lo, hi = jax.lax.fori_loop(0, iters, body, (jnp.asarray(lo, jnp.float32),
-                                                jnp.asarray(hi, jnp.float32)))
-    alpha = jnp.where(ok(hi), hi, lo)
-    projected = _family(keep0, alpha, lower, upper, step)
+        def greedy(x, floor, swaps):
+            """Raise by one grid step the group furthest below its share of `goal` (smallest
+            keep / goal) among those whose raise fits; with `swaps`, when none fits, take the
+            exchange (raise i, lower j) that uses the most budget, if it uses more than x."""
+
+            def cond(carry):
+                i, _, more = carry
+                return more & (i < fill_iters)
+
+            def body(carry):
+                i, x, _ = carry
+                up = up_of(x)
+                raises = jnp.where(eye, up[None, :], x[None, :])       # row j raises group j
+                fits = jax.vmap(ok)(raises) & (up > x)
+                pick = jnp.argmin(jnp.where(fits, x / denom, jnp.inf))
+                more = jnp.any(fits)
+                new = jnp.where(more & (jnp.arange(g) == pick), up, x)
+                if swaps:
+                    down = jnp.maximum(jnp.ceil(x / step - 1e-5) * step - step, floor)
+                    trials = jnp.where(eye[None, :, :], down[None, None, :], raises[:, None, :])
+                    cost = jax.vmap(jax.vmap(cost_fn))(trials)
+                    good = (jax.vmap(jax.vmap(ok))(trials) & (cost > cost_fn(x))
+                            & (up > x)[:, None] & (down < x)[None, :] & ~eye)
+                    best = jnp.argmax(jnp.where(good, cost, jnp.zeros_like(cost) - 1).reshape(-1))
+                    new = jnp.where(more | ~jnp.any(good), new, trials.reshape(g * g, g)[best])
+                    more = more | jnp.any(good)
+                return i + 1, new, more
+
+            return jax.lax.while_loop(cond, body, (jnp.int32(0), x, jnp.asarray(True)))[1]
+
+        def fill_from(floor):
+            start = _snap_down(goal_for(floor), step, floor, upper)   # <= goal: within budget
+            start = jnp.where(ok(start), start, _snap_down(floor, step, floor, upper))
+            return greedy(start, floor, swaps=False)
+
+        # 1. Down onto the grid, then the greedy fill.
+        base = fill_from(lower)
+        # 2. A coarse group the fill could not raise may still fit if others give way: re-run
+        #    with group i pinned one grid step higher, for every i; keep whichever uses the
+        #    budget best (the plain fill on ties).
+        pinned = jnp.where(eye, jnp.maximum(up_of(base), lower)[None, :], lower[None, :])
+        feasible = jax.vmap(ok)(pinned) & (up_of(base) > base)
+        restarts = jax.vmap(fill_from)(pinned)
+        cost = jnp.where(feasible, jax.vmap(cost_fn)(restarts), cost_fn(base))
+        best = jnp.argmax(cost)
+        x = jnp.where(cost[best] > cost_fn(base), restarts[best], base)
+        # 3. Finish with single exchanges (raise one group, lower another).
+        projected = greedy(x, lower, swaps=True)
     if fill:
-        # alpha = 1 reproduces keep0 only up to the step snap; keep the proposal itself then.
-        projected = jnp.where(keep0_ok & (alpha == 1.0), keep0, projected)
         return projected
-    return jnp.where(keep0_ok, keep0, projected)
+    return jnp.where(ok(keep0), keep0, projected)
 
 
 def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLike,
@@ -115,12 +181,13 @@ def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLik
       budget: the absolute budget (e.g. `Budget.absolute(cost_model)`), same units as cost_fn.
       lower, upper: per-group bounds, scalars or [G] (e.g. `space.lower`, `space.upper`).
       iters: bisection steps on alpha (alpha is resolved to range * 2**-iters).
-      fill: if True, proposals below budget are scaled up to use it (see module doc); if
-        False they are returned unchanged (clipped to the bounds).
+      fill: if True, every proposal is moved onto the budget (scaled up or down, then filled
+        on the grid; see module doc); if False, proposals within budget are returned
+        unchanged (clipped to the bounds, snapped down to the grid).
       step: optional grid, a scalar or per-group [G] (e.g. `channel_multiple / group_size`
         so kept channel counts are multiples of 8, which CPU and GPU kernels need to run
-        fast); scaled vectors are snapped *down* to multiples of `step` (then clipped to the
-        bounds), which keeps the family monotone and the budget satisfied.
+        fast); results are multiples of `step` (or the bounds), filled greedily to the
+        budget (module doc).
 
     Returns:
       float32 keep ratios shaped like `keep`, within [lower, upper], with
@@ -147,9 +214,14 @@ def project(keep: jax.Array, cost_fn: CostFn, budget: ArrayLike, lower: ArrayLik
                              f"got {step}.")
     lower = jnp.broadcast_to(lower, (g,))
     upper = jnp.broadcast_to(upper, (g,))
+    fill_iters = 0
+    if step is not None:
+        # Enough raises to walk every group from 0 to 1 on its grid (the fill stops far sooner).
+        fill_iters = int(np.sum(np.ceil(1.0 / np.broadcast_to(step_np, (g,)) - 1e-4))) + 2 * g
+        step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (g,))
     one = functools.partial(_project_one, cost_fn=cost_fn, budget=budget, lower=lower,
-                            upper=upper, iters=int(iters), fill=bool(fill),
-                            step=None if step is None else jnp.asarray(step, jnp.float32))
+                            upper=upper, iters=int(iters), fill=bool(fill), step=step,
+                            fill_iters=fill_iters)
     if keep.ndim == 2:
         return jax.vmap(one)(keep)
     return one(keep)

@@ -152,18 +152,23 @@ def make_random() -> Controller:
 
 
 def _uniform_across_groups(key: jax.Array, space: SearchSpace, k: int) -> jax.Array:
-    lo = jnp.min(space.lower)
-    hi = jnp.max(space.upper)
+    # Inside every group's bounds when they overlap, so no group is clipped and each row is
+    # exactly c * ones (the projection then maps every row to the same vector).
+    lo, hi = jnp.max(space.lower), jnp.min(space.upper)
+    lo, hi = jnp.where(lo <= hi, lo, jnp.min(space.lower)), jnp.where(lo <= hi, hi,
+                                                                        jnp.max(space.upper))
     keep = lo + (hi - lo) * jax.random.uniform(key, (k, 1), jnp.float32)
     return space.discretise(jnp.broadcast_to(keep, (k, space.num_groups)))
 
 
 def make_uniform() -> Controller:
-    """One keep ratio for all groups, uniform in [min lower, max upper], clipped per group.
+    """One keep ratio c for all groups, uniform in [max lower, min upper] (the range inside
+    every group's bounds; [min lower, max upper], clipped per group, if they do not overlap).
 
     Under a budget this is the classic "uniform width multiplier" baseline: the search loop's
-    projection (`budget.project`, which scales a vector up to fill the budget) maps every such
-    vector to the same uniform keep at the budget, so all its candidates are one architecture.
+    projection (`budget.project`, which depends only on a proposal's shape, keep / max(keep))
+    maps every such vector to the same vector at the budget, so all its candidates are one
+    architecture, on any grid.
     It is kept as a control so every method spends the same evaluation count; its score is the
     score of the uniform keep (the same vector layer-wise threshold pruning uses).
     """
