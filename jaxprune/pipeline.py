@@ -6,6 +6,7 @@ interrupted one from its last checkpoint. Nothing in the workdir is ever deleted
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -719,8 +720,9 @@ def run(config, workdir: str, progress: bool = True) -> list:
     ctx = make_context(config, workdir, progress=progress)
     t_start = time.perf_counter()
     rows = []
-    dense_state, dense_row = dense_phase(ctx)
-    save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
+    with _timed(ctx, "dense"):
+        dense_state, dense_row = dense_phase(ctx)
+        save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
     rows.append(dense_row)
     handset = config_checks.methods(config.prune.methods)
     searches = config_checks.methods(config.search.methods)
@@ -728,16 +730,19 @@ def run(config, workdir: str, progress: bool = True) -> list:
     if handset or searches:
         pruner = Pruner(ctx, dense_state)
     for method in handset:
-        rows.append(handset_phase(ctx, pruner, method))
+        with _timed(ctx, method):
+            rows.append(handset_phase(ctx, pruner, method))
         _write(ctx, rows)
     search_logs, winners = {}, {}
     if searches:
         # Compile the shared evaluator once, outside every search's clock, so the first method's
         # search_seconds is not charged for it.
         k = int(config.search.candidates)
-        pruner.evaluator()(np.ones((k, len(pruner.units)), np.float32))
+        with _timed(ctx, "compile candidate evaluator"):
+            pruner.evaluator()(np.ones((k, len(pruner.units)), np.float32))
     for method in searches:
-        row, result = search_phase(ctx, pruner, method)
+        with _timed(ctx, method):
+            row, result = search_phase(ctx, pruner, method)
         rows.append(row)
         search_logs[method] = {"macs": result.log.macs[result.log.rows()],
                                "accuracy": result.log.accuracy[result.log.rows()]}
@@ -756,6 +761,15 @@ def run(config, workdir: str, progress: bool = True) -> list:
     ctx.writer.close()
     ckpt_lib.unlock_workdir(ctx.workdir)
     return rows
+
+
+@contextlib.contextmanager
+def _timed(ctx: Context, phase: str):
+    """Prints `[timing] <phase>: <seconds> s` (wall time of this invocation, compilation and
+    checkpoint restores included) when the phase ends."""
+    t0 = time.perf_counter()
+    yield
+    _log(ctx, f"[timing] {phase}: {time.perf_counter() - t0:.1f} s")
 
 
 def _write(ctx: Context, rows, final: bool = False, wall: Optional[float] = None) -> None:

@@ -12,7 +12,7 @@ from jaxprune import config_checks
 from jaxprune import errors
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
-VARIANTS = {"cifar10.py": [None, "cpu", "smoke"], "mnist.py": [None, "smoke"],
+VARIANTS = {"cifar10.py": [None, "gpu", "gpu_resnet56", "gpu_vgg16", "lenet", "cpu", "smoke"], "mnist.py": [None, "smoke"],
             "quickstart.py": [None, "smoke"]}
 KEYS = {  # the contract's config tree (plus the optional data.cache)
     "seed": None,
@@ -70,8 +70,8 @@ def test_smoke_variant_is_tiny(filename):
 
 
 def test_unknown_variant_fails():
-    with pytest.raises(ValueError, match="unknown variant 'gpu'"):
-        get("quickstart.py", "gpu")
+    with pytest.raises(ValueError, match="unknown variant 'tpu'"):
+        get("quickstart.py", "tpu")
 
 
 def test_overrides_from_the_command_line():
