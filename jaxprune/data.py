@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import errors
+
 from jaxprune import portable as portable_lib
 
 TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist")
@@ -44,7 +46,7 @@ DIGITS_FILE = os.path.join(os.path.dirname(__file__), "datasets", "digits.npz")
 SOURCES = ("tfds", "portable")
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(errors.DataError, FileNotFoundError):
     """A TFDS dataset is not prepared in the data directory (and is not downloaded)."""
 
 

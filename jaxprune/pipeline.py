@@ -582,7 +582,8 @@ def make_candidate_evaluator(ctx: Context, pruner: Pruner):
     mode = "channel" if pruner.granularity == "channel" else "unstructured"
     chunk = int(s.get("chunk_size", 0) or 0) or None
     evaluate = evaluate_lib.make_evaluator(
-        m.apply, m.groups, mode=mode, chunk_size=chunk,
+        train_lib.mixed_apply(m.apply, str(ctx.config.train.precision)), m.groups, mode=mode,
+        chunk_size=chunk,
         eval_batch_size=int(ctx.config.train.eval_batch_size),
         calib_batch_size=int(s.calib_batch_size), prunable_fn=pruner.prunable_fn)
     scores = pruner.channel_scores if mode == "channel" else pruner.scores
@@ -718,6 +719,13 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
 def run(config, workdir: str, progress: bool = True) -> list:
     """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows."""
     ctx = make_context(config, workdir, progress=progress)
+    try:
+        return _run_phases(ctx, config, workdir)
+    finally:
+        ckpt_lib.unlock_workdir(ctx.workdir)  # also when a phase raises (a notebook kernel lives on)
+
+
+def _run_phases(ctx: Context, config, workdir: str) -> list:
     t_start = time.perf_counter()
     rows = []
     with _timed(ctx, "dense"):
@@ -759,7 +767,6 @@ def run(config, workdir: str, progress: bool = True) -> list:
         report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
     _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
     ctx.writer.close()
-    ckpt_lib.unlock_workdir(ctx.workdir)
     return rows
 
 

@@ -37,13 +37,15 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from jaxprune import errors
+
 FORMAT = "jaxprune-portable-1"
 SPLITS = ("train", "test")
 DECODERS = ("auto", "simplejpeg", "pillow")
 MAKE_COMMAND = "python -m jaxprune.data portable --name {name} --out {path}"
 
 
-class PortableFileError(ValueError):
+class PortableFileError(errors.DataError, ValueError):
     """A portable file is missing, truncated, corrupt, or holds another dataset."""
 
 
