@@ -293,3 +293,129 @@ def test_registry_errors():
 def test_factory_validation(name, overrides, match):
     with pytest.raises(ValueError, match=match):
         controllers.get_controller(name, **overrides)
+
+
+# -- stronger controllers (issue #9, item 4) ----------------------------------------------------
+
+from jaxprune.search import space as space_lib  # noqa: E402
+
+
+def test_centered_ranks_invariant_to_reward_scale_and_shift():
+    rewards = jnp.asarray([0.91, 0.93, 0.90, jnp.nan, 0.93])
+    ranks = np.asarray(space_lib.centered_ranks(rewards))
+    np.testing.assert_allclose(ranks, [-1 / 6, 1 / 3, -0.5, 0.0, 1 / 3], atol=1e-6)
+    assert ranks[3] == 0.0 and ranks[2] == -0.5 and ranks[1] == ranks[4] and ranks.max() <= 0.5
+    np.testing.assert_array_equal(
+        np.asarray(space_lib.centered_ranks(1000.0 * rewards - 7.0)), ranks)
+
+
+@pytest.mark.parametrize("overrides", [{"reward_shaping": "rank"},
+                                       {"reward_shaping": "rank", "clip_epsilon": 0.2,
+                                        "update_epochs": 3}])
+def test_reinforce_rank_shaping_is_scale_free_and_deterministic(overrides):
+    ctrl = controllers.get_controller("reinforce", **overrides)
+    space = _space()
+    tell = jax.jit(ctrl.tell)
+    state = ctrl.init(jax.random.key(0), space)
+    ratios = ctrl.ask(jax.random.key(1), state, K)
+    rewards = _reward(ratios)
+    a = tell(state, ratios, rewards)
+    b = tell(state, ratios, 1e-3 * rewards + 5.0)          # another scale: the same update
+    _assert_trees_equal(a.params, b.params)
+    _assert_trees_equal(tell(state, ratios, rewards), a)   # determinism
+    # and it learns: after some rounds the policy is better than the first round
+    history, _ = _run_ctrl(ctrl, rounds=12, seed=0)
+    assert history[-3:].mean() > history[0].mean()
+
+
+def _run_ctrl(ctrl, rounds, seed):
+    ask = jax.jit(ctrl.ask, static_argnames="k")
+    tell = jax.jit(ctrl.tell)
+    state = ctrl.init(jax.random.key(seed), _space())
+    history = []
+    for t in range(rounds):
+        ratios = ask(jax.random.fold_in(jax.random.key(1000 + seed), t), state, k=K)
+        rewards = _reward(ratios)
+        state = tell(state, ratios, rewards)
+        history.append(np.asarray(rewards))
+    return np.stack(history), state
+
+
+def test_ppo_clip_limits_the_policy_change():
+    space = _space()
+    big = dict(learning_rate=2.0, update_epochs=5, reward_shaping="rank")
+    clipped = controllers.get_controller("reinforce", clip_epsilon=0.05, **big)
+    free = controllers.get_controller("reinforce", **big)
+    state = free.init(jax.random.key(0), space)
+    ratios = free.ask(jax.random.key(1), state, K)
+    rewards = _reward(ratios)
+
+    def drift(ctrl):
+        new = ctrl.tell(state, ratios, rewards)
+        return float(jnp.max(jnp.abs(jax.nn.log_softmax(new.params["logits"])
+                                     - jax.nn.log_softmax(state.params["logits"]))))
+    assert drift(clipped) < drift(free)
+
+
+def test_aging_evolution_removes_the_oldest():
+    ctrl = evolution.make_evolution(population_size=3, survival="aging")
+    state = ctrl.init(jax.random.key(0), SearchSpace.create(2))
+    first = jnp.array([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7]])
+    state = ctrl.tell(state, first, jnp.array([3.0, 2.0, 1.0]))      # fills the population
+    np.testing.assert_allclose(np.asarray(state.population), np.asarray(first))
+    state = ctrl.tell(state, jnp.array([[0.2, 0.2], [0.3, 0.3]]), jnp.array([0.0, jnp.nan]))
+    # the oldest (and best) row left, the failed evaluation never entered
+    np.testing.assert_allclose(np.asarray(state.population), [[0.8, 0.8], [0.7, 0.7], [0.2, 0.2]])
+    np.testing.assert_allclose(np.asarray(state.fitness), [2.0, 1.0, 0.0])
+    elitist = evolution.make_evolution(population_size=3)
+    kept = elitist.tell(elitist.tell(elitist.init(None, SearchSpace.create(2)), first,
+                                     jnp.array([3.0, 2.0, 1.0])), first[:1] * 0 + 0.2,
+                        jnp.array([0.0]))
+    assert float(kept.fitness[0]) == 3.0                              # elitist keeps the best
+
+
+@pytest.mark.parametrize("overrides", [{"survival": "aging"}])
+def test_aging_evolution_learns_and_is_deterministic(overrides):
+    ctrl = controllers.get_controller("evolution", **overrides)
+    h1, s1 = _run_ctrl(ctrl, rounds=8, seed=0)
+    h2, s2 = _run_ctrl(ctrl, rounds=8, seed=0)
+    np.testing.assert_array_equal(h1, h2)
+    _assert_trees_equal(s1, s2)
+    assert h1[-2:].mean() > h1[:2].mean()
+
+
+def test_gan_rank_weighting_runs_and_differs():
+    rank = controllers.get_controller("gan", elite_weighting="rank")
+    h, state = _run_ctrl(rank, rounds=4, seed=0)
+    assert np.all(np.isfinite(h)) and np.all(np.isfinite(np.asarray(state.elite_rewards)))
+    plain, _ = _run_ctrl(controllers.get_controller("gan"), rounds=4, seed=0)
+    assert not np.array_equal(h[-1], plain[-1])
+
+
+def test_seeds_are_asked_first_then_the_controller():
+    seeds = jnp.asarray([[0.5] * G, [1.0] * G, [0.3] * G], jnp.float32)
+    ctrl = controllers.get_controller("evolution", seeds=seeds)
+    ask = jax.jit(ctrl.ask, static_argnames="k")
+    tell = jax.jit(ctrl.tell)
+    state = ctrl.init(jax.random.key(0), _space())
+    first = np.asarray(ask(jax.random.key(1), state, k=2))
+    np.testing.assert_array_equal(first, np.asarray(seeds[:2]))
+    state = tell(state, first, _reward(first))
+    second = np.asarray(ask(jax.random.key(2), state, k=2))
+    np.testing.assert_array_equal(second[0], np.asarray(seeds[2]))
+    assert not np.array_equal(second[1], np.asarray(seeds[2]))
+    state = tell(state, second, _reward(second))
+    third = np.asarray(ask(jax.random.key(3), state, k=2))
+    assert not any(np.array_equal(row, s) for row in third for s in np.asarray(seeds))
+    with pytest.raises(ValueError, match="groups"):
+        controllers.get_controller("random", seeds=jnp.ones((1, G + 1))).init(
+            jax.random.key(0), _space())
+
+
+def test_unknown_shaping_options_are_refused():
+    with pytest.raises(ValueError, match="reward_shaping"):
+        controllers.get_controller("reinforce", reward_shaping="softmax")
+    with pytest.raises(ValueError, match="survival"):
+        controllers.get_controller("evolution", survival="young")
+    with pytest.raises(ValueError, match="elite_weighting"):
+        controllers.get_controller("gan", elite_weighting="top")

@@ -5,18 +5,27 @@
     ask = jax.jit(controller.ask, static_argnames="k")
     tell = jax.jit(controller.tell)
 
-Factories take keyword-only hyper-parameters, all with defaults (see each `make_*`).
+Factories take keyword-only hyper-parameters, all with defaults (see each `make_*`); configs
+set them in `config.search.<name>` (e.g. `search.reinforce.learning_rate`).
+
+`with_seeds(controller, seeds)` (or `get_controller(name, seeds=...)`) makes the first
+candidates asked for exactly the given keep vectors (e.g. the sensitivity and uniform keeps),
+then hands over to the controller, which learns from them like from any other candidate.
 """
 from __future__ import annotations
 
 import inspect
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
 
 from jaxprune.search.evolution import make_evolution, make_random, make_uniform
 from jaxprune.search.gan import make_gan
 from jaxprune.search.reinforce import make_reinforce
-from jaxprune.search.space import Controller
+from jaxprune.search.space import Controller, SearchSpace
 
-__all__ = ["CONTROLLERS", "Controller", "get_controller"]
+__all__ = ["CONTROLLERS", "Controller", "get_controller", "with_seeds"]
 
 CONTROLLERS = {
     "reinforce": make_reinforce,
@@ -27,8 +36,46 @@ CONTROLLERS = {
 }
 
 
-def get_controller(name: str, **overrides) -> Controller:
-    """Builds the controller `name` with its default hyper-parameters, updated by `overrides`.
+class SeededState(NamedTuple):
+    """State of `with_seeds`: the wrapped controller's state, the seeds, how many were asked."""
+    inner: Any
+    seeds: jax.Array     # float32[S, G]
+    emitted: jax.Array   # int32[], seeds already handed out (by completed `tell`s)
+
+
+def with_seeds(controller: Controller, seeds) -> Controller:
+    """`controller` whose first asked rows are `seeds` float32[S, G] (clipped to the space).
+
+    Round after round, the rows of `ask` not yet covered by seeds come from the controller;
+    `tell` passes every evaluated row (seeds included) to it. Pure and jittable like the rest.
+    """
+    seeds = jnp.asarray(seeds, jnp.float32)
+    if seeds.ndim != 2 or seeds.shape[0] < 1:
+        raise ValueError(f"seeds must be float32[S, G] with S >= 1, got shape {seeds.shape}.")
+
+    def init(key: jax.Array, space: SearchSpace) -> SeededState:
+        if seeds.shape[1] != space.num_groups:
+            raise ValueError(f"seeds have {seeds.shape[1]} groups, the space {space.num_groups}.")
+        return SeededState(controller.init(key, space), space.clip(seeds),
+                           jnp.zeros((), jnp.int32))
+
+    def ask(key: jax.Array, state: SeededState, k: int) -> jax.Array:
+        rows = controller.ask(key, state.inner, k)
+        index = state.emitted + jnp.arange(k)
+        seeded = state.seeds[jnp.minimum(index, state.seeds.shape[0] - 1)]
+        return jnp.where((index < state.seeds.shape[0])[:, None], seeded, rows)
+
+    def tell(state: SeededState, ratios: jax.Array, rewards: jax.Array) -> SeededState:
+        inner = controller.tell(state.inner, ratios, rewards)
+        emitted = jnp.minimum(state.emitted + ratios.shape[0], state.seeds.shape[0])
+        return SeededState(inner, state.seeds, emitted.astype(jnp.int32))
+
+    return Controller(init=init, ask=ask, tell=tell)
+
+
+def get_controller(name: str, seeds: Optional[Any] = None, **overrides) -> Controller:
+    """Builds the controller `name` with its default hyper-parameters, updated by `overrides`;
+    with `seeds` (float32[S, G]) its first S candidates are those (see `with_seeds`).
 
     Raises:
       ValueError: unknown name (lists the known ones) or unknown hyper-parameter (lists the
@@ -44,4 +91,5 @@ def get_controller(name: str, **overrides) -> Controller:
         raise ValueError(
             f"Controller {name!r} has no hyper-parameter(s) {unknown}; allowed: "
             f"{allowed or 'none'}.")
-    return factory(**overrides)
+    controller = factory(**overrides)
+    return controller if seeds is None else with_seeds(controller, seeds)

@@ -6,7 +6,11 @@
   crossover (each gene from the second parent with probability `crossover_prob`), Gaussian
   mutation in unit-box coordinates (each gene with probability `mutation_prob`, std
   `mutation_std`), clipped to the bounds. Until the population is full, `ask` returns uniform
-  samples (the random initial population).
+  samples (the random initial population). With `survival="aging"` it is regularised (aging)
+  evolution (Real et al., 2019): `tell` keeps the P *youngest* scored vectors instead of the
+  best (the oldest die, however good), so a candidate that scored well by luck on the small
+  proxy set does not rule the population for ever; parents still come from tournaments on
+  fitness.
 - `make_random`: uniform vectors in the box (EagleEye's control: random ratio vectors, the
   budget projection happens outside the controller).
 - `make_uniform`: one keep ratio shared by every group, sampled uniformly (the budget
@@ -52,6 +56,7 @@ def make_evolution(
     crossover_prob: float = 0.5,
     mutation_prob: float = 0.5,
     mutation_std: float = 0.1,
+    survival: str = "elitist",
 ) -> Controller:
     """Builds the (mu + lambda) genetic algorithm.
 
@@ -61,6 +66,8 @@ def make_evolution(
       crossover_prob: per-gene probability of taking the second parent's gene.
       mutation_prob: per-gene probability of a Gaussian mutation.
       mutation_std: mutation std in unit-box coordinates (1 = the full [lower, upper] width).
+      survival: 'elitist' ((mu + lambda): the best P survive; population best first) or
+        'aging' (regularised evolution: the youngest P survive; population oldest first).
 
     Returns:
       Controller(init, ask, tell); see `search.space.Controller`.
@@ -74,6 +81,8 @@ def make_evolution(
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
     if not mutation_std >= 0:
         raise ValueError(f"mutation_std must be >= 0, got {mutation_std}.")
+    if survival not in ("elitist", "aging"):
+        raise ValueError(f"survival must be 'elitist' or 'aging', got {survival!r}.")
     population_size, tournament_size = int(population_size), int(tournament_size)
 
     def init(key: jax.Array, space: SearchSpace) -> EvolutionState:
@@ -115,12 +124,31 @@ def make_evolution(
     def tell(state: EvolutionState, ratios: jax.Array, rewards: jax.Array) -> EvolutionState:
         ratios, rewards = space_lib.check_ratios_rewards(state.space, ratios, rewards)
         rewards = space_lib.finite_or(rewards, -jnp.inf)
-        population, fitness = space_lib.keep_best(state.population, state.fitness,
-                                                  state.space.clip(ratios), rewards, population_size)
+        if survival == "aging":
+            population, fitness = _keep_youngest(state.population, state.fitness,
+                                                 state.space.clip(ratios), rewards,
+                                                 population_size)
+        else:
+            population, fitness = space_lib.keep_best(state.population, state.fitness,
+                                                      state.space.clip(ratios), rewards,
+                                                      population_size)
         return EvolutionState(population=population, fitness=fitness, step=state.step + 1,
                               space=state.space)
 
     return Controller(init=init, ask=ask, tell=tell)
+
+
+def _keep_youngest(population, fitness, new, new_fitness, n):
+    """The `n` youngest of population (oldest first) then new rows, oldest first; failed
+    (-inf) new rows never enter, while empty (-inf) slots are the oldest and leave first."""
+    pool = jnp.concatenate([population, new], axis=0)
+    pool_fitness = jnp.concatenate([fitness, new_fitness], axis=0)
+    p = population.shape[0]
+    age_rank = jnp.arange(pool.shape[0], dtype=jnp.int32)              # larger = younger
+    entered = jnp.concatenate([jnp.ones((p,), bool), jnp.isfinite(new_fitness)])
+    _, index = jax.lax.top_k(jnp.where(entered, age_rank, -1), n)      # youngest first
+    index = index[::-1]
+    return pool[index], pool_fitness[index]
 
 
 class RandomState(NamedTuple):
@@ -155,15 +183,16 @@ def _uniform_across_groups(key: jax.Array, space: SearchSpace, k: int) -> jax.Ar
     # Inside every group's bounds when they overlap, so no group is clipped and each row is
     # exactly c * ones (the projection then maps every row to the same vector).
     lo, hi = jnp.max(space.lower), jnp.min(space.upper)
-    lo, hi = jnp.where(lo <= hi, lo, jnp.min(space.lower)), jnp.where(lo <= hi, hi,
-                                                                        jnp.max(space.upper))
+    lo, hi = jnp.where(lo < hi, lo, jnp.min(space.lower)), jnp.where(lo < hi, hi,
+                                                                       jnp.max(space.upper))
     keep = lo + (hi - lo) * jax.random.uniform(key, (k, 1), jnp.float32)
     return space.discretise(jnp.broadcast_to(keep, (k, space.num_groups)))
 
 
 def make_uniform() -> Controller:
     """One keep ratio c for all groups, uniform in [max lower, min upper] (the range inside
-    every group's bounds; [min lower, max upper], clipped per group, if they do not overlap).
+    every group's bounds; [min lower, max upper], clipped per group, if that range is empty
+    or a single point).
 
     Under a budget this is the classic "uniform width multiplier" baseline: the search loop's
     projection (`budget.project`, which depends only on a proposal's shape, keep / max(keep))

@@ -1,9 +1,21 @@
-"""GAN architecture generator: a generator learns to propose keep-ratio vectors like the elites.
+"""GAN controller: a generator learns to propose keep-ratio vectors like the best found so far.
 
-The idea follows the GAN-based pruned-structure generators (e.g. GAL, Lin et al. 2019, and
-the "generate good structures, keep the best" loop of ABCPruner, Lin et al. 2020): instead of
-a policy gradient, a *generator* is trained adversarially to produce candidates that a
-*discriminator* cannot tell apart from the best candidates found so far.
+What it is: a small black-box optimiser in the "learn a generative model of the good
+solutions" family (estimation-of-distribution algorithms and the cross-entropy method, with a
+GAN as the model, as in GAN-based black-box optimisation). A *generator* maps noise to
+keep-ratio vectors and is trained adversarially so that a *discriminator* cannot tell its
+vectors from an elite set, the top-E vectors scored so far; as better candidates replace worse
+elites, the generator follows them. Nothing here touches the network's weights: the GAN works
+only in the G-dimensional space of per-group keep ratios.
+
+What it is not, though both are often named next to it: GAL (Lin et al., CVPR 2019,
+"Towards optimal structured CNN pruning via generative adversarial learning") learns soft
+masks on the network's own channels adversarially, with the unpruned network's features as the
+"real" side; it is a pruning-by-training method, not an architecture generator. ABCPruner
+(Lin et al., IJCAI 2020) searches per-layer channel counts with an artificial bee colony, with
+no GAN. What we take from ABCPruner is the framing only: search the per-layer keep ratios
+(not the masks) under a budget and keep the best structures found; from GAN work the
+adversarial training of G and D.
 
 - **Elite buffer.** The state keeps the top-E (`elite_size`) keep-ratio vectors scored so far
   and their rewards, a fixed-size buffer initialised empty (rewards = -inf). Every `tell`
@@ -13,7 +25,10 @@ a policy gradient, a *generator* is trained adversarially to produce candidates 
   [-1, 1]^G) -> MLP -> one logit, "is this an elite?".
 - **Training** (inside `tell`, once the buffer is full): `train_steps` alternating steps of
   D (binary cross-entropy: elites -> 1, generated -> 0) and G (non-saturating loss
-  -log D(G(z))), each with Adam. As better candidates replace worse elites, the target
+  -log D(G(z))), each with Adam. With `elite_weighting="rank"` each elite's term in D's loss
+  is weighted by its rank in the elite set (`space.centered_ranks` + 0.5, normalised to mean
+  1; the same shaping as REINFORCE's `reward_shaping="rank"`), so G is pulled harder towards
+  the best elites, whatever the scale of the rewards. As better candidates replace worse elites, the target
   distribution contracts towards the good region and G follows it.
 - **Asking.** While the buffer is not yet full, `ask` returns uniform samples (the generator
   has nothing to imitate). Afterwards it returns G(z) plus small Gaussian exploration noise
@@ -92,6 +107,7 @@ def make_gan(
     train_steps: int = 5,
     explore_std: float = 0.05,
     explore_fraction: float = 0.125,
+    elite_weighting: str = "uniform",
 ) -> Controller:
     """Builds the GAN controller.
 
@@ -104,6 +120,7 @@ def make_gan(
       explore_std: std of the Gaussian noise added to generated vectors, unit-box units.
       explore_fraction: fraction of each round's rows (rounded down) drawn uniformly once
         the buffer is full.
+      elite_weighting: 'uniform' (every elite counts the same in D's loss) or 'rank'.
 
     Returns:
       Controller(init, ask, tell); see `search.space.Controller`.
@@ -121,6 +138,8 @@ def make_gan(
         raise ValueError(f"explore_std must be >= 0, got {explore_std}.")
     if not 0.0 <= explore_fraction <= 1.0:
         raise ValueError(f"explore_fraction must be in [0, 1], got {explore_fraction}.")
+    if elite_weighting not in ("uniform", "rank"):
+        raise ValueError(f"elite_weighting must be 'uniform' or 'rank', got {elite_weighting!r}.")
     elite_size, train_steps = int(elite_size), int(train_steps)
     gen_opt = optax.adam(learning_rate, b1=0.5)
     disc_opt = optax.adam(learning_rate, b1=0.5)
@@ -167,11 +186,17 @@ def make_gan(
     def train(state: GanState, noise: jax.Array) -> GanState:
         """`train_steps` D-then-G Adam steps; noise is float32[train_steps, 2, E, noise_size]."""
         real = state.space.to_unit(state.elite_ratios)
+        if elite_weighting == "rank":
+            weight = space_lib.centered_ranks(state.elite_rewards) + 0.5
+            weight = weight / jnp.maximum(jnp.mean(weight), 1e-6)
+        else:
+            weight = jnp.ones_like(state.elite_rewards)
 
         def d_loss_fn(disc_params, fake):
             d_real = discriminate(disc_params, real)
             d_fake = discriminate(disc_params, fake)
-            return jnp.mean(jax.nn.softplus(-d_real)) + jnp.mean(jax.nn.softplus(d_fake))
+            return (jnp.mean(weight * jax.nn.softplus(-d_real))
+                    + jnp.mean(jax.nn.softplus(d_fake)))
 
         def g_loss_fn(gen_params, disc_params, z):
             fake = generate_unit(gen_params, z)

@@ -25,6 +25,17 @@ exponential moving average (`baseline_decay`) of the per-round mean. Dividing by
 reward standard deviation (`normalize_advantages=True`) makes the step size independent of
 the reward scale (accuracy differences between candidates are often ~1e-2).
 
+Two options make the update sturdier (both off by default, which is the update above):
+
+- `reward_shaping="rank"`: the advantage of a candidate is its centered rank in the round,
+  in [-0.5, 0.5] (`space.centered_ranks`, as in OpenAI-ES / PEPG fitness shaping), instead of
+  the baseline-subtracted reward: invariant to the scale and shift of the rewards and to a
+  lucky outlier.
+- `clip_epsilon > 0`: a PPO-style clipped surrogate (Schulman et al., 2017),
+  `-mean_i min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i)` with
+  `rho_i = pi(a_i) / pi_old(a_i)`, minimised for `update_epochs` Adam steps on the same round;
+  the clip stops a round from moving the policy far from the one that sampled it.
+
 `tell` takes the ratio vectors that were evaluated, possibly moved off the grid by a budget
 projection; each is scored under the policy as its nearest grid point (the bin that the
 evaluated architecture falls into). Non-finite rewards (failed evaluations) get zero weight; a
@@ -186,6 +197,9 @@ def make_reinforce(
     embed_size: int = 16,
     normalize_advantages: bool = True,
     recurrent_lr_scale: float = 0.1,
+    reward_shaping: str = "none",
+    clip_epsilon: float = 0.0,
+    update_epochs: int = 1,
 ) -> Controller:
     """Builds the REINFORCE controller.
 
@@ -200,6 +214,9 @@ def make_reinforce(
       normalize_advantages: divide advantages by the round's reward std.
       recurrent_lr_scale: (autoregressive only) the GRU, embeddings and head weights learn at
         `learning_rate * recurrent_lr_scale`; the per-group logit bias at `learning_rate`.
+      reward_shaping: 'none' (baseline-subtracted rewards) or 'rank' (centered ranks).
+      clip_epsilon: 0 = the REINFORCE loss; > 0 = PPO clipped surrogate with this epsilon.
+      update_epochs: Adam steps per `tell` on the round's candidates (>= 1).
 
     Returns:
       Controller(init, ask, tell); see `search.space.Controller`.
@@ -217,7 +234,13 @@ def make_reinforce(
     if hidden_size < 1 or embed_size < 1:
         raise ValueError(
             f"hidden_size and embed_size must be >= 1, got {hidden_size}, {embed_size}.")
-    num_bins = int(num_bins)
+    if reward_shaping not in ("none", "rank"):
+        raise ValueError(f"reward_shaping must be 'none' or 'rank', got {reward_shaping!r}.")
+    if not 0.0 <= clip_epsilon < 1.0:
+        raise ValueError(f"clip_epsilon must be in [0, 1) (0 = no clipping), got {clip_epsilon}.")
+    if int(update_epochs) != update_epochs or update_epochs < 1:
+        raise ValueError(f"update_epochs must be an int >= 1, got {update_epochs}.")
+    num_bins, update_epochs = int(num_bins), int(update_epochs)
     if autoregressive:
         # Adam moves every parameter by ~learning_rate per step; the GRU has hundreds of them
         # feeding every logit, so at the bias's step size it turns the policy deterministic
@@ -267,16 +290,35 @@ def make_reinforce(
         advantages = jnp.where(valid, rewards - baseline, 0.0)
         if normalize_advantages:
             advantages = advantages / jnp.where(std > 1e-12, std, 1.0)
+        if reward_shaping == "rank":
+            advantages = space_lib.centered_ranks(rewards, valid)
         advantages = jax.lax.stop_gradient(advantages)
+        old_log_p = jax.lax.stop_gradient(
+            jax.vmap(lambda a: score_fn(state.params, a))(index)[0])
 
         def loss_fn(params):
             log_p, ent = jax.vmap(lambda a: score_fn(params, a))(index)
-            pg = -jnp.sum(advantages * log_p) / denom
+            if clip_epsilon > 0:
+                rho = jnp.exp(log_p - old_log_p)
+                surrogate = jnp.minimum(
+                    rho * advantages,
+                    jnp.clip(rho, 1.0 - clip_epsilon, 1.0 + clip_epsilon) * advantages)
+                pg = -jnp.sum(jnp.where(valid, surrogate, 0.0)) / denom
+            else:
+                pg = -jnp.sum(advantages * log_p) / denom
             return pg - entropy_weight * jnp.mean(ent)
 
-        grads = jax.grad(loss_fn)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(_, carry):
+            params, opt_state = carry
+            grads = jax.grad(loss_fn)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        if update_epochs == 1:
+            params, opt_state = update(0, (state.params, state.opt_state))
+        else:
+            params, opt_state = jax.lax.fori_loop(0, update_epochs, update,
+                                                  (state.params, state.opt_state))
         new_state = ReinforceState(
             params=params,
             opt_state=opt_state,

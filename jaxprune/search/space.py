@@ -253,6 +253,25 @@ class Controller(NamedTuple):
     tell: Callable[[Any, jax.Array, jax.Array], Any]
 
 
+def centered_ranks(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Rank-based reward shaping: each reward's rank among the valid ones, mapped to [-0.5, 0.5].
+
+    Invariant to any increasing transform of the rewards (scale, shift), so a learning rate
+    means the same whether accuracies differ by 1e-1 or 1e-3. Ties share their mean rank;
+    invalid entries (default: non-finite rewards) get 0 and do not count; a single valid reward
+    gets 0.
+    """
+    rewards = jnp.asarray(rewards, jnp.float32)
+    valid = jnp.isfinite(rewards) if valid is None else valid
+    r = jnp.where(valid, rewards, 0.0)
+    pair = valid[None, :] & valid[:, None]
+    below = jnp.sum(pair & (r[None, :] < r[:, None]), axis=1).astype(jnp.float32)
+    ties = jnp.sum(pair & (r[None, :] == r[:, None]), axis=1).astype(jnp.float32) - 1.0
+    n = jnp.sum(valid.astype(jnp.float32))
+    rank = (below + 0.5 * ties) / jnp.maximum(n - 1.0, 1.0)
+    return jnp.where(valid & (n > 1), rank - 0.5, 0.0)
+
+
 def keep_best(ratios: jax.Array, rewards: jax.Array, new_ratios: jax.Array,
               new_rewards: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """The best `n` of incumbents ∪ new candidates (elitist survival; GA population, GAN elites).
