@@ -164,6 +164,26 @@ OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choic
                              "prune.n": _int(1), "prune.m": _int(1),
                              "search.chunk_size": _int(0),
                              "prune.channel_multiple": _int(1)}  # may be absent from a config
+# Controller hyper-parameters, `search.<controller>.<name>` (the make_* arguments in
+# jaxprune/search/; optional, absent keys take the factory defaults).
+_PROB = _number(0, 1)
+OPTIONAL.update({f"search.{name}": check for name, check in {
+    "reinforce.learning_rate": _positive_number, "reinforce.entropy_weight": _non_negative_number,
+    "reinforce.baseline_decay": _number(0, 1, high_open=True), "reinforce.num_bins": _int(2),
+    "reinforce.autoregressive": _bool, "reinforce.normalize_advantages": _bool,
+    "reinforce.hidden_size": _int(1), "reinforce.embed_size": _int(1),
+    "reinforce.recurrent_lr_scale": _positive_number,
+    "reinforce.reward_shaping": _choice(("none", "rank")),
+    "reinforce.clip_epsilon": _number(0, 1, high_open=True), "reinforce.update_epochs": _int(1),
+    "gan.elite_size": _int(1), "gan.noise_size": _int(1), "gan.hidden_size": _int(1),
+    "gan.learning_rate": _positive_number, "gan.train_steps": _int(0),
+    "gan.explore_std": _non_negative_number, "gan.explore_fraction": _PROB,
+    "gan.elite_weighting": _choice(("uniform", "rank")),
+    "evolution.population_size": _int(2), "evolution.tournament_size": _int(1),
+    "evolution.crossover_prob": _PROB, "evolution.mutation_prob": _PROB,
+    "evolution.mutation_std": _non_negative_number,
+    "evolution.survival": _choice(("elitist", "aging")),
+}.items()})
 
 _MISSING = object()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
