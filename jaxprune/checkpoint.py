@@ -35,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import zlib
 from typing import Any, Optional
@@ -45,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxprune import errors
+from jaxprune import files
 
 FINGERPRINT_FILE = "fingerprint.json"
 _STATE, _META = "state", "meta"
@@ -93,21 +93,9 @@ def save_json(path: str, obj: Any) -> None:
     `os.replace`. A reader never sees a half-written file. numpy / jax numbers and arrays are
     converted; NaN and infinities become null.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_to_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file only
-        raise
+    with files.atomic_open(path, "w") as f:
+        json.dump(_to_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
 
 
 def load_json(path: str) -> Any:

@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import NamedTuple, Optional
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import errors
+from jaxprune import files
 
 from jaxprune import portable as portable_lib
 
@@ -298,16 +298,9 @@ def save_cache(dataset: Dataset, path: str, *, request: Optional[dict] = None) -
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fields = {k: np.asarray(getattr(dataset, k)) for k in Dataset._fields[3:]}
-    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, name=np.asarray(dataset.name),
-                                request=np.asarray(json.dumps(request or {})), **fields)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file only
-        raise
+    with files.atomic_open(path, "wb") as f:
+        np.savez_compressed(f, name=np.asarray(dataset.name),
+                            request=np.asarray(json.dumps(request or {})), **fields)
 
 
 def load_cache(path: str) -> Dataset:

@@ -31,13 +31,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from jaxprune import errors
+from jaxprune import files
 
 FORMAT = "jaxprune-portable-1"
 SPLITS = ("train", "test")
@@ -103,18 +103,8 @@ def write(path: str, name: str, tfds_version: str, image_shape: Sequence[int],
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a data file is not
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file only
-        raise
+    with files.atomic_open(path, "wb") as f:
+        np.savez(f, meta=np.asarray(json.dumps(meta, sort_keys=True)), **arrays)
     return meta
 
 
@@ -231,9 +221,10 @@ def _pillow_jpeg_direct(record: bytes, shape) -> np.ndarray:
         decoder.cleanup()
 
 
-def _pillow_decode(record: bytes, shape) -> np.ndarray:
+def _pillow_decode(record, shape) -> np.ndarray:
     from PIL import Image
 
+    record = bytes(record)  # a uint8 array slice of the file's buffer, or bytes
     if record[:2] == b"\xff\xd8" and len(shape) == 3 and shape[-1] in (1, 3):
         try:
             return _pillow_jpeg_direct(record, shape)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from jaxprune import files
 
 # (key, header, format)
 COLUMNS = (
@@ -80,9 +81,9 @@ def write_results(workdir: str, rows: Sequence[dict], note: str = "") -> list:
     `results.md`, each atomically; returns the rows written. JSON is strict: NaN and
     infinities are written as null."""
     merged = merge_rows(read_results(workdir), [strict_json(dict(r)) for r in rows])
-    _atomic_write(os.path.join(workdir, "results.json"),
+    files.write_text(os.path.join(workdir, "results.json"),
                   json.dumps(merged, indent=2, allow_nan=False) + "\n")
-    _atomic_write(os.path.join(workdir, "results.md"), table_markdown(merged, note))
+    files.write_text(os.path.join(workdir, "results.md"), table_markdown(merged, note))
     return merged
 
 
@@ -102,25 +103,8 @@ def strict_json(value):
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes a text file atomically (see `_atomic_write`)."""
-    _atomic_write(path, text)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    """Writes a temporary file beside `path` (unique, so two writers never share it), fsyncs it
-    and renames it over `path`: a reader sees the old or the new file, never a mix."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)  # our own temporary file only
-        raise
+    """Writes a text file atomically."""
+    files.write_text(path, text)
 
 
 class MetricWriter:
@@ -147,9 +131,52 @@ class MetricWriter:
                     self._tb.add_scalar(f"{prefix}/{key}" if prefix else key, float(value), int(step))
             self._tb.flush()
 
+    def write_summary(self, config: dict, metrics: dict, text: Optional[dict] = None,
+                      images: Optional[dict] = None) -> None:
+        """TensorBoard at the end of a run: `config` (nested dict) flattened into hparams with
+        `metrics` (name → number) beside them, `text` (tag → markdown) and `images` (tag → PNG
+        path; missing files are skipped)."""
+        if self._tb is None:
+            return
+        hparams = {k: _hparam_value(v) for k, v in flatten(config).items()}
+        values = {f"hparam/{k}": float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float, np.number)) and math.isfinite(float(v))}
+        self._tb.add_hparams(hparams, values, name="hparams")
+        for tag, markdown in (text or {}).items():
+            self._tb.add_text(tag, markdown, 0)
+        for tag, path in (images or {}).items():
+            if os.path.isfile(path):
+                from PIL import Image
+
+                with Image.open(path) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                self._tb.add_image(tag, pixels, 0, dataformats="HWC")
+        self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} → {'a.b': 1} (config keys as written on the command line)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _hparam_value(value):
+    """TensorBoard hparams take bool, int, float or str; anything else (None, lists) as text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 def pareto_front(macs: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
