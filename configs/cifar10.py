@@ -34,9 +34,9 @@ Variants:
                 rate 0.1: without residuals it diverges at 0.4): predicted 8-12 H200-minutes,
                 unpruned 92-93.5 %.
   lenet         LeNet-5 on the full split (45k / 5k / 10k) on a 2-core CPU: 20 epochs of batch 128
-                at 0.05, 5-epoch fine-tunes, 12 rounds x 32 candidates scored on the whole
-                validation split; kept channels on a grid of 1 (6 and 16 channels). See the README
-                results table for the measured run.
+                at 0.05, 3-epoch fine-tunes, 8 rounds x 32 candidates scored on 2,000 validation
+                images; kept channels on a grid of 1 (6 and 16 channels). See the README results
+                table for the measured run.
   cpu           ResNet-20 on a 5,000-image subset for 5 epochs, a demonstration. Measured at
                 commit 519d0fa, before `prune.channel_multiple = 8` and this training loop:
                 unpruned 49.5 %, pruned 45.3-47.9 % (experiments/2026-11-28_cifar10_cpu); not
@@ -186,13 +186,13 @@ def get_config(arg=None):
         config.train.learning_rate = 0.05
         config.train.checkpoint_every = 1755  # every 5 epochs of 351 steps
         config.prune.channel_multiple = 1  # 6 and 16 channels: a grid of 8 would freeze them
-        config.finetune.epochs = 5
+        config.finetune.epochs = 3
         config.finetune.learning_rate = 0.01
-        config.search.rounds = 12
+        config.search.rounds = 8
         config.search.candidates = 32
-        config.search.calib_batches = 4
+        config.search.calib_batches = 2
         config.search.calib_batch_size = 128
-        config.search.val_examples = 5000
+        config.search.val_examples = 2000
         config.search.lower = 0.1
     elif arg == "cpu":
         config.data.train_size = 5000
