@@ -853,13 +853,32 @@ def mask_vector(label: Label, length: int, group_masks: Dict[int, Any], dtype):
     return vec
 
 
+def _varying(x) -> frozenset:
+    try:
+        return frozenset(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+    except TypeError:
+        return frozenset()
+
+
+def _match_varying(ins):
+    """Inside `shard_map`, casts inputs to the union of their varying manual axes (what
+    `jax.numpy` / `lax` wrappers do before binding; `bind` alone does not)."""
+    vmas = [_varying(x) for x in ins]
+    union = frozenset().union(*vmas)
+    if not union:
+        return ins
+    return [x if v == union else
+            jax.lax.pcast(jnp.asarray(x), tuple(sorted(union - v)), to="varying")
+            for x, v in zip(ins, vmas)]
+
+
 def _apply_mask(x, label: Label, group_masks):
     vec = mask_vector(label, x.shape[label.axis], group_masks, x.dtype)
     if vec is None:
         return x
     view = [1] * x.ndim
     view[label.axis] = x.shape[label.axis]
-    return x * vec.reshape(view)
+    return jnp.multiply(x, vec.reshape(view))
 
 
 def evaluate(prog: Program, flat_inputs: Sequence[Any], *, sites: Sequence[Site] = (),
@@ -879,15 +898,21 @@ def evaluate(prog: Program, flat_inputs: Sequence[Any], *, sites: Sequence[Site]
     if group_masks:
         for s in sites:
             at.setdefault(s.eqn, []).append(s)
+    masked = {}  # value id -> masked value: a value read by several consumers is masked once
     for e_idx, eqn in enumerate(prog.eqns):
         ins = [_read(env, r) for r in eqn.ins]
         for s in at.get(e_idx, ()):
-            ins[s.operand] = _apply_mask(ins[s.operand], s.label, group_masks)
+            r = eqn.ins[s.operand]
+            if r not in masked:
+                masked[r] = _apply_mask(ins[s.operand], s.label, group_masks)
+            ins[s.operand] = masked[r]
         params = eqn.params
         if param_overrides and e_idx in param_overrides:
             params = param_overrides[e_idx]
         if dynamic_params and e_idx in dynamic_params:
             params = dynamic_params[e_idx](ins, params)
+        if len(ins) > 1:
+            ins = _match_varying(ins)
         outs = eqn.prim.bind(*ins, **params)
         if not eqn.prim.multiple_results:
             outs = (outs,)
