@@ -23,7 +23,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file in configs/ (e.g. configs/cifar10.py or configs/cifar10.py:smoke).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_QUIET = flags.DEFINE_bool("quiet", False, "No progress bars or tables on the terminal.")
+_QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors: no log lines, no bars, no "
+                           "table (results.md, results.json and metrics.jsonl are still written).")
+_PROGRESS = flags.DEFINE_bool("progress", None, "Progress bars on (--progress) or off "
+                              "(--noprogress); default: only when stderr is a terminal, so a "
+                              "redirected log gets plain lines.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
@@ -139,7 +143,7 @@ def main(argv):
             fail(f"--config: the config file fails to load: {e}.")
         if config is None:
             fail("--config gave no config; use e.g. --config=configs/quickstart.py.")
-        pipeline.run(config, workdir, progress=not _QUIET.value)
+        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value)
     except KeyboardInterrupt:
         print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
         _exit(INTERRUPTED_STATUS)

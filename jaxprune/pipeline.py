@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -50,7 +51,8 @@ class Context:
     model: Any  # models.FunctionalModel (dense)
     writer: report_lib.MetricWriter
     keys: dict
-    progress: bool = True
+    progress: bool = True  # False: quiet (no log lines, no table)
+    bars: Optional[bool] = None  # progress bars; None: only on a terminal
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
     _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
@@ -299,6 +301,15 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
     return result.state, result.train_seconds
 
 
+def _bars(ctx: Context) -> bool:
+    if ctx.bars is not None:
+        return bool(ctx.bars)
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _log(ctx: Context, text: str) -> None:
     if ctx.progress:
         print(text, flush=True)
@@ -531,7 +542,30 @@ def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=No
     tree = {"params": params, "batch_stats": batch_stats}
     if masks is not None:
         tree["masks"] = masks
-    checkpointer.save_replacing(tree, {"method": method, "spec": _spec_json(model.spec)})
+    changed = checkpointer.save_replacing(tree, {"method": method,
+                                                 "spec": _spec_json(model.spec)})
+    # What running the model needs besides its params (normalisation, input, precision), in one
+    # file beside them; `_attach_rows` adds the result row at the end of the run (an unchanged
+    # model keeps the row it has).
+    path = os.path.join(ctx.workdir, "models", method, MODEL_INFO)
+    row = None
+    if not changed:
+        try:
+            row = ckpt_lib.load_json(path).get("row")
+        except (OSError, ValueError, AttributeError):
+            row = None
+    ds = ctx.dataset
+    ckpt_lib.save_json(path, {
+        "method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
+        "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
+        "input": "uint8 pixels 0..255, NHWC; normalised as (x - mean) / std per channel",
+        "mean": np.asarray(ds.mean, np.float32).tolist(),
+        "std": np.asarray(ds.std, np.float32).tolist(),
+        "precision": str(ctx.config.train.precision), "masked": masks is not None,
+        "row": row, "config": ctx.config.to_dict()})
+
+
+MODEL_INFO = "model.json"  # models/<method>/model.json: see save_compact
 
 
 def _spec_json(spec) -> dict:
@@ -565,6 +599,70 @@ def restore_model(workdir: str, method: str = "unpruned"):
                                 widths=tuple((k, int(v)) for k, v in spec["widths"]))
     model = models_lib.model_from_spec(spec, tree["params"], tree["batch_stats"])
     return model, model.params, model.batch_stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A saved model ready to run: `predictor(images_uint8) -> logits` (float32 [N, classes]).
+
+    Needs no dataset or config: the normalisation, input shape and precision come from
+    `models/<method>/model.json` (`info`, which also holds the spec, the config and the
+    method's result row). `apply(params, batch_stats, images)` is the pure function behind it
+    (for `jax.jit` / `jax.export`)."""
+    model: Any  # models.FunctionalModel
+    params: Any
+    batch_stats: Any
+    info: dict
+    batch_size: int = 256
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.info["input_shape"])
+
+    def apply(self, params, batch_stats, images) -> jax.Array:
+        """uint8 (or float pixel-valued) NHWC images → float32 logits, as the evaluation does."""
+        forward = train_lib.mixed_apply(self.model.apply, str(self.info.get("precision", "fp32")))
+        x = data_lib.normalize(images, np.asarray(self.info["mean"], np.float32),
+                               np.asarray(self.info["std"], np.float32))
+        return forward(params, batch_stats, x, train=False)[0]
+
+    @functools.cached_property
+    def _compiled(self):
+        return jax.jit(self.apply)
+
+    def __call__(self, images) -> np.ndarray:
+        images = np.asarray(images)
+        if images.shape == self.input_shape:  # one image
+            return self(images[None])[0]
+        if images.shape[1:] != self.input_shape:
+            raise ValueError(f"images of shape {images.shape}: the model takes "
+                             f"[N, {', '.join(map(str, self.input_shape))}] pixels (0..255).")
+        n, b = images.shape[0], self.batch_size
+        out = []
+        for start in range(0, n, b):  # fixed-size batches: compiled once
+            chunk = images[start:start + b]
+            pad = b - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+            out.append(np.asarray(self._compiled(self.params, self.batch_stats, chunk))[:b - pad])
+        return np.concatenate(out) if out else np.zeros((0, int(self.info["num_classes"])),
+                                                        np.float32)
+
+
+def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256) -> Predictor:
+    """The saved model of `method` as a `Predictor`: `load_predictor(workdir, 'evolution')(images)`
+    gives the logits the evaluation computes, from uint8 images alone."""
+    model, params, batch_stats = restore_model(workdir, method)
+    path = os.path.join(workdir, "models", method, MODEL_INFO)
+    try:
+        info = ckpt_lib.load_json(path)
+    except (OSError, ValueError) as e:
+        raise errors.NotFoundError(
+            f"The saved model {method!r} has no readable {path} (saved by an older version, or "
+            "damaged); run the pipeline on this workdir again to write it (finished phases are "
+            "restored, not redone).") from e
+    return Predictor(model=model, params=params, batch_stats=batch_stats, info=info,
+                     batch_size=int(batch_size))
 
 
 def make_candidate_evaluator(ctx: Context, pruner: Pruner):
@@ -689,7 +787,7 @@ def handset_phase(ctx: Context, pruner: Pruner, method: str) -> dict:
 
 def search_phase(ctx: Context, pruner: Pruner, method: str):
     s = ctx.config.search
-    controller = controllers_lib.get_controller(method)
+    controller = controllers_lib.get_controller(method, **s.get(method, {}))  # search.<method>
     checkpointer = ctx.checkpointer(f"search_{method}", extra={
         "units": pruner.units, "rounds": int(s.rounds), "candidates": int(s.candidates),
         "method": method, "budget": float(pruner.budget), "lower": float(s.lower),
@@ -698,7 +796,8 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
         controller, pruner.space, key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)),
         rounds=int(s.rounds), k=int(s.candidates), evaluate_fn=pruner.evaluator(),
         macs_fn=pruner.cost.macs, params_fn=pruner.cost.params, budget=pruner.budget,
-        budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=method, progress=ctx.progress,
+        budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=method,
+        progress=ctx.progress and _bars(ctx),
         writer=ctx.writer, step=pruner.step)
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
         "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
@@ -716,9 +815,14 @@ def search_phase(ctx: Context, pruner: Pruner, method: str):
 # The whole run
 
 
-def run(config, workdir: str, progress: bool = True) -> list:
-    """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows."""
+def run(config, workdir: str, progress: bool = True, bars: Optional[bool] = None) -> list:
+    """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows.
+
+    progress: False prints nothing (no per-epoch lines, no table; errors still raise).
+    bars: progress bars on (True) or off (False); None: only when stderr is a terminal, so a
+      redirected log gets plain lines. (Training bars follow `train.fit`: terminal only.)"""
     ctx = make_context(config, workdir, progress=progress)
+    ctx.bars = bars
     try:
         return _run_phases(ctx, config, workdir)
     finally:
@@ -766,8 +870,29 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
     if winners:
         report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
     _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
+    merged = report_lib.read_results(workdir)
+    _attach_rows(workdir, merged)
+    # TensorBoard: the flattened config as hparams (metrics: each method's test accuracy), the
+    # table as text, the plots as images.
+    ctx.writer.write_summary(
+        config.to_dict(), {f"accuracy/{r['method']}": r.get("accuracy") for r in merged},
+        text={"results": report_lib.table_markdown(merged)},
+        images={name: os.path.join(workdir, f"{name}.png")
+                for name in ("search_pareto", "keep_ratios")})
     ctx.writer.close()
     return rows
+
+
+def _attach_rows(workdir: str, rows) -> None:
+    """Writes each method's result row into its saved model's `model.json`."""
+    for row in rows:
+        path = os.path.join(workdir, "models", str(row["method"]), MODEL_INFO)
+        try:
+            info = ckpt_lib.load_json(path)
+        except (OSError, ValueError):
+            continue  # no saved model (or an older one without the file)
+        if isinstance(info, dict) and info.get("row") != report_lib.strict_json(dict(row)):
+            ckpt_lib.save_json(path, dict(info, row=row))
 
 
 @contextlib.contextmanager
@@ -799,13 +924,34 @@ USER_ERRORS = (errors.UserError, data_lib.DataNotFoundError, budget_lib.Infeasib
                FloatingPointError)
 
 
+def config_path(name: str) -> str:
+    """The file of a config given by name ('quickstart', 'cifar10') or path: a path that exists
+    as given, else the repository's `configs/<name>.py` (a source checkout), else the copy
+    installed with the package (`jaxprune/configs/`, mapped from `configs/` by pyproject.toml)."""
+    if os.path.isfile(name):
+        return name
+    stem = os.path.splitext(os.path.basename(name))[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(os.path.dirname(here), "configs"), os.path.join(here, "configs")):
+        candidate = os.path.join(folder, stem + ".py")
+        if stem and os.path.isfile(candidate):
+            return candidate
+    return name
+
+
 def load_config(path: str, arg: Optional[str] = None):
-    """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags)."""
+    """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags).
+
+    `path`: a file ('configs/cifar10.py') or a name ('quickstart', 'cifar10'), optionally with
+    the variant after ':' ('cifar10:smoke'); names work from an installed package too."""
     import importlib.util
 
+    if arg is None and ":" in os.path.basename(path):
+        path, _, arg = path.rpartition(":")
+    path = config_path(path)
     if not os.path.isfile(path):
-        raise errors.NotFoundError(f"No config file at {path}; configs live in the repository's "
-                                   "configs/ (e.g. configs/quickstart.py).")
+        raise errors.NotFoundError(f"No config file at {path}; give a name (quickstart, cifar10, "
+                                   "mnist) or a file like configs/quickstart.py.")
     spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise errors.NotFoundError(f"{path} is not a Python config file; use one like "
