@@ -14,7 +14,8 @@ TFDS = os.environ.get("TFDS_DATA_DIR", "")
 
 def test_the_notebooks_are_there():
     names = {os.path.basename(p) for p in NOTEBOOKS}
-    assert {"quickstart.ipynb", "cifar10_search.ipynb", "restore_finetune_export.ipynb"} <= names
+    assert {"quickstart.ipynb", "cifar10_search.ipynb", "restore_finetune_export.ipynb",
+            "prune_your_own_model.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
