@@ -297,7 +297,7 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
         epochs=int(epochs), batch_size=int(t.batch_size), key=key, recipe=schedule,
         evaluate=_eval_fn(ctx, apply_fn), val="val", checkpointer=checkpointer,
         checkpoint_every=int(t.checkpoint_every), writer=ctx.writer, phase=phase,
-        seconds_so_far=seconds, progress=ctx.progress)
+        seconds_so_far=seconds, progress=ctx.progress, bars=_bars(ctx))
     return result.state, result.train_seconds
 
 

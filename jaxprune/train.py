@@ -431,13 +431,16 @@ def fit(state: TrainState, train_fn, *, images, labels, epochs: int, batch_size:
         recipe: Recipe, evaluate: Optional[Callable] = None, val=None,
         checkpointer=None, checkpoint_every: int = 0, meta: Optional[dict] = None,
         writer=None, phase: str = "train", seconds_so_far: float = 0.0,
-        progress: bool = True, stop_at_step: Optional[int] = None) -> FitResult:
+        progress: bool = True, bars: Optional[bool] = None,
+        stop_at_step: Optional[int] = None) -> FitResult:
     """Runs `epochs` epochs of `train_fn` (from `make_train_fn`) from `state.step` on.
 
     `images`/`labels` are the training split (put on the device once here if they are host
     arrays; pass device arrays to share them between phases). After every epoch, `evaluate(params,
     batch_stats, val)` if given. Saves through `checkpointer` every `checkpoint_every` steps and
-    at the end. `stop_at_step` ends early without the final save (as a kill would).
+    at the end. `progress` prints a line per epoch; `bars` draws a progress bar (None: only when
+    stderr is a terminal, so a log file gets plain lines). `stop_at_step` ends early without the
+    final save (as a kill would).
 
     Raises:
       NonFiniteError: a training loss became NaN/inf; the state of that chunk is not saved.
@@ -454,7 +457,7 @@ def fit(state: TrainState, train_fn, *, images, labels, epochs: int, batch_size:
     seconds = float(seconds_so_far)
     perm_key, aug_key = jax.random.split(key)
     bar = None
-    if progress and _is_terminal():
+    if progress and (_is_terminal() if bars is None else bars):
         from tqdm.auto import tqdm  # only on a terminal: a log file gets plain lines
         bar = tqdm(total=total_steps, initial=start, desc=phase, unit="step", leave=False,
                    dynamic_ncols=True)
