@@ -82,6 +82,7 @@ def get_config(arg=None):
     config.search.val_examples = 300
     config.search.lower = 0.05
     config.search.step = 0.0
+    config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
     # Controller hyper-parameters (today's defaults; see each make_* in jaxprune/search/).
     config.search.reinforce = ml_collections.ConfigDict(dict(
         learning_rate=0.2, entropy_weight=1e-3, baseline_decay=0.8, num_bins=10,
