@@ -385,9 +385,11 @@ class Pruner:
         lower = np.full((len(self.units),), float(s.lower), np.float32)
         self.step = float(s.step) or None
         multiple = int(cfg.get("channel_multiple", 1) or 1)
-        if self.granularity == "channel" and multiple > 1:
-            # Kept channel counts in whole multiples (e.g. 8): odd widths leave most of the
-            # speed-up on the table (XLA's conv kernels vectorise over channels).
+        if self.granularity == "channel":
+            # Kept channel counts in whole multiples (e.g. 8: odd widths leave most of the
+            # speed-up on the table, XLA's conv kernels vectorise over channels), and in whole
+            # channels at least: a continuous keep is rounded to channels by the masks, so a
+            # projection that ignored the grid would plan MACs the model does not have.
             sizes = np.asarray([g.size for g in m.groups], np.float32)
             self.step = np.minimum(multiple / sizes, 1.0).astype(np.float32)
             lower = np.minimum(np.ceil(lower / self.step - 1e-5) * self.step, 1.0).astype(np.float32)

@@ -129,3 +129,26 @@ def test_one_compiled_train_fn_and_eval_fn_serve_dense_and_finetune(tmp_path):
     (train_fn,) = ctx._train_fns.values()
     assert train_fn._cache_size() == 1  # one chunk length (a whole epoch) for both phases
     assert ctx._eval_fns[ctx.model.apply].compiled._cache_size() == 1
+
+
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_projected_channel_keeps_are_whole_channels(tmp_path, multiple):
+    """Channel keeps are projected on the grid of whole channels (or multiples): the masks keep
+    exactly the planned channels, so the planned MACs are the model's MACs, within the budget."""
+    import types
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.channel_multiple = multiple
+        config.prune.sparsity = 0.5
+    ctx = pipeline.make_context(config, str(tmp_path), progress=False)
+    dense = types.SimpleNamespace(params=ctx.model.params, batch_stats=ctx.model.batch_stats)
+    pruner = pipeline.Pruner(ctx, dense)
+    sizes = np.asarray([g.size for g in ctx.model.groups])
+    rng = np.random.default_rng(0)
+    for keep in [np.ones(len(sizes))] + [rng.uniform(0.2, 1.0, len(sizes)) for _ in range(5)]:
+        projected = pruner.project(keep.astype(np.float32))
+        _, channel_keep = pruner.masks_for(projected)
+        kept = np.asarray([int(np.sum(channel_keep[g.name])) for g in ctx.model.groups])
+        np.testing.assert_allclose(kept / sizes, projected, atol=1e-5)
+        assert np.all((kept % multiple == 0) | (kept == sizes))
+        assert float(pruner.cost.macs(projected)) <= pruner.budget + 1e-3
