@@ -18,6 +18,8 @@ used for the final numbers. No augmentation (flips and crops change digits).
 import ml_collections
 from ml_collections import config_dict
 
+from jaxprune.search import controllers as controllers_lib
+
 
 def get_config(arg=None):
     """arg: None (full run) or 'smoke' (tests, seconds)."""
@@ -84,17 +86,10 @@ def get_config(arg=None):
     config.search.lower = 0.2
     config.search.step = 0.0
     config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
-    # Controller hyper-parameters (today's defaults; see each make_* in jaxprune/search/).
-    config.search.reinforce = ml_collections.ConfigDict(dict(
-        learning_rate=0.2, entropy_weight=1e-3, baseline_decay=0.8, num_bins=10,
-        autoregressive=False, normalize_advantages=True, reward_shaping="none",
-        clip_epsilon=0.0, update_epochs=1))
-    config.search.gan = ml_collections.ConfigDict(dict(
-        elite_size=16, noise_size=8, hidden_size=32, learning_rate=5e-3, train_steps=5,
-        explore_std=0.05, explore_fraction=0.125, elite_weighting="uniform"))
-    config.search.evolution = ml_collections.ConfigDict(dict(
-        population_size=16, tournament_size=2, crossover_prob=0.5, mutation_prob=0.5,
-        mutation_std=0.1, survival="elitist"))
+    # Controller hyper-parameters, defaults read off each factory (jaxprune/search/); override
+    # e.g. --config.search.reinforce.learning_rate=0.1.
+    for name in ("reinforce", "gan", "evolution"):
+        config.search[name] = ml_collections.ConfigDict(controllers_lib.default_hparams(name))
 
     if arg == "smoke":
         config.data.val_size = 32

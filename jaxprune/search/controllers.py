@@ -25,7 +25,7 @@ from jaxprune.search.gan import make_gan
 from jaxprune.search.reinforce import make_reinforce
 from jaxprune.search.space import Controller, SearchSpace
 
-__all__ = ["CONTROLLERS", "Controller", "get_controller", "with_seeds"]
+__all__ = ["CONTROLLERS", "Controller", "default_hparams", "get_controller", "with_seeds"]
 
 CONTROLLERS = {
     "reinforce": make_reinforce,
@@ -93,3 +93,13 @@ def get_controller(name: str, seeds: Optional[Any] = None, **overrides) -> Contr
             f"{allowed or 'none'}.")
     controller = factory(**overrides)
     return controller if seeds is None else with_seeds(controller, seeds)
+
+
+def default_hparams(name: str) -> dict:
+    """The hyper-parameters of controller `name` with their defaults, read off its factory's
+    signature (the one source of truth; configs declare `search.<name>` from this)."""
+    if name not in CONTROLLERS:
+        raise ValueError(
+            f"Unknown search controller {name!r}; known: {', '.join(sorted(CONTROLLERS))}.")
+    return {p.name: p.default for p in inspect.signature(CONTROLLERS[name]).parameters.values()
+            if p.default is not inspect.Parameter.empty}
