@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import platform
-import sys
 import time
 import zlib
 from typing import Any, Optional
@@ -29,7 +27,6 @@ from jaxprune import data as data_lib
 from jaxprune import errors
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
-from jaxprune import parallel
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
 from jaxprune import train as train_lib
@@ -302,12 +299,7 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
 
 
 def _bars(ctx: Context) -> bool:
-    if ctx.bars is not None:
-        return bool(ctx.bars)
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
+    return train_lib.is_terminal() if ctx.bars is None else bool(ctx.bars)
 
 
 def _log(ctx: Context, text: str) -> None:

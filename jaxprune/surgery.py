@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp

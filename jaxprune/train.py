@@ -420,7 +420,8 @@ def chunk_bounds(start: int, total_steps: int, steps_per_epoch: int, checkpoint_
     return bounds
 
 
-def _is_terminal() -> bool:
+def is_terminal() -> bool:
+    """Whether stderr is a terminal (progress bars there; plain lines in a log file)."""
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -457,7 +458,7 @@ def fit(state: TrainState, train_fn, *, images, labels, epochs: int, batch_size:
     seconds = float(seconds_so_far)
     perm_key, aug_key = jax.random.split(key)
     bar = None
-    if progress and (_is_terminal() if bars is None else bars):
+    if progress and (is_terminal() if bars is None else bars):
         from tqdm.auto import tqdm  # only on a terminal: a log file gets plain lines
         bar = tqdm(total=total_steps, initial=start, desc=phase, unit="step", leave=False,
                    dynamic_ncols=True)

@@ -133,7 +133,7 @@ def test_fit_resumes_to_the_same_state(setup, tmp_path):
                      key=key(), recipe=recipe, progress=False).state
     ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), fingerprint={"m": 1})
     # First run killed after step 6 (mid-epoch): its last checkpoint is step 6.
-    part = train.fit(fresh(), train_fn, images=images, labels=labels, epochs=2, batch_size=8,
+    train.fit(fresh(), train_fn, images=images, labels=labels, epochs=2, batch_size=8,
                      key=key(), recipe=recipe, checkpointer=ckpt, checkpoint_every=2,
                      progress=False, stop_at_step=6)
     ckpt.wait()
