@@ -12,6 +12,7 @@ import difflib
 import errno
 import os
 import re
+import signal
 import sys
 
 from absl import app
@@ -33,6 +34,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
 INTERRUPTED = ("jaxprune: interrupted; rerun the same command to resume (finished phases and "
                "the last checkpoint of the current one are kept).")
+_SIGINTS = []  # times a SIGINT arrived (see _on_sigint)
+
+
+def _on_sigint(signum, frame):
+    """Records the Ctrl-C, then raises KeyboardInterrupt as Python's own handler does. The
+    record matters because the KeyboardInterrupt does not always arrive as one: raised inside
+    a Python function that C++ code called (JAX hashing a static argument, a callback), it
+    comes back wrapped in another exception (jax-ml/jax#9082)."""
+    del signum, frame
+    _SIGINTS.append(True)
+    raise KeyboardInterrupt
 
 
 def _exit(status: int) -> None:
@@ -133,6 +145,8 @@ def main(argv):
              "or --workdir= flag.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup &)
+        signal.signal(signal.SIGINT, _on_sigint)
     workdir = _WORKDIR.value
     try:
         from jaxprune import pipeline  # after flag parsing, so --help is fast
@@ -148,6 +162,9 @@ def main(argv):
         print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
         _exit(INTERRUPTED_STATUS)
     except Exception as e:  # noqa: BLE001 - sorted into bad input and bugs here
+        if _SIGINTS:  # the Ctrl-C, wrapped in another exception on its way up
+            print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
+            _exit(INTERRUPTED_STATUS)
         pipeline = sys.modules.get("jaxprune.pipeline")
         if pipeline is not None and isinstance(e, pipeline.USER_ERRORS):
             fail(e, now=True)  # bad input: one clear message, no traceback

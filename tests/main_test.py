@@ -109,6 +109,23 @@ def test_diverging_training_full_disk_and_user_errors_are_one_line(tmp_path):
     assert_one_line_error(r, "cannot read x; fix y")
 
 
+def test_ctrl_c_wrapped_in_another_exception_still_stops_with_a_resume_hint(tmp_path):
+    # JAX re-raises a KeyboardInterrupt that hits Python code called from C++ (hashing a static
+    # argument) as a ValueError that names it (jax-ml/jax#9082); seen in CI as exit 1.
+    r = run_harness(tmp_path, "import os, signal, time\n"
+                              "    try:\n"
+                              "        os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+                              "    except KeyboardInterrupt:\n"
+                              "        raise ValueError('Non-hashable static arguments ... "
+                              "The error was: KeyboardInterrupt')")
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "interrupted; rerun the same command to resume" in r.stderr
+    assert "Traceback" not in r.stderr
+    # Without a Ctrl-C the same exception is a bug and keeps its traceback (exit 1).
+    r = run_harness(tmp_path, "raise ValueError('The error was: KeyboardInterrupt')")
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
 def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "jaxprune.main", f"--config={QUICK}:smoke",
                              f"--workdir={tmp_path}", "--quiet"], cwd=REPO, env=ENV,
