@@ -1,7 +1,7 @@
 """Search quality: best proxy accuracy found per controller for the same number of candidates.
 
 For one config (dataset, model, budget) the dense model is trained once (or restored from the
-workdir), one `pipeline.Pruner` is built (one set of importance scores, one budget, one
+workdir), one `jaxprune.Pruner` is built (one set of importance scores, one budget, one
 batched evaluator), and then every controller in --methods runs `search.loop.run` for every
 seed in --seeds with the SAME rounds × candidates. No fine-tuning: the quantity compared is
 the proxy accuracy the pipeline itself uses to pick a winner (adaptive BN on calibration
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import os
 import sys
@@ -141,13 +140,7 @@ def holdout_evaluator(ctx, pruner, n: int):
         print(f"--holdout: no validation images beyond the first {start} "
               f"(the split has {ds.val_images.shape[0]}); skipped.", flush=True)
         return None, 0
-    config = ctx.config.copy_and_resolve_references()
-    with config.unlocked():
-        config.search.val_examples = n
-    held = ds._replace(val_images=ds.val_images[start:start + n],
-                       val_labels=ds.val_labels[start:start + n])
-    other = dataclasses.replace(ctx, config=config, dataset=held)
-    return pipeline.make_candidate_evaluator(other, pruner), n
+    return pipeline.candidate_evaluator(ctx, pruner, val=(start, n)), n
 
 
 def run_study(args, config) -> dict:
@@ -171,8 +164,8 @@ def run_study(args, config) -> dict:
     t0 = time.perf_counter()
     dense_state, dense_row = pipeline.dense_phase(ctx)
     dense_seconds = time.perf_counter() - t0
-    pruner = pipeline.Pruner(ctx, dense_state)
-    evaluate_fn = pruner.evaluator()
+    pruner = pipeline.make_pruner(ctx, dense_state)
+    evaluate_fn = pipeline.candidate_evaluator(ctx, pruner)
     g = len(pruner.units)
 
     # References (and the evaluator's compilation, so no method pays it inside its search).

@@ -66,10 +66,12 @@ def get_config(arg=None):
     config.prune.scope = "layerwise"
     config.prune.target = "macs"
     config.prune.sparsity = 0.5
-    config.prune.criterion = "l1"
+    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale (channels)
     config.prune.schedule = "oneshot"
     config.prune.channel_multiple = 1  # LeNet-5 has 6 and 16 conv channels: no rounding
-    config.prune.sensitivity_batches = 4
+    config.prune.sensitivity_batches = 4  # training batches the gradient-sensitivity criteria (taylor, snip) average over
+    config.prune.imp_rounds = 3  # prune.schedule="imp": prune-rewind-train rounds
+    config.prune.n, config.prune.m = 2, 4  # prune.granularity="nm": keep n of every m weights
 
     config.finetune = ml_collections.ConfigDict()
     config.finetune.epochs = 3

@@ -2,15 +2,24 @@
 
 __version__ = "0.1.0"
 
-# Structured pruning of any traced model (issue #10): `jaxprune.discover_groups`,
-# `jaxprune.mask_activations`, `jaxprune.compact`. Resolved lazily so that `import jaxprune`
-# does not import JAX (scripts set XLA flags first).
-_LAZY = {"discover_groups": "discover", "mask_activations": "discover", "Discovery": "discover",
-         "compact": "surgery"}
+# The library API (see the README, "Use on your own model"). Resolved lazily so that
+# `import jaxprune` does not import JAX (scripts set XLA flags first).
+_LAZY = {
+    # the pruning problem of any model: scores, cost, budget, search, fine-tune, compaction
+    "Pruner": "pruner", "train_model": "pruner", "functional": "pruner", "linen_apply": "pruner",
+    # channel groups and masks from the jaxpr, compaction, saving the compact model
+    "discover_groups": "discover", "mask_activations": "discover", "Discovery": "discover",
+    "compact": "surgery", "save_compact": "surgery", "load_compact": "surgery",
+    # the driver's saved models
+    "restore_model": "pipeline", "load_predictor": "pipeline",
+}
+_RENAMED = {"save_compact": "save", "load_compact": "load"}
+__all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f"jaxprune.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(f"jaxprune.{_LAZY[name]}"),
+                       _RENAMED.get(name, name))
     raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")

@@ -26,8 +26,7 @@ from jaxprune.errors import ConfigError
 MODELS = ("lenet5", "mlp", "vgg16", "resnet20", "resnet56", "resnet18")
 PRUNE_METHODS = ("threshold", "sensitivity")
 SEARCH_METHODS = ("reinforce", "gan", "evolution", "random", "uniform")
-# The pipeline scores weights with criterion(params) alone, so only magnitude criteria fit here.
-CRITERIA = ("l1", "l2")
+CRITERIA = ("l1", "l2", "magnitude", "taylor", "snip", "random", "bn_scale")
 CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "step", "constant"),
@@ -305,6 +304,10 @@ def problems(config) -> list[str]:
                      "and search.methods='' with it, or granularity 'channel' / 'unstructured'")
     if granularity == "nm" and _lookup(config, "prune.schedule") != "oneshot":
         found.append("prune.granularity='nm' supports only prune.schedule='oneshot'")
+    if _lookup(config, "prune.criterion") == "bn_scale" and granularity != "channel":
+        found.append(f"prune.criterion='bn_scale' scores channels (BatchNorm scales), not the "
+                     f"weights that prune.granularity={granularity!r} prunes; use granularity "
+                     "'channel' or a weight criterion (l1, l2, taylor, snip, random)")
     return found
 
 

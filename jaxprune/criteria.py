@@ -127,6 +127,41 @@ def get_criterion(name: str) -> Callable:
     return CRITERIA[name]
 
 
+class Scores(NamedTuple):
+    """What `score` returns: `weights` shaped like params (None for a channel-only criterion)
+    and `channels` {group: float[size]} when the criterion scores channels directly (else None:
+    `masks.channel_scores` reduces the weight scores over each group)."""
+    weights: PyTree
+    channels: dict | None = None
+
+
+GRADIENT_CRITERIA = ("taylor", "snip")
+
+
+def score(name: str, params: PyTree, *, groups: Sequence[ChannelGroup] = (),
+          loss_fn: Callable | None = None, batches: Iterable | None = None,
+          key: jax.Array | None = None) -> Scores:
+    """Every criterion of `CRITERIA` behind one signature.
+
+    Args:
+      name: 'l1', 'l2' (|w|, w^2), 'taylor', 'snip' (need `loss_fn(params, batch)` and
+        `batches`), 'random' (needs `key`), 'bn_scale' (needs `groups`; channels only).
+    """
+    get_criterion(name)
+    if name in GRADIENT_CRITERIA:
+        if loss_fn is None or batches is None:
+            raise ValueError(f"criterion {name!r} is gradient-based: pass loss_fn and batches "
+                             "(a few training batches).")
+        return Scores(CRITERIA[name](loss_fn, params, batches))
+    if name == "random":
+        if key is None:
+            raise ValueError("criterion 'random' needs a PRNG key.")
+        return Scores(random(key, params))
+    if name == "bn_scale":
+        return Scores(None, bn_scale(params, groups))
+    return Scores(CRITERIA[name](params))
+
+
 # --------------------------------------------------------------------------------------------
 # sensitivity analysis
 # --------------------------------------------------------------------------------------------

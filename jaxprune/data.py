@@ -130,7 +130,7 @@ def _load_portable(name: str, path: str):
     return decoded[:4]
 
 
-def _load_digits():
+def load_digits():
     """The UCI 8x8 digits embedded in the package (0..16 grey levels) → uint8 0..255, NHWC, C=1.
 
     The same arrays, byte for byte, as scikit-learn's `load_digits` gave (see
@@ -149,7 +149,7 @@ def _source(name: str, data_dir: Optional[str], download: bool = False,
             portable: Optional[tuple] = None):
     """`portable`: None (TFDS) or (absolute path, mtime) of a portable file."""
     if name == "digits":
-        arrays = _load_digits()
+        arrays = load_digits()
     elif portable is not None:
         arrays = _load_portable(name, portable[0])
     else:

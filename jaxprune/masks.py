@@ -17,6 +17,8 @@ This module works on any pytree of arrays and never imports Flax.
 """
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.structure import ChannelGroup, Path
+from jaxprune.structure import ChannelGroup, Path, as_path, leaves_with_paths, path_str  # noqa: F401
 
 PyTree = Any
 PrunableFn = Callable[[Path, Any], bool]
@@ -37,30 +39,7 @@ GRANULARITIES = ("unstructured", "channel", "nm")
 # --------------------------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------------------------
-def _key_str(entry) -> str:
-    """One jax key-path entry (DictKey, GetAttrKey, SequenceKey, ...) as a str."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def as_path(path) -> Path:
-    """A path given as a tuple of keys or as 'a/b/c' -> tuple of str."""
-    if isinstance(path, str):
-        return tuple(path.split("/"))
-    return tuple(str(p) for p in path)
-
-
-def path_str(path: Path) -> str:
-    """Human-readable form of a path, e.g. 'block1/conv1/kernel'."""
-    return "/".join(str(p) for p in path)
-
-
-def leaves_with_paths(tree: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
-    """[(path, leaf)] in tree-flatten order plus the treedef; paths are tuples of str."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [(tuple(_key_str(k) for k in kp), leaf) for kp, leaf in flat], treedef
+# The tree-path helpers live in structure.py (no JAX there); re-exported here.
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +459,27 @@ def nm_mask(scores: jax.Array, n: int = 2, m: int = 4, *, path: Path = ()) -> ja
     rank = jnp.argsort(order, axis=-1, stable=True)
     keep = (rank < n).reshape(x.shape)
     return jnp.moveaxis(keep, -1, -2)
+
+
+def check_nm(params: PyTree, n: int, m: int, prunable_fn: PrunableFn | None = None) -> None:
+    """Raises ValueError, before any work, when an n:m pattern cannot apply to every prunable
+    leaf: naming each leaf whose input dimension (axis -2) m does not divide, and the m that
+    would fit them all."""
+    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+        raise ValueError(f"N:M pruning needs integers 1 <= n <= m; got n={n!r}, m={m!r}.")
+    fn = default_prunable if prunable_fn is None else prunable_fn
+    dims = {path_str(p): np.shape(x)[-2] for p, x in leaves_with_paths(params)[0]
+            if fn(p, x) and np.ndim(x) >= 2}
+    bad = {k: d for k, d in dims.items() if d % m}
+    if bad:
+        common = functools.reduce(math.gcd, dims.values())
+        fits = [d for d in range(2, common + 1) if common % d == 0][:4]
+        raise ValueError(
+            f"N:M pruning with m={m}: the input dimension (axis -2) of "
+            + ", ".join(f"'{k}' ({d})" for k, d in bad.items())
+            + f" is not divisible by {m}. Pick an m that divides every prunable leaf "
+            + (f"(e.g. {', '.join(map(str, fits))}), " if fits else "(none > 1 does), ")
+            + "or exclude those leaves from pruning.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import zlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +27,11 @@ from jaxprune import data as data_lib
 from jaxprune import errors
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
+from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
 from jaxprune import train as train_lib
 from jaxprune.search import budget as budget_lib
-from jaxprune.search import controllers as controllers_lib
-from jaxprune.search import evaluate as evaluate_lib
-from jaxprune.search import loop as loop_lib
-from jaxprune.search import space as space_lib
 
 HANDSET_METHODS = ("threshold", "sensitivity")
 
@@ -53,6 +50,7 @@ class Context:
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
     _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
+    _candidate_evaluator: Optional[Callable] = None  # see candidate_evaluator
 
     def device_data(self, split: str):
         """`train` → (images, labels) device arrays; `val` / `test` → `train.EvalData`.
@@ -202,20 +200,40 @@ def make_context(config, workdir: str, progress: bool = True) -> Context:
     workdir = _prepare_workdir(workdir)
     try:
         check_workdir(config, workdir)
+        train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
+        dataset = _load_data(config.data)
+        root = jax.random.key(int(config.seed))
+        names = ("init", "train", "finetune", "search", "calib")
+        keys = dict(zip(names, jax.random.split(root, len(names))))
+        model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
+                                     input_shape=tuple(dataset.input_shape), key=keys["init"])
+        _check_model_fits(config, model)
+        write_run_info(config, workdir)  # only once every check has passed
     except BaseException:
-        ckpt_lib.unlock_workdir(workdir)
+        ckpt_lib.unlock_workdir(workdir)  # a notebook kernel lives on
         raise
-    write_run_info(config, workdir)
-    train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
-    dataset = _load_data(config.data)
-    root = jax.random.key(int(config.seed))
-    names = ("init", "train", "finetune", "search", "calib")
-    keys = dict(zip(names, jax.random.split(root, len(names))))
-    model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
-                                 input_shape=tuple(dataset.input_shape), key=keys["init"])
     writer = report_lib.MetricWriter(workdir)
     return Context(config=config, workdir=workdir, dataset=dataset, model=model, writer=writer,
                    keys=keys, progress=progress)
+
+
+def _check_model_fits(config, model) -> None:
+    """What the config asks of this model's shapes, checked before the dense phase trains."""
+    p = config.prune
+    if str(p.granularity) == "nm" and config_checks.methods(p.methods):
+        try:
+            masks_lib.check_nm(model.params, int(p.get("n", 2)), int(p.get("m", 4)),
+                               masks_lib.make_prunable_fn(exclude=model.unprunable))
+        except ValueError as e:
+            raise errors.ConfigError(f"prune.m={p.get('m', 4)} does not fit "
+                                     f"{config.model.name}: {e}") from None
+    if str(p.criterion) == "bn_scale" and config_checks.methods(p.methods) + \
+            config_checks.methods(config.search.methods):
+        try:
+            criteria_lib.bn_scale(model.params, model.groups)
+        except ValueError as e:
+            raise errors.ConfigError(f"prune.criterion='bn_scale' does not fit "
+                                     f"{config.model.name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,163 +365,116 @@ def dense_phase(ctx: Context):
 # Pruning: keep vectors → masks → fine-tune → compact
 
 
-class Pruner:
-    """Everything a method needs to turn the dense model into a pruned one at the budget."""
+def make_pruner(ctx: Context, dense_state) -> pruner_lib.Pruner:
+    """The library `Pruner` of the trained dense model at the config's budget (the zoo's
+    declared channel groups and its channel-mask hook)."""
+    cfg, s, m, ds = ctx.config.prune, ctx.config.search, ctx.model, ctx.dataset
+    criterion = str(cfg.criterion)
+    score_batches = None
+    if criterion in criteria_lib.GRADIENT_CRITERIA:
+        bs = int(s.calib_batch_size)
+        order = np.asarray(jax.random.permutation(
+            jax.random.fold_in(ctx.keys["calib"], 1), ds.train_images.shape[0]))
+        score_batches = [
+            (data_lib.normalize(jnp.asarray(ds.train_images[idx]), ds.mean, ds.std),
+             jnp.asarray(ds.train_labels[idx]))
+            for idx in np.array_split(order[:bs * int(cfg.sensitivity_batches)],
+                                      int(cfg.sensitivity_batches))]
+    return pruner_lib.Pruner(
+        m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape, groups=m.groups,
+        unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
+        target=str(cfg.target), criterion=criterion, score_batches=score_batches,
+        key=jax.random.fold_in(ctx.keys["calib"], 2), scope=str(cfg.scope),
+        lower=float(s.lower), step=float(s.step),
+        channel_multiple=int(cfg.get("channel_multiple", 1) or 1),
+        n=int(cfg.get("n", 2)), m=int(cfg.get("m", 4)))
 
-    def __init__(self, ctx: Context, dense_state):
-        self.ctx = ctx
-        cfg = ctx.config.prune
-        self.granularity = str(cfg.granularity)
-        self.dense_params = dense_state.params
-        self.dense_batch_stats = dense_state.batch_stats
-        m = ctx.model
-        self.prunable_fn = masks_lib.make_prunable_fn(exclude=m.unprunable)
-        self.scores = criteria_lib.get_criterion(str(cfg.criterion))(dense_state.params)
-        shape = tuple(ctx.dataset.input_shape)
-        if self.granularity == "channel":
-            self.units = [g.name for g in m.groups]
-            self.channel_scores = masks_lib.channel_scores(self.scores, m.groups)
-            self.cost = costs_lib.cost_model(m.apply, m.params, m.batch_stats, shape, m.groups)
-        else:
-            self.units = ["/".join(p) for p in masks_lib.prunable_paths(m.params, self.prunable_fn)]
-            self.channel_scores = None
-            self.cost = costs_lib.unstructured_cost_model(m.apply, m.params, m.batch_stats, shape,
-                                                          prunable_fn=self.prunable_fn)
-        target = str(cfg.target)
-        dense_cost = self.cost.dense_macs if target == "macs" else self.cost.dense_params
-        self.budget_fn = self.cost.macs if target == "macs" else self.cost.params
-        self.budget = float((1.0 - float(cfg.sparsity)) * dense_cost)
-        s = ctx.config.search
-        lower = np.full((len(self.units),), float(s.lower), np.float32)
-        self.step = float(s.step) or None
-        multiple = int(cfg.get("channel_multiple", 1) or 1)
-        if self.granularity == "channel":
-            # Kept channel counts in whole multiples (e.g. 8: odd widths leave most of the
-            # speed-up on the table, XLA's conv kernels vectorise over channels), and in whole
-            # channels at least: a continuous keep is rounded to channels by the masks, so a
-            # projection that ignored the grid would plan MACs the model does not have.
-            sizes = np.asarray([g.size for g in m.groups], np.float32)
-            self.step = np.minimum(multiple / sizes, 1.0).astype(np.float32)
-            lower = np.minimum(np.ceil(lower / self.step - 1e-5) * self.step, 1.0).astype(np.float32)
-        self.space = space_lib.SearchSpace.create(len(self.units), lower=lower, upper=1.0,
-                                                  step=(float(s.step) or None), names=self.units)
-        self.nm = (int(cfg.get("n", 2)), int(cfg.get("m", 4)))
-        if self.granularity != "nm":
-            budget_lib.check_feasible(self.budget_fn, self.space.lower, self.budget,
-                                      dense_cost=dense_cost)
-        self._evaluator = None
 
-    # -- keep vectors ------------------------------------------------------------------------
-    def project(self, keep) -> np.ndarray:
-        keep = jnp.asarray(keep, jnp.float32)[None]
-        out = budget_lib.project(keep, self.budget_fn, self.budget, self.space.lower, self.space.upper,
-                                 step=self.step)
-        return np.asarray(out[0])
+def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
+           extra: Optional[dict] = None) -> dict:
+    """Masks at `keep`, fine-tunes, compacts (channel), saves and measures; returns the row.
 
-    def masks_for(self, keep):
-        keep = jnp.asarray(keep, jnp.float32)
-        if self.granularity == "channel":
-            groups = self.ctx.model.groups
-            channel_keep = masks_lib.channel_keep(self.channel_scores, keep, groups)
-            return masks_lib.channel_masks(channel_keep, groups, self.dense_params), channel_keep
-        if self.granularity == "nm":
-            n, m = self.nm
-            masks = masks_lib.from_scores(self.scores, None, granularity="nm", n=n, m=m,
-                                          prunable_fn=self.prunable_fn)
-            return masks, None
-        masks = masks_lib.from_scores(self.scores, keep, scope="layerwise",
-                                      granularity=self.granularity, prunable_fn=self.prunable_fn)
-        return masks, None
+    The threshold method follows `prune.schedule`: `oneshot` prunes to `keep` and fine-tunes;
+    `gradual` starts dense and raises the sparsity along Zhu & Gupta's cubic schedule during
+    fine-tuning; `imp` prunes in `prune.imp_rounds` rounds, rewinding the survivors to the
+    dense weights before each round's training (lottery-ticket style). Searched and
+    sensitivity keeps are always applied one-shot.
+    """
+    m = ctx.model
+    masks, channel_keep = pruner.masks(keep)
+    schedule = str(ctx.config.prune.schedule) if method == "threshold" else "oneshot"
+    if schedule == "oneshot":
+        state, seconds = _finetune(ctx, pruner, f"finetune_{method}", masks, pruner.params)
+    else:
+        state, seconds = _scheduled(ctx, pruner, method, schedule, keep, masks)
+        masks = state.masks
+        if pruner.granularity == "channel":
+            channel_keep = channel_keep_from_masks(masks, m.groups)
+    keep_list = [float(v) for v in np.asarray(keep)]
+    extra = dict(extra or {}, keep=keep_list, units=pruner.units,
+                 granularity=pruner.granularity, schedule=schedule)
+    if pruner.granularity == "channel":
+        extra["kept_channels"] = {name: int(np.sum(v)) for name, v in channel_keep.items()}
+        compact_model = models_lib.compact_model(
+            m._replace(params=state.params, batch_stats=state.batch_stats), channel_keep)
+        params, batch_stats = compact_model.params, compact_model.batch_stats
+        save_compact(ctx, method, compact_model, params, batch_stats)
+        return measure_row(ctx, method, model=compact_model, params=params,
+                           batch_stats=batch_stats, train_seconds=seconds, extra=extra)
+    save_compact(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
+    return measure_row(ctx, method, model=m, params=state.params, batch_stats=state.batch_stats,
+                       masks=state.masks, train_seconds=seconds, extra=extra)
 
-    # -- batched proxy evaluation -------------------------------------------------------------
-    def evaluator(self):
-        if self._evaluator is None:
-            self._evaluator = make_candidate_evaluator(self.ctx, self)
-        return self._evaluator
 
-    # -- the pruned model -------------------------------------------------------------------
-    def finish(self, method: str, keep, *, extra: Optional[dict] = None) -> dict:
-        """Masks at `keep`, fine-tunes, compacts (channel) and measures; returns the result row.
+def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params,
+              mask_update_fn=None):
+    fcfg, pcfg = ctx.config.finetune, ctx.config.prune
+    kept = masks_lib.count(masks)
+    recipe = {"granularity": pruner.granularity, "scope": str(pcfg.scope),
+              "target": str(pcfg.target), "sparsity": float(pcfg.sparsity),
+              "criterion": str(pcfg.criterion), "schedule": str(pcfg.schedule),
+              "kept_weights": int(kept.kept)}
+    return train_phase(ctx, phase, apply_fn=ctx.model.apply, params=params,
+                       batch_stats=pruner.batch_stats, masks=masks,
+                       epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
+                       warmup_epochs=float(fcfg.warmup_epochs),
+                       key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(phase)),
+                       mask_update_fn=mask_update_fn, recipe=recipe)
 
-        The threshold method follows `prune.schedule`: `oneshot` prunes to `keep` and fine-tunes;
-        `gradual` starts dense and raises the sparsity along Zhu & Gupta's cubic schedule during
-        fine-tuning; `imp` prunes in `prune.imp_rounds` rounds, rewinding the survivors to the
-        dense weights before each round's training (lottery-ticket style). Searched and
-        sensitivity keeps are always applied one-shot.
-        """
-        ctx = self.ctx
-        m = ctx.model
-        masks, channel_keep = self.masks_for(keep)
-        schedule = str(ctx.config.prune.schedule) if method == "threshold" else "oneshot"
-        if schedule == "oneshot":
-            state, seconds = self._finetune(f"finetune_{method}", masks, self.dense_params)
-        else:
-            state, seconds = self._scheduled(method, schedule, keep, masks)
-            masks = state.masks
-            if self.granularity == "channel":
-                channel_keep = channel_keep_from_masks(masks, m.groups)
-        keep_list = [float(v) for v in np.asarray(keep)]
-        extra = dict(extra or {}, keep=keep_list, units=self.units, granularity=self.granularity,
-                     schedule=schedule)
-        if self.granularity == "channel":
-            extra["kept_channels"] = {name: int(np.sum(v)) for name, v in channel_keep.items()}
-            compact_model = models_lib.compact_model(
-                m._replace(params=state.params, batch_stats=state.batch_stats), channel_keep)
-            params, batch_stats = compact_model.params, compact_model.batch_stats
-            save_compact(ctx, method, compact_model, params, batch_stats)
-            return measure_row(ctx, method, model=compact_model, params=params,
-                               batch_stats=batch_stats, train_seconds=seconds, extra=extra)
-        save_compact(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
-        return measure_row(ctx, method, model=m, params=state.params, batch_stats=state.batch_stats,
-                           masks=state.masks, train_seconds=seconds, extra=extra)
 
-    def _finetune(self, phase: str, masks, params, mask_update_fn=None):
-        fcfg = self.ctx.config.finetune
-        pcfg = self.ctx.config.prune
-        kept = masks_lib.count(masks)
-        recipe = {"granularity": self.granularity, "scope": str(pcfg.scope),
-                  "target": str(pcfg.target), "sparsity": float(pcfg.sparsity),
-                  "criterion": str(pcfg.criterion), "schedule": str(pcfg.schedule),
-                  "kept_weights": int(kept.kept)}
-        return train_phase(self.ctx, phase, apply_fn=self.ctx.model.apply, params=params,
-                           batch_stats=self.dense_batch_stats, masks=masks,
-                           epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
-                           warmup_epochs=float(fcfg.warmup_epochs),
-                           key=jax.random.fold_in(self.ctx.keys["finetune"], _stable_hash(phase)),
-                           mask_update_fn=mask_update_fn, recipe=recipe)
-
-    def _scheduled(self, method: str, schedule: str, keep, oneshot_masks):
-        """Gradual or iterative pruning towards the one-shot masks' sparsity."""
-        cfg = self.ctx.config
-        scope = str(cfg.prune.scope)
-        if scope == "layerwise":
-            final = 1.0 - float(np.mean(np.asarray(keep)))  # threshold keeps are uniform per unit
-        else:
-            fn = None if self.granularity == "channel" else self.prunable_fn
-            final = float(masks_lib.count(oneshot_masks, fn).sparsity)
-        groups = self.ctx.model.groups if self.granularity == "channel" else None
-        update = functools.partial(schedules_lib.update_masks, scope=scope,
-                                   granularity=self.granularity, groups=groups,
-                                   prunable_fn=self.prunable_fn)
-        dense_masks = masks_lib.ones_like(self.dense_params)
-        if schedule == "gradual":
-            steps = int(cfg.finetune.epochs) * max(
-                self.ctx.dataset.train_images.shape[0] // int(cfg.train.batch_size), 1)
-            end = max(int(0.75 * steps), 2)
-            sched = schedules_lib.polynomial(final, begin_step=0, end_step=end,
-                                             frequency=max(end // 20, 1))
-            return self._finetune(f"finetune_{method}_gradual", dense_masks, self.dense_params,
-                                  mask_update_fn=lambda step, p, mk: update(step, p, mk, sched))
-        rounds = int(cfg.prune.get("imp_rounds", 3))
-        sched = schedules_lib.imp(rounds, 1.0 - (1.0 - final) ** (1.0 / rounds), round_steps=1)
-        masks, params, seconds = dense_masks, self.dense_params, 0.0
-        state = None
-        for r in range(rounds):
-            masks = update(jnp.int32(r + 1), params, masks, sched)
-            params = schedules_lib.rewind(self.dense_params, masks)
-            state, sec = self._finetune(f"finetune_{method}_imp{r + 1}", masks, params)
-            params, seconds = state.params, seconds + sec
-        return state, seconds
+def _scheduled(ctx: Context, pruner: pruner_lib.Pruner, method: str, schedule: str, keep,
+               oneshot_masks):
+    """Gradual or iterative pruning towards the one-shot masks' sparsity."""
+    cfg = ctx.config
+    scope = str(cfg.prune.scope)
+    if scope == "layerwise":
+        final = 1.0 - float(np.mean(np.asarray(keep)))  # threshold keeps are uniform per unit
+    else:
+        fn = None if pruner.granularity == "channel" else pruner.prunable_fn
+        final = float(masks_lib.count(oneshot_masks, fn).sparsity)
+    groups = ctx.model.groups if pruner.granularity == "channel" else None
+    update = functools.partial(schedules_lib.update_masks, scope=scope,
+                               granularity=pruner.granularity, groups=groups,
+                               prunable_fn=pruner.prunable_fn)
+    dense_masks = masks_lib.ones_like(pruner.params)
+    if schedule == "gradual":
+        steps = int(cfg.finetune.epochs) * max(
+            ctx.dataset.train_images.shape[0] // int(cfg.train.batch_size), 1)
+        end = max(int(0.75 * steps), 2)
+        sched = schedules_lib.polynomial(final, begin_step=0, end_step=end,
+                                         frequency=max(end // 20, 1))
+        return _finetune(ctx, pruner, f"finetune_{method}_gradual", dense_masks, pruner.params,
+                         mask_update_fn=lambda step, p, mk: update(step, p, mk, sched))
+    rounds = int(cfg.prune.get("imp_rounds", 3))
+    sched = schedules_lib.imp(rounds, 1.0 - (1.0 - final) ** (1.0 / rounds), round_steps=1)
+    masks, params, seconds = dense_masks, pruner.params, 0.0
+    state = None
+    for r in range(rounds):
+        masks = update(jnp.int32(r + 1), params, masks, sched)
+        params = schedules_lib.rewind(pruner.params, masks)
+        state, sec = _finetune(ctx, pruner, f"finetune_{method}_imp{r + 1}", masks, params)
+        params, seconds = state.params, seconds + sec
+    return state, seconds
 
 
 def channel_keep_from_masks(masks, groups) -> dict:
@@ -659,147 +630,76 @@ def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256
                      batch_size=int(batch_size))
 
 
-def make_candidate_evaluator(ctx: Context, pruner: Pruner):
-    """`keep float32[K, G] -> proxy accuracy float32[K]`: adaptive BN on calibration batches of the
-    training split, accuracy on (a slice of) the validation split. Never the test split."""
-    ds = ctx.dataset
-    s = ctx.config.search
-    m = ctx.model
-    n_val = min(int(s.val_examples), ds.val_images.shape[0])
-    val_x = data_lib.normalize(jnp.asarray(ds.val_images[:n_val]), ds.mean, ds.std)
-    val_y = jnp.asarray(ds.val_labels[:n_val])
+def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner,
+                        val: Optional[tuple] = None) -> Callable:
+    """`keep float32[K, G] -> proxy accuracy float32[K]`: adaptive BN on calibration batches of
+    the training split, accuracy on the first `search.val_examples` validation images (one
+    evaluator per run), or on validation images [start, start + n) with `val=(start, n)` (a
+    new one). Never the test split."""
+    if val is None and ctx._candidate_evaluator is not None:
+        return ctx._candidate_evaluator
+    ds, s = ctx.dataset, ctx.config.search
+    start, n = val if val is not None else (0, min(int(s.val_examples), ds.val_images.shape[0]))
     calib_n = int(s.calib_batches) * int(s.calib_batch_size)
-    order = np.asarray(jax.random.permutation(ctx.keys["calib"], ds.train_images.shape[0]))[:calib_n]
-    calib = data_lib.normalize(jnp.asarray(ds.train_images[order]), ds.mean, ds.std)
-    mode = "channel" if pruner.granularity == "channel" else "unstructured"
-    chunk = int(s.get("chunk_size", 0) or 0) or None
-    evaluate = evaluate_lib.make_evaluator(
-        train_lib.mixed_apply(m.apply, str(ctx.config.train.precision)), m.groups, mode=mode,
-        chunk_size=chunk,
+    order = np.asarray(jax.random.permutation(ctx.keys["calib"],
+                                              ds.train_images.shape[0]))[:calib_n]
+    evaluate = pruner.evaluator(
+        data_lib.normalize(jnp.asarray(ds.train_images[order]), ds.mean, ds.std),
+        data_lib.normalize(jnp.asarray(ds.val_images[start:start + n]), ds.mean, ds.std),
+        ds.val_labels[start:start + n], calib_batch_size=int(s.calib_batch_size),
         eval_batch_size=int(ctx.config.train.eval_batch_size),
-        calib_batch_size=int(s.calib_batch_size), prunable_fn=pruner.prunable_fn)
-    scores = pruner.channel_scores if mode == "channel" else pruner.scores
+        chunk_size=int(s.get("chunk_size", 0) or 0) or None,
+        precision=str(ctx.config.train.precision))
+    if val is None:
+        ctx._candidate_evaluator = evaluate
+    return evaluate
 
-    def evaluate_fn(keep):
-        out = evaluate(pruner.dense_params, pruner.dense_batch_stats, scores,
-                       jnp.asarray(keep, jnp.float32), calib, val_x, val_y)
-        return out["accuracy"]
 
-    return evaluate_fn
+# Names of earlier releases (the pruning problem lived here), kept so scripts written against
+# them still run: the library `pruner.Pruner` has `threshold_keep`, `sensitivity_keep`, `masks`.
+Pruner = make_pruner
+make_candidate_evaluator = candidate_evaluator
 
 
 # ----------------------------------------------------------------------------------------------
 # Methods
 
 
-def threshold_keep(pruner: Pruner) -> np.ndarray:
-    """Magnitude ("threshold") pruning at the budget: uniform keep per unit (layer-wise) or one
-    global threshold over (normalised) scores, sized to the budget by bisection."""
-    scope = str(pruner.ctx.config.prune.scope)
-    g = len(pruner.units)
-    if pruner.granularity == "nm":  # a fixed pattern: n of every m weights in every unit
-        n, m = pruner.nm
-        return np.full((g,), n / m, np.float32)
-    if scope == "layerwise":
-        return pruner.project(np.ones((g,), np.float32))
-    # Global: one threshold over all units (masks' own global ranking), its kept fraction
-    # bisected so the per-unit keeps it implies meet the budget.
-    if pruner.granularity == "channel":
-        groups = pruner.ctx.model.groups
-
-        def unit_keep(fraction):
-            keep = masks_lib.channel_keep_global(pruner.channel_scores, fraction, groups)
-            return jnp.stack([jnp.mean(keep[name].astype(jnp.float32)) for name in pruner.units])
-    else:
-        paths = masks_lib.prunable_paths(pruner.dense_params, pruner.prunable_fn)
-
-        def unit_keep(fraction):
-            masks = masks_lib.from_scores(pruner.scores, fraction, scope="global",
-                                          granularity="unstructured", prunable_fn=pruner.prunable_fn)
-            flat = dict(masks_lib.leaves_with_paths(masks)[0])
-            return jnp.stack([jnp.mean(flat[p].astype(jnp.float32)) for p in paths])
-
-    unit_keep = jax.jit(unit_keep)
-    lower = jnp.asarray(pruner.space.lower)
-
-    def keep_at(fraction):
-        return jnp.maximum(unit_keep(jnp.float32(fraction)), lower)
-
-    lo, hi = 1e-3, 1.0
-    for _ in range(25):
-        mid = 0.5 * (lo + hi)
-        if float(pruner.budget_fn(keep_at(mid))) <= pruner.budget:
-            lo = mid
-        else:
-            hi = mid
-    return pruner.project(np.asarray(keep_at(lo)))
-
-
-def sensitivity_keep(pruner: Pruner) -> np.ndarray:
-    """Sensitivity pruning: prune each unit alone at several keep ratios (all candidates scored in
-    one batched evaluation), then give each unit the smallest keep whose accuracy drop stays under
-    a tolerance, with the tolerance bisected so the whole model meets the budget."""
-    grid = np.asarray([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], np.float32)
-    lower = float(pruner.space.lower[0])
-    grid = grid[grid >= lower - 1e-6]
-    g = len(pruner.units)
-    cand = np.ones((1 + g * grid.size, g), np.float32)  # row 0: the dense model
-    for i in range(g):
-        cand[1 + i * grid.size:1 + (i + 1) * grid.size, i] = grid
-    evaluate_fn = pruner.evaluator()
-    chunks = []
-    step = max(int(pruner.ctx.config.search.candidates), 1)
-    for start in range(0, cand.shape[0], step):
-        chunk = cand[start:start + step]
-        n = chunk.shape[0]
-        if n < step:  # pad the last chunk to the same K, so the evaluator compiles once
-            chunk = np.concatenate([chunk, np.ones((step - n, g), np.float32)])
-        chunks.append(np.asarray(evaluate_fn(chunk))[:n])
-    acc = np.concatenate(chunks)
-    curves = criteria_lib.SensitivityCurves(units=tuple(pruner.units), keep_grid=grid,
-                                            values=acc[1:].reshape(g, grid.size).astype(np.float64),
-                                            dense=float(acc[0]))
-    chosen = criteria_lib.sensitivity_to_keep(
-        curves, lambda keep: float(pruner.budget_fn(jnp.asarray(keep))), pruner.budget)
-    return pruner.project(chosen.keep_ratios), curves
-
-
-def handset_phase(ctx: Context, pruner: Pruner, method: str) -> dict:
+def handset_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str) -> dict:
     extra = {}
     if method == "threshold":
-        keep = threshold_keep(pruner)
+        keep = pruner.threshold_keep()
     elif method == "sensitivity":
-        keep, curves = sensitivity_keep(pruner)
+        keep, curves = pruner.sensitivity_keep(candidate_evaluator(ctx, pruner),
+                                               candidates=int(ctx.config.search.candidates))
         extra["sensitivity"] = {"grid": curves.keep_grid.tolist(), "dense": curves.dense,
                                 "accuracy": np.round(curves.values, 5).tolist()}
     else:
         raise ValueError(f"prune.methods: unknown method {method!r}; use {', '.join(HANDSET_METHODS)}.")
     macs_fraction = float(pruner.cost.macs(jnp.asarray(keep))) / pruner.cost.dense_macs \
         if pruner.granularity == "channel" else None
-    return pruner.finish(method, keep, extra=dict(extra, planned_macs_fraction=macs_fraction))
+    return finish(ctx, pruner, method, keep, extra=dict(extra, planned_macs_fraction=macs_fraction))
 
 
-def search_phase(ctx: Context, pruner: Pruner, method: str):
+def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
     s = ctx.config.search
-    controller = controllers_lib.get_controller(method, **s.get(method, {}))  # search.<method>
     checkpointer = ctx.checkpointer(f"search_{method}", extra={
         "units": pruner.units, "rounds": int(s.rounds), "candidates": int(s.candidates),
         "method": method, "budget": float(pruner.budget), "lower": float(s.lower),
         "val_examples": int(s.val_examples), "seed": int(ctx.config.seed)})
-    result = loop_lib.run(
-        controller, pruner.space, key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)),
-        rounds=int(s.rounds), k=int(s.candidates), evaluate_fn=pruner.evaluator(),
-        macs_fn=pruner.cost.macs, params_fn=pruner.cost.params, budget=pruner.budget,
-        budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=method,
-        progress=ctx.progress and _bars(ctx),
-        writer=ctx.writer, step=pruner.step)
+    result = pruner.search(
+        method, candidate_evaluator(ctx, pruner),
+        key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)), rounds=int(s.rounds),
+        candidates=int(s.candidates), hparams=dict(s.get(method, {})),  # search.<method>
+        checkpointer=checkpointer, name=method, progress=ctx.progress and _bars(ctx),
+        writer=ctx.writer)
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
         "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
         "best_accuracy": result.best_accuracy, "seconds": result.seconds,
         "dense_macs": float(pruner.cost.dense_macs), "budget": float(pruner.budget),
         "budget_target": str(ctx.config.prune.target),
         "candidates": result.log.to_records(dense_macs=pruner.cost.dense_macs)})
-    row = pruner.finish(method, result.best_keep, extra={
+    row = finish(ctx, pruner, method, result.best_keep, extra={
         "search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
         "evaluated": int(result.log.filled)})
     return row, result
@@ -834,7 +734,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
     searches = config_checks.methods(config.search.methods)
     pruner = None
     if handset or searches:
-        pruner = Pruner(ctx, dense_state)
+        pruner = make_pruner(ctx, dense_state)
     for method in handset:
         with _timed(ctx, method):
             rows.append(handset_phase(ctx, pruner, method))
@@ -845,7 +745,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
         # search_seconds is not charged for it.
         k = int(config.search.candidates)
         with _timed(ctx, "compile candidate evaluator"):
-            pruner.evaluator()(np.ones((k, len(pruner.units)), np.float32))
+            candidate_evaluator(ctx, pruner)(np.ones((k, len(pruner.units)), np.float32))
     for method in searches:
         with _timed(ctx, method):
             row, result = search_phase(ctx, pruner, method)

@@ -8,11 +8,42 @@ into a physically smaller model. It works on plain pytrees and never imports Fla
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Any, Tuple
 
+import jax
 import numpy as np
 
 Path = Tuple[str, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Tree paths: the one set of helpers of the package (masks re-exports them).
+
+
+def _key_str(entry) -> str:
+    """One jax key-path entry (DictKey, GetAttrKey, SequenceKey, ...) as a str."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def as_path(path) -> Path:
+    """A path given as a tuple of keys or as 'a/b/c' -> tuple of str."""
+    if isinstance(path, str):
+        return tuple(path.split("/"))
+    return tuple(str(p) for p in path)
+
+
+def path_str(path: Path) -> str:
+    """Human-readable form of a path, e.g. 'block1/conv1/kernel'."""
+    return "/".join(str(p) for p in path)
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
+    """[(path, leaf)] in tree-flatten order plus the treedef; paths are tuples of str."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(tuple(_key_str(k) for k in kp), leaf) for kp, leaf in flat], treedef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +94,7 @@ def _unflatten(flat: dict) -> dict:
     return tree
 
 
-def _fmt(path) -> str:
-    return "/".join(str(p) for p in path)
+_fmt = path_str
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxprune import discover as dlib
 from jaxprune import masks as masks_lib
+from jaxprune import structure
 
 _SHAPE_PARAMS = ("new_sizes", "shape")
 
@@ -55,16 +56,7 @@ def _check_keep(keep, groups) -> Dict[str, np.ndarray]:
     out = {}
     for name, value in keep.items():
         g = by_name[name]
-        try:
-            arr = np.asarray(value)
-        except Exception as e:  # a tracer: shapes depend on keep
-            raise ValueError(f"keep[{name!r}] must be concrete (compaction cannot run under "
-                             f"jit): {e}") from e
-        if arr.shape != (g.size,):
-            raise ValueError(f"keep[{name!r}] has shape {arr.shape}, expected ({g.size},)")
-        arr = arr.astype(bool)
-        if not arr.any():
-            raise ValueError(f"keep[{name!r}] keeps no channel; keep at least one per group")
+        arr = structure._keep_vector(name, g.size, value)
         if not arr.all() and g.reason:
             raise ValueError(f"group {name!r} cannot be pruned: {g.reason}")
         out[name] = arr

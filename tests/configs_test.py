@@ -228,6 +228,6 @@ def test_allowed_names_match_the_registries():
     controllers = pytest.importorskip("jaxprune.search.controllers")
     assert set(config_checks.SEARCH_METHODS) == set(controllers.CONTROLLERS)
     criteria = pytest.importorskip("jaxprune.criteria")
-    assert set(config_checks.CRITERIA) <= set(criteria.CRITERIA)
+    assert set(config_checks.CRITERIA) == set(criteria.CRITERIA)
     pipeline = pytest.importorskip("jaxprune.pipeline")
     assert set(config_checks.PRUNE_METHODS) == set(pipeline.HANDSET_METHODS)

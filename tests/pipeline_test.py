@@ -123,7 +123,7 @@ def test_one_compiled_train_fn_and_eval_fn_serve_dense_and_finetune(tmp_path):
         config.finetune.learning_rate = 0.003
     ctx = pipeline.make_context(config, str(tmp_path), progress=False)
     dense_state, _ = pipeline.dense_phase(ctx)
-    pruner = pipeline.Pruner(ctx, dense_state)
+    pruner = pipeline.make_pruner(ctx, dense_state)
     pipeline.handset_phase(ctx, pruner, "threshold")
     assert len(ctx._train_fns) == 1
     (train_fn,) = ctx._train_fns.values()
@@ -142,13 +142,92 @@ def test_projected_channel_keeps_are_whole_channels(tmp_path, multiple):
         config.prune.sparsity = 0.5
     ctx = pipeline.make_context(config, str(tmp_path), progress=False)
     dense = types.SimpleNamespace(params=ctx.model.params, batch_stats=ctx.model.batch_stats)
-    pruner = pipeline.Pruner(ctx, dense)
+    pruner = pipeline.make_pruner(ctx, dense)
     sizes = np.asarray([g.size for g in ctx.model.groups])
     rng = np.random.default_rng(0)
     for keep in [np.ones(len(sizes))] + [rng.uniform(0.2, 1.0, len(sizes)) for _ in range(5)]:
         projected = pruner.project(keep.astype(np.float32))
-        _, channel_keep = pruner.masks_for(projected)
+        _, channel_keep = pruner.masks(projected)
         kept = np.asarray([int(np.sum(channel_keep[g.name])) for g in ctx.model.groups])
         np.testing.assert_allclose(kept / sizes, projected, atol=1e-5)
         assert np.all((kept % multiple == 0) | (kept == sizes))
         assert float(pruner.cost.macs(projected)) <= pruner.budget + 1e-3
+
+
+# -- every path the configs allow, on the dense model of one run ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense_workdir(tmp_path_factory):
+    """A workdir whose dense phase is done (the prune settings do not change it)."""
+    workdir = str(tmp_path_factory.mktemp("dense"))
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.methods, config.search.methods = "", ""
+    pipeline.run(config, workdir, progress=False)
+    return workdir
+
+
+def _threshold_run(dense_workdir, tmp_path, **prune):
+    import shutil
+    workdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    shutil.copytree(os.path.join(dense_workdir, "checkpoints", "dense"),
+                    os.path.join(workdir, "checkpoints", "dense"))
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.methods, config.search.methods = "threshold", ""
+        for key, value in prune.items():
+            config.prune[key] = value
+    return pipeline.run(config, workdir, progress=False), workdir
+
+
+@pytest.mark.parametrize("prune", [
+    dict(schedule="gradual"), dict(schedule="imp", imp_rounds=2),
+    dict(schedule="gradual", granularity="unstructured", scope="global", target="params"),
+    dict(criterion="taylor"), dict(criterion="snip", granularity="unstructured"),
+    dict(criterion="random", sparsity=0.5)],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_every_schedule_and_criterion_prunes_to_the_budget(dense_workdir, tmp_path, prune):
+    (dense, row), workdir = _threshold_run(dense_workdir, tmp_path, **prune)
+    target = prune.get("target", "macs")
+    budget = (1 - prune.get("sparsity", 0.8)) * dense[target]
+    assert row[target] <= budget + 1, (row[target], budget)
+    assert row[target] >= 0.5 * budget  # the budget is used, not undershot
+    assert row["schedule"] == prune.get("schedule", "oneshot")
+    phases = os.listdir(os.path.join(workdir, "checkpoints"))
+    if prune.get("schedule") == "imp":
+        assert {"finetune_threshold_imp1", "finetune_threshold_imp2"} <= set(phases)
+    # the saved model restores and is the pruned one
+    model, params, _ = pipeline.restore_model(workdir, "threshold")
+    from jaxprune import costs
+    if prune.get("granularity", "channel") == "channel":
+        assert costs.count_params(params) == row["params"]
+
+
+def test_nm_and_bn_scale_refused_before_training_where_they_do_not_fit(tmp_path):
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.methods, config.search.methods = "threshold", ""
+        config.prune.criterion = "bn_scale"
+    with pytest.raises(pipeline.errors.ConfigError, match="no BatchNorm"):  # LeNet-5 has none
+        pipeline.run(config, str(tmp_path / "bn"), progress=False)
+    assert not os.path.exists(tmp_path / "bn" / "checkpoints" / "dense")
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.methods, config.search.methods = "threshold", ""
+        config.prune.granularity, config.prune.n, config.prune.m = "nm", 2, 4
+    # LeNet-5's second conv reads 6 channels: refused at the start, nothing trained
+    with pytest.raises(pipeline.errors.ConfigError, match=r"conv2.*\(6\).*e\.g\. 2"):
+        pipeline.run(config, str(tmp_path / "lenet"), progress=False)
+    assert not os.path.exists(tmp_path / "lenet" / "checkpoints" / "dense")
+    with config.unlocked():
+        config.model.name = "mlp"
+    dense, row = pipeline.run(config, str(tmp_path / "mlp"), progress=False)
+    assert 0.3 < row["sparsity"] < 0.5  # 2 of every 4 weights of the prunable kernels
+    import jax
+    _, params, _ = pipeline.restore_model(str(tmp_path / "mlp"), "threshold")
+    kernels = [np.asarray(v) for v in jax.tree.leaves(params) if np.ndim(v) == 2]
+    nm_kernels = [w for w in kernels if w.shape[0] % 4 == 0
+                  and (w.reshape(-1, 4, w.shape[-1]) != 0).sum(1).max() <= 2]
+    assert len(nm_kernels) >= 1 and len(nm_kernels) < len(kernels)  # the classifier is kept
