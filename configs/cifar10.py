@@ -134,6 +134,13 @@ def get_config(arg=None):
     config.search.lower = 0.2
     config.search.step = 0.0
     config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
+    # Winner by successive halving over the search log (0: the best proxy score wins): the best
+    # select_top candidates re-scored on select_val_examples validation images (0: all), the
+    # best select_finetune of those fine-tuned select_epochs epochs and judged on validation.
+    config.search.select_top = 0
+    config.search.select_val_examples = 0
+    config.search.select_finetune = 0
+    config.search.select_epochs = 1
     # Controller hyper-parameters, defaults read off each factory (jaxprune/search/); override
     # e.g. --config.search.reinforce.learning_rate=0.1.
     for name in ("reinforce", "gan", "evolution"):

@@ -162,6 +162,8 @@ OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choic
                              "prune.imp_rounds": _int(1),
                              "prune.n": _int(1), "prune.m": _int(1),
                              "search.chunk_size": _int(0),
+                             "search.select_top": _int(0), "search.select_val_examples": _int(0),
+                             "search.select_finetune": _int(0), "search.select_epochs": _int(1),
                              "prune.channel_multiple": _int(1)}  # may be absent from a config
 # Controller hyper-parameters, `search.<controller>.<name>` (the make_* arguments in
 # jaxprune/search/; optional, absent keys take the factory defaults).
@@ -327,6 +329,9 @@ NOT_RESULT = frozenset({
     "train.eval_batch_size", "train.checkpoint_every", "train.compile_cache_dir",
     "data.data_dir", "data.cache", "data.portable_path", "data.download",
     "prune.methods", "search.methods", "search.chunk_size"})
+# The winner's selection after a search (`pipeline.select_winner`) changes the fine-tune, not
+# the search.
+SELECTION_PREFIX = "search.select_"
 # What the hand-set methods read from `search`: the keep-ratio space and, for sensitivity, the
 # candidate scoring (calibration and validation examples).
 HANDSET_SEARCH_KEYS = ("search.lower", "search.step", "search.calib_batches",
@@ -356,7 +361,8 @@ def phase_settings(config, phase: str) -> dict:
             sections.add("search")
     elif kind != "dense":
         sections |= {"prune", "finetune", "search"}  # an unknown phase: everything counts
-    out = {k: v for k, v in flat.items() if k.split(".")[0] in sections and k not in NOT_RESULT}
+    out = {k: v for k, v in flat.items() if k.split(".")[0] in sections and k not in NOT_RESULT
+           and not (kind == "search" and k.startswith(SELECTION_PREFIX))}
     out.update({k: flat[k] for k in extra if k in flat})
     return out
 

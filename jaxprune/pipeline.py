@@ -31,6 +31,7 @@ from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
 from jaxprune import train as train_lib
+from jaxprune.search import loop as loop_lib
 from jaxprune.search import budget as budget_lib
 
 HANDSET_METHODS = ("threshold", "sensitivity")
@@ -67,6 +68,13 @@ class Context:
             self._device["test"] = train_lib.device_eval_data(ds.test_images, ds.test_labels,
                                                               batch, capacity)
         return self._device[split]
+
+    @functools.cached_property
+    def calib_order(self) -> np.ndarray:
+        """The permutation of the training split that calibration batches are read from (one
+        per run: every evaluator calibrates on the same images)."""
+        return np.asarray(jax.random.permutation(self.keys["calib"],
+                                                 self.dataset.train_images.shape[0]))
 
     @functools.cached_property
     def tx(self):
@@ -630,27 +638,30 @@ def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256
                      batch_size=int(batch_size))
 
 
-def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner,
-                        val: Optional[tuple] = None) -> Callable:
-    """`keep float32[K, G] -> proxy accuracy float32[K]`: adaptive BN on calibration batches of
-    the training split, accuracy on the first `search.val_examples` validation images (one
-    evaluator per run), or on validation images [start, start + n) with `val=(start, n)` (a
-    new one). Never the test split."""
-    if val is None and ctx._candidate_evaluator is not None:
+def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner, val: Optional[tuple] = None,
+                        *, calib_batches: Optional[int] = None,
+                        metric: str = "accuracy") -> Callable:
+    """`keep float32[K, G] -> proxy float32[K]`: adaptive BN on `search.calib_batches` (or
+    `calib_batches`) calibration batches of the training split, then `metric` ('accuracy' or
+    'loss') on the first `search.val_examples` validation images, or on validation images
+    [start, start + n) with `val=(start, n)`. The configured one is built once per run; other
+    settings build a new one. Never the test split."""
+    default = val is None and calib_batches is None and metric == "accuracy"
+    if default and ctx._candidate_evaluator is not None:
         return ctx._candidate_evaluator
     ds, s = ctx.dataset, ctx.config.search
     start, n = val if val is not None else (0, min(int(s.val_examples), ds.val_images.shape[0]))
-    calib_n = int(s.calib_batches) * int(s.calib_batch_size)
-    order = np.asarray(jax.random.permutation(ctx.keys["calib"],
-                                              ds.train_images.shape[0]))[:calib_n]
+    calib_n = int(s.calib_batches if calib_batches is None else calib_batches) * \
+        int(s.calib_batch_size)
+    order = ctx.calib_order[:calib_n]
     evaluate = pruner.evaluator(
         data_lib.normalize(jnp.asarray(ds.train_images[order]), ds.mean, ds.std),
         data_lib.normalize(jnp.asarray(ds.val_images[start:start + n]), ds.mean, ds.std),
         ds.val_labels[start:start + n], calib_batch_size=int(s.calib_batch_size),
         eval_batch_size=int(ctx.config.train.eval_batch_size),
         chunk_size=int(s.get("chunk_size", 0) or 0) or None,
-        precision=str(ctx.config.train.precision))
-    if val is None:
+        precision=str(ctx.config.train.precision), metric=metric)
+    if default:
         ctx._candidate_evaluator = evaluate
     return evaluate
 
@@ -681,6 +692,48 @@ def handset_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str) -> dict:
     return finish(ctx, pruner, method, keep, extra=dict(extra, planned_macs_fraction=macs_fraction))
 
 
+def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> dict:
+    """Successive halving over the search log (`search.select_*`; off when select_top is 0):
+    the `select_top` distinct candidates with the best proxy are scored on
+    `select_val_examples` validation images (0: the whole split), then the best
+    `select_finetune` of those are fine-tuned for `select_epochs` epochs and judged by their
+    exact validation accuracy. The same stages follow every controller, so each costs the same.
+    Returns {} when off, else {'best_keep', 'stages', 'seconds'}."""
+    s = ctx.config.search
+    top = int(s.get("select_top", 0) or 0)
+    if top < 1:
+        return {}
+    ds = ctx.dataset
+    n_val = int(s.get("select_val_examples", 0) or 0) or ds.val_images.shape[0]
+    stages = [loop_lib.Stage("validation", top, candidate_evaluator(
+        ctx, pruner, val=(0, min(n_val, ds.val_images.shape[0]))))]
+    tune = int(s.get("select_finetune", 0) or 0)
+    if tune > 0:
+        t, f = ctx.config.train, ctx.config.finetune
+        evaluate = _eval_fn(ctx, ctx.model.apply)
+        images, labels = ctx.device_data("train")
+
+        def short_finetune(keeps):
+            out = []
+            for i, keep in enumerate(keeps):
+                tuned = pruner.finetune(
+                    keep, images, labels, epochs=int(s.get("select_epochs", 1)),
+                    key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(f"select_{method}_{i}")),
+                    learning_rate=float(f.learning_rate), batch_size=int(t.batch_size),
+                    weight_decay=float(t.weight_decay), momentum=float(t.momentum),
+                    augment=bool(ctx.config.data.augment), mean=ds.mean, std=ds.std,
+                    precision=str(t.precision))
+                out.append(float(evaluate(tuned.params, tuned.batch_stats, "val")["accuracy"]))
+            return np.asarray(out)
+
+        stages.append(loop_lib.Stage("short fine-tune", tune, short_finetune))
+    t0 = time.perf_counter()
+    best_keep, history = loop_lib.successive_halving(log, stages)
+    _log(ctx, f"[search_{method}] selection: " + "; ".join(
+        f"{h['stage']} of {len(h['rows'])}: best {100 * max(h['scores']):.2f} %" for h in history))
+    return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0}
+
+
 def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
     s = ctx.config.search
     checkpointer = ctx.checkpointer(f"search_{method}", extra={
@@ -693,16 +746,23 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
         candidates=int(s.candidates), hparams=dict(s.get(method, {})),  # search.<method>
         checkpointer=checkpointer, name=method, progress=ctx.progress and _bars(ctx),
         writer=ctx.writer)
+    best_keep, selection = result.best_keep, select_winner(ctx, pruner, method, result.log)
+    if selection:
+        best_keep = selection["best_keep"]
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
-        "method": method, "units": pruner.units, "best_keep": result.best_keep.tolist(),
+        "method": method, "units": pruner.units, "best_keep": np.asarray(best_keep).tolist(),
         "best_accuracy": result.best_accuracy, "seconds": result.seconds,
+        "selection": {k: v for k, v in selection.items() if k != "best_keep"} or None,
         "dense_macs": float(pruner.cost.dense_macs), "budget": float(pruner.budget),
         "budget_target": str(ctx.config.prune.target),
         "candidates": result.log.to_records(dense_macs=pruner.cost.dense_macs)})
-    row = finish(ctx, pruner, method, result.best_keep, extra={
-        "search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
-        "evaluated": int(result.log.filled)})
-    return row, result
+    extra = {"search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
+             "evaluated": int(result.log.filled)}
+    if selection:
+        extra.update(selection_seconds=selection["seconds"],
+                     selection_scores={h["stage"]: max(h["scores"]) for h in selection["stages"]})
+    row = finish(ctx, pruner, method, best_keep, extra=extra)
+    return row, result._replace(best_keep=np.asarray(best_keep))
 
 
 # ----------------------------------------------------------------------------------------------

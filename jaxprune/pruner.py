@@ -26,6 +26,7 @@ for a Flax NNX module, `linen_apply(module)` for a Linen one.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -108,10 +109,22 @@ class Trained(NamedTuple):
     history: list
 
 
-def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs: int, key: jax.Array,
-          masks=None, learning_rate: float = 0.05, batch_size: int = 128,
-          weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = False, mean=0.0,
-          std=1.0, precision: str = "fp32", progress: bool = False) -> Trained:
+@functools.lru_cache(maxsize=16)
+def _compiled_train(apply, weight_decay, momentum, augment, mean, std, precision, batch_size):
+    """(optimizer, TrainFn) for these settings, compiled once: masks are state and the rate and
+    length are arguments, so every fine-tune of one model reuses it."""
+    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.trace(decay=momentum, nesterov=True),
+                     train_lib.scale_by_learning_rate_arg(), masks_lib.masked_updates())
+    step = train_lib.make_train_step(apply, tx, schedule="cosine", mean=np.asarray(mean),
+                                     std=np.asarray(std), augment=augment, precision=precision)
+    return tx, train_lib.make_train_fn(step, batch_size=batch_size)
+
+
+def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs: int,
+                key: jax.Array, masks=None, learning_rate: float = 0.05, batch_size: int = 128,
+                weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = False,
+                mean=0.0, std=1.0, precision: str = "fp32", progress: bool = False) -> Trained:
     """Trains `apply`'s model with SGD + Nesterov momentum and a cosine schedule (the pipeline's
     step: data on the device, one compiled step for every phase); with `masks` (bool, shaped
     like params) pruned weights stay exactly 0. `images` are normalised with `mean` / `std`
@@ -119,19 +132,17 @@ def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs:
     default 0 / 1); `augment`: random crop and flip. For checkpointed, resumable training use
     `train.fit` with a `checkpoint.Checkpointer`, as the pipeline does."""
     masks = masks_lib.ones_like(params) if masks is None else masks
-    tx = optax.chain(optax.add_decayed_weights(float(weight_decay)),
-                     optax.trace(decay=float(momentum), nesterov=True),
-                     train_lib.scale_by_learning_rate_arg(), masks_lib.masked_updates())
-    step = train_lib.make_train_step(apply, tx, schedule="cosine", mean=mean, std=std,
-                                     augment=augment, precision=precision)
     n = int(np.shape(images)[0])
     if n < int(batch_size):
         raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples.")
     total = int(epochs) * (n // int(batch_size))
+    tx, train_fn = _compiled_train(apply, float(weight_decay), float(momentum), bool(augment),
+                                   tuple(np.ravel(mean).tolist()), tuple(np.ravel(std).tolist()),
+                                   str(precision), int(batch_size))
     state = train_lib.create_state(params, batch_stats if batch_stats is not None else {}, masks, tx)
     result = train_lib.fit(
-        state, train_lib.make_train_fn(step, batch_size=int(batch_size)), images=images,
-        labels=labels, epochs=int(epochs), batch_size=int(batch_size), key=key,
+        state, train_fn, images=images, labels=labels, epochs=int(epochs),
+        batch_size=int(batch_size), key=key,
         recipe=train_lib.make_recipe(float(learning_rate), total), progress=progress,
         phase="train")
     s = result.state

@@ -231,3 +231,30 @@ def test_nm_and_bn_scale_refused_before_training_where_they_do_not_fit(tmp_path)
     nm_kernels = [w for w in kernels if w.shape[0] % 4 == 0
                   and (w.reshape(-1, 4, w.shape[-1]) != 0).sum(1).max() <= 2]
     assert len(nm_kernels) >= 1 and len(nm_kernels) < len(kernels)  # the classifier is kept
+
+
+def test_winner_selected_by_successive_halving(dense_workdir, tmp_path):
+    import shutil
+    workdir = str(tmp_path / "run")
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    shutil.copytree(os.path.join(dense_workdir, "checkpoints", "dense"),
+                    os.path.join(workdir, "checkpoints", "dense"))
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
+    with config.unlocked():
+        config.prune.methods, config.search.methods = "", "random"
+        config.search.select_top, config.search.select_finetune = 3, 2
+    dense, row = pipeline.run(config, workdir, progress=False)
+    log = json.load(open(os.path.join(workdir, "search_random.json")))
+    stages = log["selection"]["stages"]
+    assert [s["stage"] for s in stages] == ["validation", "short fine-tune"]
+    assert len(stages[0]["rows"]) == 3 and len(stages[1]["rows"]) == 2
+    assert set(stages[1]["rows"]) <= set(stages[0]["rows"])
+    winner = stages[1]["rows"][int(np.argmax(stages[1]["scores"]))]
+    np.testing.assert_allclose(log["best_keep"], log["candidates"][winner]["keep"], atol=1e-5)
+    np.testing.assert_allclose(row["keep"], log["best_keep"], atol=1e-6)
+    assert row["selection_scores"]["short fine-tune"] == max(stages[1]["scores"])
+    # Changing the selection keeps the search (its checkpoint is reused), not the fine-tune.
+    with config.unlocked():
+        config.search.select_top = 2
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="select_top"):
+        pipeline.run(config, workdir, progress=False)

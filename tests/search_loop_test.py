@@ -75,3 +75,26 @@ def test_bad_k_and_rounds(tmp_path):
         loop.run(controllers.get_controller("random"), space, key=jax.random.key(0), rounds=2, k=0,
                  evaluate_fn=evaluate_fn, macs_fn=macs_fn, params_fn=params_fn, budget=1e9,
                  progress=False)
+
+
+def test_successive_halving_rescores_the_best_and_keeps_distinct_candidates():
+    g = 2
+    log = loop.SearchLog.empty(6, g)
+    keeps = np.asarray([[0.2, 0.2], [0.4, 0.4], [0.4, 0.4], [0.6, 0.6], [0.8, 0.8], [1.0, 1.0]],
+                       np.float32)
+    log.keep[:] = keeps
+    log.accuracy[:] = [0.1, 0.5, 0.5, 0.4, 0.3, 0.2]  # row 2 repeats row 1
+    log = log._replace(filled=np.asarray(6, np.int32))
+    seen = []
+
+    def full(k):  # a better proxy disagrees with the cheap one: the higher keep wins
+        seen.append(k.copy())
+        return k[:, 0]
+
+    best, history = loop.successive_halving(
+        log, [loop.Stage("full", 3, full), loop.Stage("tune", 2, lambda k: -k[:, 0])])
+    np.testing.assert_allclose(seen[0], keeps[[1, 3, 4]])  # the top 3 distinct by the cheap score
+    assert history[0]["rows"] == [1, 3, 4] and history[1]["rows"] == [4, 3]
+    np.testing.assert_allclose(best, [0.6, 0.6])  # the last stage decides
+    with pytest.raises(ValueError, match="top=0"):
+        loop.successive_halving(log, [loop.Stage("x", 0, full)])

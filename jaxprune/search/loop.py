@@ -144,3 +144,39 @@ def run(controller, space: space_lib.SearchSpace, *, key, rounds: int, k: int,
     best = log.best()
     return SearchResult(best_keep=np.asarray(log.keep[best]), best_accuracy=float(log.accuracy[best]),
                         log=log, controller_state=state, seconds=seconds)
+
+
+class Stage(NamedTuple):
+    """One rung of `successive_halving`: score the best `top` survivors with `score_fn`."""
+    name: str
+    top: int
+    score_fn: Callable  # keep float32[M, G] -> score float32[M] (higher is better)
+
+
+def successive_halving(log: SearchLog, stages) -> tuple[np.ndarray, list]:
+    """The winner of a search chosen by successive halving over its log.
+
+    Every distinct candidate the search evaluated has its (cheap) proxy score; the best
+    `stages[0].top` by that score are scored again by `stages[0].score_fn` (e.g. the whole
+    validation split), the best `stages[1].top` of those by the next (e.g. a short masked
+    fine-tune), and so on. The same stages after every controller's search keep the comparison
+    at equal cost. Ties keep the earlier candidate. Returns `(best_keep, history)` where
+    history has, per stage, the candidates' log rows and their scores.
+    """
+    n = int(log.filled)
+    if n == 0:
+        raise ValueError("The search log is empty: no candidate was evaluated.")
+    keeps = log.keep[:n]
+    _, first = np.unique(keeps, axis=0, return_index=True)
+    rows = np.sort(first)  # one row per distinct candidate, earliest first
+    scores = log.accuracy[rows].astype(np.float64)
+    history = []
+    for stage in stages:
+        if int(stage.top) < 1:
+            raise ValueError(f"selection stage {stage.name!r}: top={stage.top}; must be >= 1.")
+        keep_idx = np.argsort(-scores, kind="stable")[:int(stage.top)]
+        rows = rows[keep_idx]
+        scores = np.asarray(stage.score_fn(keeps[rows]), np.float64)
+        history.append({"stage": stage.name, "rows": rows.tolist(),
+                        "scores": [float(v) for v in scores]})
+    return np.asarray(keeps[rows[int(np.argmax(scores))]]), history
