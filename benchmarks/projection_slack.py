@@ -21,29 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import costs as costs_lib
 from jaxprune import models as models_lib
+from jaxprune import pruner as pruner_lib
 from jaxprune.search import budget as budget_lib
 from jaxprune.search import controllers
 from jaxprune.search import space as space_lib
 
 
 def grid_setup(name: str, multiple: int = 8, lower: float = 0.2, target: str = "macs"):
-    """(cost model, cost_fn, dense cost, space, step) as `pipeline.Pruner` builds them for CIFAR."""
+    """(cost model, cost_fn, dense cost, space, step) as `jaxprune.Pruner` builds them for CIFAR."""
     model = models_lib.get_model(name, num_classes=10, input_shape=(32, 32, 3),
                                  key=jax.random.key(0))
-    cm = costs_lib.cost_model(model.apply, model.params, model.batch_stats, (32, 32, 3),
-                              model.groups)
-    sizes = np.asarray([g.size for g in model.groups], np.float32)
-    step = np.minimum(multiple / sizes, 1.0).astype(np.float32) if multiple > 1 else None
-    lo = np.full((len(sizes),), lower, np.float32)
-    if step is not None:
-        lo = np.minimum(np.ceil(lo / step - 1e-5) * step, 1.0).astype(np.float32)
-    space = space_lib.SearchSpace.create(len(sizes), lower=lo, upper=1.0,
-                                         names=[g.name for g in model.groups])
-    cost_fn = cm.macs if target == "macs" else cm.params
-    dense = cm.dense_macs if target == "macs" else cm.dense_params
-    return cm, cost_fn, dense, space, step
+    p = pruner_lib.Pruner(model.apply, model.params, model.batch_stats, (32, 32, 3),
+                          groups=model.groups, sparsity=0.0, target=target, lower=lower,
+                          channel_multiple=multiple)
+    return p.cost, p.budget_fn, p.dense_cost, p.space, p.step
 
 
 def measure(name: str, fractions, n: int, seed: int = 0, multiple: int = 8):

@@ -170,7 +170,7 @@ import functools  # noqa: E402
 
 @functools.lru_cache(maxsize=None)
 def _resnet20_grid():
-    """ResNet-20's cost model, 8-channel grid and lower bound exactly as pipeline.Pruner builds them."""
+    """ResNet-20's cost model, 8-channel grid and lower bound exactly as jaxprune.Pruner builds them."""
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
