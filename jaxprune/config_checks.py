@@ -7,13 +7,14 @@ error with the nearest known key suggested, and NaN / infinity is refused for ev
 `phase_settings(config, phase)` is the part of the config that determines a phase's result (its
 checkpoint fingerprint).
 
-The allowed names below mirror the registries (`models.MODELS`, `search.controllers.CONTROLLERS`,
-`pipeline.HANDSET_METHODS`, `criteria.CRITERIA`); tests/configs_test.py checks that they agree.
-They are spelled out here so that checking a config does not import Flax, the search code or
-TensorFlow, and fails at once.
+The allowed names are read from the registries themselves (`models.MODELS`,
+`search.controllers.CONTROLLERS`, `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`,
+`data.DATASETS`) when a check first needs them, so importing this module stays light (the CLI
+uses it to name a mistyped key before JAX loads) and no list of names is copied here.
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import functools
 import math
@@ -23,10 +24,28 @@ from typing import Any, Callable, Optional
 
 from jaxprune.data import DATASETS, SOURCES
 from jaxprune.errors import ConfigError
-MODELS = ("lenet5", "mlp", "vgg16", "resnet20", "resnet56", "resnet18")
-PRUNE_METHODS = ("threshold", "sensitivity")
-SEARCH_METHODS = ("reinforce", "gan", "evolution", "random", "uniform")
-CRITERIA = ("l1", "l2", "magnitude", "taylor", "snip", "random", "bn_scale")
+class _Registry(collections.abc.Sequence):
+    """The names of the registry `module.attr` (a dict or tuple), read on first use."""
+
+    def __init__(self, module: str, attr: str):
+        self._where = (module, attr)
+
+    @functools.cached_property
+    def _names(self) -> tuple:
+        import importlib
+        return tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
+
+    def __getitem__(self, i):
+        return self._names[i]
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+MODELS = _Registry("jaxprune.models", "MODELS")
+PRUNE_METHODS = _Registry("jaxprune.pipeline", "HANDSET_METHODS")
+SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
+CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
 CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "step", "constant"),
