@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -34,17 +35,34 @@ flags.mark_flags_as_required(["config", "workdir"])
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
 INTERRUPTED = ("jaxprune: interrupted; rerun the same command to resume (finished phases and "
                "the last checkpoint of the current one are kept).")
-_SIGINTS = []  # times a SIGINT arrived (see _on_sigint)
+_SIGINTS = []  # one entry per SIGINT received (see _on_sigint)
+_STOPPING = threading.Event()  # set once main has the interruption in hand
 
 
 def _on_sigint(signum, frame):
-    """Records the Ctrl-C, then raises KeyboardInterrupt as Python's own handler does. The
-    record matters because the KeyboardInterrupt does not always arrive as one: raised inside
-    a Python function that C++ code called (JAX hashing a static argument, a callback), it
-    comes back wrapped in another exception (jax-ml/jax#9082)."""
+    """Records the Ctrl-C, then raises KeyboardInterrupt as Python's own handler does.
+
+    A KeyboardInterrupt does not always reach `main`: raised inside a Python function that C++
+    code called (JAX hashing a static argument), it comes back wrapped in another exception
+    (jax-ml/jax#9082), which the record identifies; raised where Python ignores exceptions (a
+    garbage-collector callback such as JAX's, a `__del__`: jax-ml/jax#18246) it is lost, so a
+    thread sends the signal again every half second until main has stopped."""
     del signum, frame
     _SIGINTS.append(True)
+    if len(_SIGINTS) == 1:
+        threading.Thread(target=_redeliver, daemon=True).start()
     raise KeyboardInterrupt
+
+
+def _redeliver() -> None:
+    while not _STOPPING.wait(0.5):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def _interrupted() -> None:
+    _STOPPING.set()
+    print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
+    _exit(INTERRUPTED_STATUS)
 
 
 def _exit(status: int) -> None:
@@ -158,13 +176,12 @@ def main(argv):
         if config is None:
             fail("--config gave no config; use e.g. --config=configs/quickstart.py.")
         pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value)
+        _STOPPING.set()  # finished: a Ctrl-C that came too late to stop it is not re-sent
     except KeyboardInterrupt:
-        print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
-        _exit(INTERRUPTED_STATUS)
+        _interrupted()
     except Exception as e:  # noqa: BLE001 - sorted into bad input and bugs here
         if _SIGINTS:  # the Ctrl-C, wrapped in another exception on its way up
-            print("\n" + INTERRUPTED, file=sys.stderr, flush=True)
-            _exit(INTERRUPTED_STATUS)
+            _interrupted()
         pipeline = sys.modules.get("jaxprune.pipeline")
         if pipeline is not None and isinstance(e, pipeline.USER_ERRORS):
             fail(e, now=True)  # bad input: one clear message, no traceback
