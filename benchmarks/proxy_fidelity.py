@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     # The pool, projected under the budget; the fine-tuned candidates spread over its ranks
     # under the first proxy.
     pool = space_lib.uniform_sample(jax.random.key(args.seed), pruner.space, args.pool)
-    pool = np.unique(np.stack([pruner.project(k) for k in np.asarray(pool)]), axis=0)
+    pool = np.unique(pruner.project(pool), axis=0)
     first = evaluator(proxies[0])
     k = int(s.candidates)
     pad = (-len(pool)) % k

@@ -260,11 +260,17 @@ class Pruner:
 
     # -- keep vectors ----------------------------------------------------------------------
     def project(self, keep) -> np.ndarray:
-        """`keep` float32[G] moved onto the grid and under the budget, filling it."""
-        keep = jnp.asarray(keep, jnp.float32)[None]
-        out = budget_lib.project(keep, self.budget_fn, self.budget, self.space.lower,
-                                 self.space.upper, step=self.step)
-        return np.asarray(out[0])
+        """`keep` float32[G] (or a batch [K, G]) moved onto the grid and under the budget,
+        filling it; one compiled projection per batch shape."""
+        keep = jnp.asarray(keep, jnp.float32)
+        out = self._project(keep[None] if keep.ndim == 1 else keep)
+        return np.asarray(out[0] if keep.ndim == 1 else out)
+
+    @functools.cached_property
+    def _project(self) -> Callable:
+        return jax.jit(lambda keep: budget_lib.project(
+            keep, self.budget_fn, self.budget, self.space.lower, self.space.upper,
+            step=self.step))
 
     def masks(self, keep):
         """`(masks, channel_keep)`: boolean masks shaped like params for the keep vector, and

@@ -168,7 +168,9 @@ def dense_workdir(tmp_path_factory):
     return workdir
 
 
-def _threshold_run(dense_workdir, tmp_path, **prune):
+def _run_on_dense(dense_workdir, tmp_path, methods="threshold", searches="", **settings):
+    """Runs `methods` / `searches` in a new workdir holding a copy of the finished dense phase;
+    `settings` are prune.<key> (or search.<key> when spelled search_<key>) values."""
     import shutil
     workdir = str(tmp_path / "run")
     os.makedirs(os.path.join(workdir, "checkpoints"))
@@ -176,10 +178,13 @@ def _threshold_run(dense_workdir, tmp_path, **prune):
                     os.path.join(workdir, "checkpoints", "dense"))
     config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
     with config.unlocked():
-        config.prune.methods, config.search.methods = "threshold", ""
-        for key, value in prune.items():
-            config.prune[key] = value
-    return pipeline.run(config, workdir, progress=False), workdir
+        config.prune.methods, config.search.methods = methods, searches
+        for key, value in settings.items():
+            if key.startswith("search_"):
+                config.search[key[len("search_"):]] = value
+            else:
+                config.prune[key] = value
+    return config, pipeline.run(config, workdir, progress=False), workdir
 
 
 @pytest.mark.parametrize("prune", [
@@ -189,7 +194,7 @@ def _threshold_run(dense_workdir, tmp_path, **prune):
     dict(criterion="random", sparsity=0.5)],
     ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_every_schedule_and_criterion_prunes_to_the_budget(dense_workdir, tmp_path, prune):
-    (dense, row), workdir = _threshold_run(dense_workdir, tmp_path, **prune)
+    _, (dense, row), workdir = _run_on_dense(dense_workdir, tmp_path, **prune)
     target = prune.get("target", "macs")
     budget = (1 - prune.get("sparsity", 0.8)) * dense[target]
     assert row[target] <= budget + 1, (row[target], budget)
@@ -234,16 +239,9 @@ def test_nm_and_bn_scale_refused_before_training_where_they_do_not_fit(tmp_path)
 
 
 def test_winner_selected_by_successive_halving(dense_workdir, tmp_path):
-    import shutil
-    workdir = str(tmp_path / "run")
-    os.makedirs(os.path.join(workdir, "checkpoints"))
-    shutil.copytree(os.path.join(dense_workdir, "checkpoints", "dense"),
-                    os.path.join(workdir, "checkpoints", "dense"))
-    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
-    with config.unlocked():
-        config.prune.methods, config.search.methods = "", "random"
-        config.search.select_top, config.search.select_finetune = 3, 2
-    dense, row = pipeline.run(config, workdir, progress=False)
+    config, (dense, row), workdir = _run_on_dense(
+        dense_workdir, tmp_path, methods="", searches="random", search_select_top=3,
+        search_select_finetune=2)
     log = json.load(open(os.path.join(workdir, "search_random.json")))
     stages = log["selection"]["stages"]
     assert [s["stage"] for s in stages] == ["validation", "short fine-tune"]
