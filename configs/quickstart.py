@@ -5,10 +5,11 @@ Command:
 Without the five searches: add `--config.search.methods=`. Tests: `configs/quickstart.py:smoke`.
 
 Hardware: sized for a 2-core CPU machine.
-Wall time: 1 min 13 s with all five searches on an idle 2-core CPU (1 min 41 s when shared;
-experiments/2026-11-28_quickstart).
+Wall time: 1 min 36 s with all five searches on an idle 2-core CPU
+(experiments/2026-11-30_quickstart, commit 25baede).
 Expected result: unpruned LeNet-5 97.5 % test accuracy on the 360 held-out digits; at 20 % of
-the dense MACs, threshold/uniform 94.4 %, sensitivity and the searches 96.1-96.4 % (seed 0).
+the dense MACs every method 93.6-96.7 % (seed 0; one test image is 0.28 points, and the fine-tune
+noise between two runs of one architecture was 0.8 points).
 
 Data: scikit-learn's `load_digits` (1,797 images, 8x8 grey levels scaled to 0..255); a fixed
 360 are its test split, 300 of the rest are held out for validation (search and model
