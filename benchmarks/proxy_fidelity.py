@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from jaxprune import pipeline
+    from jaxprune.pruner import score_in_chunks
     from jaxprune.search import space as space_lib
 
     path, _, variant = args.config.partition(":")
@@ -146,12 +147,8 @@ def main(argv=None) -> int:
     # under the first proxy.
     pool = space_lib.uniform_sample(jax.random.key(args.seed), pruner.space, args.pool)
     pool = np.unique(pruner.project(pool), axis=0)
-    first = evaluator(proxies[0])
     k = int(s.candidates)
-    pad = (-len(pool)) % k
-    scores = np.concatenate([np.asarray(first(np.concatenate(
-        [pool, np.repeat(pool[-1:], pad, 0)])[i:i + k])) for i in range(0, len(pool) + pad, k)])
-    scores = scores[:len(pool)]
+    scores = score_in_chunks(evaluator(proxies[0]), pool, k)
     order = np.argsort(scores, kind="stable")
     pick = order[np.unique(np.linspace(0, len(order) - 1, args.candidates).round().astype(int))]
     cands = pool[pick]
@@ -159,9 +156,7 @@ def main(argv=None) -> int:
           f"({100 * scores[pick].min():.1f}-{100 * scores[pick].max():.1f} %).", flush=True)
 
     def score_all(evaluate):
-        padded = np.concatenate([cands, np.repeat(cands[-1:], (-len(cands)) % k, 0)])
-        return np.concatenate([np.asarray(evaluate(padded[i:i + k]))
-                               for i in range(0, len(padded), k)])[:len(cands)]
+        return score_in_chunks(evaluate, cands, k)
 
     proxy_scores, proxy_seconds = {}, {}
     for proxy in proxies:

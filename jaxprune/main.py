@@ -35,7 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
 INTERRUPTED = ("jaxprune: interrupted; rerun the same command to resume (finished phases and "
                "the last checkpoint of the current one are kept).")
-_SIGINTS = []  # one entry per SIGINT received (see _on_sigint)
+_SIGINT = threading.Event()  # set by the first SIGINT (see _on_sigint)
 _STOPPING = threading.Event()  # set once main has the interruption in hand
 
 
@@ -48,8 +48,8 @@ def _on_sigint(signum, frame):
     garbage-collector callback such as JAX's, a `__del__`: jax-ml/jax#18246) it is lost, so a
     thread sends the signal again every half second until main has stopped."""
     del signum, frame
-    _SIGINTS.append(True)
-    if len(_SIGINTS) == 1:
+    if not _SIGINT.is_set():
+        _SIGINT.set()
         threading.Thread(target=_redeliver, daemon=True).start()
     raise KeyboardInterrupt
 
@@ -180,7 +180,7 @@ def main(argv):
     except KeyboardInterrupt:
         _interrupted()
     except Exception as e:  # noqa: BLE001 - sorted into bad input and bugs here
-        if _SIGINTS:  # the Ctrl-C, wrapped in another exception on its way up
+        if _SIGINT.is_set():  # the Ctrl-C, wrapped in another exception on its way up
             _interrupted()
         pipeline = sys.modules.get("jaxprune.pipeline")
         if pipeline is not None and isinstance(e, pipeline.USER_ERRORS):

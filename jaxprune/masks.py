@@ -39,7 +39,7 @@ GRANULARITIES = ("unstructured", "channel", "nm")
 # --------------------------------------------------------------------------------------------
 # paths
 # --------------------------------------------------------------------------------------------
-# The tree-path helpers live in structure.py (no JAX there); re-exported here.
+# The tree-path helpers live in structure.py (which masks imports); re-exported here.
 
 
 # --------------------------------------------------------------------------------------------

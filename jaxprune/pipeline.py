@@ -51,7 +51,7 @@ class Context:
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
     _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
-    _candidate_evaluator: Optional[Callable] = None  # see candidate_evaluator
+    _candidate_evaluators: dict = dataclasses.field(default_factory=dict)  # candidate_evaluator
 
     def device_data(self, split: str):
         """`train` → (images, labels) device arrays; `val` / `test` → `train.EvalData`.
@@ -379,15 +379,12 @@ def make_pruner(ctx: Context, dense_state) -> pruner_lib.Pruner:
     cfg, s, m, ds = ctx.config.prune, ctx.config.search, ctx.model, ctx.dataset
     criterion = str(cfg.criterion)
     score_batches = None
-    if criterion in criteria_lib.GRADIENT_CRITERIA:
-        bs = int(s.calib_batch_size)
-        order = np.asarray(jax.random.permutation(
-            jax.random.fold_in(ctx.keys["calib"], 1), ds.train_images.shape[0]))
+    if criterion in criteria_lib.GRADIENT_CRITERIA:  # batches of the calibration images' order
+        n, bs = int(cfg.sensitivity_batches), int(s.calib_batch_size)
         score_batches = [
             (data_lib.normalize(jnp.asarray(ds.train_images[idx]), ds.mean, ds.std),
              jnp.asarray(ds.train_labels[idx]))
-            for idx in np.array_split(order[:bs * int(cfg.sensitivity_batches)],
-                                      int(cfg.sensitivity_batches))]
+            for idx in np.array_split(ctx.calib_order[:bs * n], n)]
     return pruner_lib.Pruner(
         m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape, groups=m.groups,
         unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
@@ -435,7 +432,9 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
 
 
 def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params,
-              mask_update_fn=None):
+              mask_update_fn=None, epochs: Optional[int] = None):
+    """The configured fine-tune (`finetune.*`; `epochs` overrides its length) of `params` under
+    `masks`, a checkpointed phase."""
     fcfg, pcfg = ctx.config.finetune, ctx.config.prune
     kept = masks_lib.count(masks)
     recipe = {"granularity": pruner.granularity, "scope": str(pcfg.scope),
@@ -444,7 +443,8 @@ def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params
               "kept_weights": int(kept.kept)}
     return train_phase(ctx, phase, apply_fn=ctx.model.apply, params=params,
                        batch_stats=pruner.batch_stats, masks=masks,
-                       epochs=int(fcfg.epochs), learning_rate=float(fcfg.learning_rate),
+                       epochs=int(fcfg.epochs if epochs is None else epochs),
+                       learning_rate=float(fcfg.learning_rate),
                        warmup_epochs=float(fcfg.warmup_epochs),
                        key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(phase)),
                        mask_update_fn=mask_update_fn, recipe=recipe)
@@ -644,15 +644,15 @@ def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner, val: Optional[t
     """`keep float32[K, G] -> proxy float32[K]`: adaptive BN on `search.calib_batches` (or
     `calib_batches`) calibration batches of the training split, then `metric` ('accuracy' or
     'loss') on the first `search.val_examples` validation images, or on validation images
-    [start, start + n) with `val=(start, n)`. The configured one is built once per run; other
-    settings build a new one. Never the test split."""
-    default = val is None and calib_batches is None and metric == "accuracy"
-    if default and ctx._candidate_evaluator is not None:
-        return ctx._candidate_evaluator
+    [start, start + n) with `val=(start, n)`. Built once per run for each setting. Never the test
+    split."""
     ds, s = ctx.dataset, ctx.config.search
     start, n = val if val is not None else (0, min(int(s.val_examples), ds.val_images.shape[0]))
     calib_n = int(s.calib_batches if calib_batches is None else calib_batches) * \
         int(s.calib_batch_size)
+    settings = (start, n, calib_n, metric)
+    if settings in ctx._candidate_evaluators:
+        return ctx._candidate_evaluators[settings]
     order = ctx.calib_order[:calib_n]
     evaluate = pruner.evaluator(
         data_lib.normalize(jnp.asarray(ds.train_images[order]), ds.mean, ds.std),
@@ -661,8 +661,7 @@ def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner, val: Optional[t
         eval_batch_size=int(ctx.config.train.eval_batch_size),
         chunk_size=int(s.get("chunk_size", 0) or 0) or None,
         precision=str(ctx.config.train.precision), metric=metric)
-    if default:
-        ctx._candidate_evaluator = evaluate
+    ctx._candidate_evaluators[settings] = evaluate
     return evaluate
 
 
@@ -709,21 +708,14 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
         ctx, pruner, val=(0, min(n_val, ds.val_images.shape[0]))))]
     tune = int(s.get("select_finetune", 0) or 0)
     if tune > 0:
-        t, f = ctx.config.train, ctx.config.finetune
         evaluate = _eval_fn(ctx, ctx.model.apply)
-        images, labels = ctx.device_data("train")
 
-        def short_finetune(keeps):
+        def short_finetune(keeps):  # the configured fine-tune, shortened; each a phase
             out = []
             for i, keep in enumerate(keeps):
-                tuned = pruner.finetune(
-                    keep, images, labels, epochs=int(s.get("select_epochs", 1)),
-                    key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(f"select_{method}_{i}")),
-                    learning_rate=float(f.learning_rate), batch_size=int(t.batch_size),
-                    weight_decay=float(t.weight_decay), momentum=float(t.momentum),
-                    augment=bool(ctx.config.data.augment), mean=ds.mean, std=ds.std,
-                    precision=str(t.precision))
-                out.append(float(evaluate(tuned.params, tuned.batch_stats, "val")["accuracy"]))
+                state, _ = _finetune(ctx, pruner, f"select_{method}_{i}", pruner.masks(keep)[0],
+                                     pruner.params, epochs=int(s.get("select_epochs", 1)))
+                out.append(float(evaluate(state.params, state.batch_stats, "val")["accuracy"]))
             return np.asarray(out)
 
         stages.append(loop_lib.Stage("short fine-tune", tune, short_finetune))
@@ -746,9 +738,8 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
         candidates=int(s.candidates), hparams=dict(s.get(method, {})),  # search.<method>
         checkpointer=checkpointer, name=method, progress=ctx.progress and _bars(ctx),
         writer=ctx.writer)
-    best_keep, selection = result.best_keep, select_winner(ctx, pruner, method, result.log)
-    if selection:
-        best_keep = selection["best_keep"]
+    selection = select_winner(ctx, pruner, method, result.log)
+    best_keep = selection.get("best_keep", result.best_keep)
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
         "method": method, "units": pruner.units, "best_keep": np.asarray(best_keep).tolist(),
         "best_accuracy": result.best_accuracy, "seconds": result.seconds,

@@ -32,7 +32,6 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
@@ -113,9 +112,7 @@ class Trained(NamedTuple):
 def _compiled_train(apply, weight_decay, momentum, augment, mean, std, precision, batch_size):
     """(optimizer, TrainFn) for these settings, compiled once: masks are state and the rate and
     length are arguments, so every fine-tune of one model reuses it."""
-    tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.trace(decay=momentum, nesterov=True),
-                     train_lib.scale_by_learning_rate_arg(), masks_lib.masked_updates())
+    tx = train_lib.optimizer("sgd", weight_decay=weight_decay, momentum=momentum)
     step = train_lib.make_train_step(apply, tx, schedule="cosine", mean=np.asarray(mean),
                                      std=np.asarray(std), augment=augment, precision=precision)
     return tx, train_lib.make_train_fn(step, batch_size=batch_size)
@@ -147,6 +144,16 @@ def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs:
         phase="train")
     s = result.state
     return Trained(s.params, s.batch_stats, s.masks, result.history)
+
+
+def score_in_chunks(evaluate: Callable, keeps, k: int) -> np.ndarray:
+    """`evaluate(keep[k, G]) -> [k]` over any number of keep rows, `k` at a time; the last chunk
+    is padded with copies of its last row, so the evaluator compiles once."""
+    keeps = np.asarray(keeps, np.float32)
+    k = max(int(k), 1)
+    padded = np.concatenate([keeps, np.repeat(keeps[-1:], (-len(keeps)) % k, axis=0)])
+    return np.concatenate([np.asarray(evaluate(padded[i:i + k]))
+                           for i in range(0, len(padded), k)])[:len(keeps)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,15 +372,7 @@ class Pruner:
         cand = np.ones((1 + g * grid.size, g), np.float32)  # row 0: the dense model
         for i in range(g):
             cand[1 + i * grid.size:1 + (i + 1) * grid.size, i] = grid
-        step = max(int(candidates), 1)
-        chunks = []
-        for start in range(0, cand.shape[0], step):
-            chunk = cand[start:start + step]
-            count = chunk.shape[0]
-            if count < step:
-                chunk = np.concatenate([chunk, np.ones((step - count, g), np.float32)])
-            chunks.append(np.asarray(evaluate(chunk))[:count])
-        acc = np.concatenate(chunks)
+        acc = score_in_chunks(evaluate, cand, candidates)
         curves = criteria_lib.SensitivityCurves(
             units=tuple(self.units), keep_grid=grid,
             values=acc[1:].reshape(g, grid.size).astype(np.float64), dense=float(acc[0]))
@@ -407,7 +406,9 @@ class Pruner:
         """The kept channels {group: bool[size]} of a channel keep vector (numpy)."""
         if self.granularity != "channel":
             raise ValueError(f"channel_keep needs granularity='channel', not {self.granularity!r}.")
-        return {k: np.asarray(v) for k, v in self.masks(keep)[1].items()}
+        kept = masks_lib.channel_keep(self.channel_scores, jnp.asarray(keep, jnp.float32),
+                                      self.groups)
+        return {k: np.asarray(v) for k, v in kept.items()}
 
     def compact(self, keep, params=None, batch_stats=None):
         """`(compact_apply, compact_variables)`: the model with the channels dropped at `keep`

@@ -112,22 +112,27 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
 
 
 def make_optimizer(train_config) -> optax.GradientTransformationExtraArgs:
-    """The configured optimizer; call `tx.update(grads, opt_state, params, masks=..., learning_rate=...)`.
+    """The configured optimizer (`train.optimizer`, `weight_decay`, `momentum`); see `optimizer`."""
+    return optimizer(str(train_config.optimizer), weight_decay=float(train_config.weight_decay),
+                     momentum=float(train_config.momentum))
 
-    `sgd`: decoupled-from-nothing weight decay added to the gradient, Nesterov momentum (as
-    `optax.sgd`); `adam`: AdamW. The learning rate is an argument, not part of the chain, so
-    one compiled step serves phases with different rates and lengths. The chain ends in the
-    mask transform: pruned weights get exactly zero update.
+
+def optimizer(name: str = "sgd", *, weight_decay: float = 5e-4,
+              momentum: float = 0.9) -> optax.GradientTransformationExtraArgs:
+    """`tx.update(grads, opt_state, params, masks=..., learning_rate=...)`.
+
+    `sgd`: weight decay added to the gradient, Nesterov momentum (as `optax.sgd`); `adam`:
+    AdamW. The learning rate is an argument, not part of the chain, so one compiled step serves
+    phases with different rates and lengths. The chain ends in the mask transform: pruned
+    weights get exactly zero update.
     """
-    weight_decay = float(train_config.weight_decay)
-    if train_config.optimizer == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                         optax.trace(decay=float(train_config.momentum), nesterov=True))
-    elif train_config.optimizer == "adam":
-        tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+    if name == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(float(weight_decay)),
+                         optax.trace(decay=float(momentum), nesterov=True))
+    elif name == "adam":
+        tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(float(weight_decay)))
     else:
-        raise ValueError(f"train.optimizer={train_config.optimizer!r}: use one of "
-                         f"{', '.join(OPTIMIZERS)}.")
+        raise ValueError(f"train.optimizer={name!r}: use one of {', '.join(OPTIMIZERS)}.")
     return optax.chain(tx, scale_by_learning_rate_arg(), masks_lib.masked_updates())
 
 
