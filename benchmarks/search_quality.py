@@ -59,6 +59,14 @@ def parse_args(argv=None):
                              "missing from the config is added")
     parser.add_argument("--holdout", type=int, default=0,
                         help="re-score each winner on this many further validation images (0: off)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="fine-tune every run's winner (finetune.* of the config; the same data "
+                             "order for every method of a seed) and judge it on the validation "
+                             "images the search never saw and on the test split")
+    parser.add_argument("--reference", default="random",
+                        help="paired differences (same seeds) of every other method against this one")
+    parser.add_argument("--resamples", type=int, default=10000,
+                        help="bootstrap resamples of the paired intervals")
     parser.add_argument("--out", default=None, help="JSON file to store the study in")
     parser.add_argument("--name", default=None, help="key of this study in --out (default: config stem)")
     parser.add_argument("--plot", default=None, help="PNG: best-so-far curves of every study in --out")
@@ -186,21 +194,55 @@ def run_study(args, config) -> dict:
           f"one round of {k} candidates {round_seconds:.2f} s.", flush=True)
 
     held_fn, n_held = (holdout_evaluator(ctx, pruner, args.holdout) if args.holdout else (None, 0))
+    fine_tune, n_unseen = finetuner(ctx, pruner) if args.finetune else (None, 0)
+    uniform = {"keep": [round(float(v), 5) for v in ref_keep[1]],
+               "proxy_accuracy": uniform_proxy, "macs_fraction": macs_fraction(ref_keep[1])}
+    if fine_tune is not None:  # the uniform control is one architecture: one fine-tune
+        uniform["finetuned"] = fine_tune(ref_keep[1], seeds[0], f"search_quality/uniform_ft_seed{seeds[0]}")
+
+    def study_so_far(runs) -> dict:
+        done = sorted({r["seed"] for r in runs if all(
+            any(q["seed"] == r["seed"] and q["method"] == m for q in runs) for m in methods)})
+        return {
+            "config": args.config, "variant": args.variant, "overrides": args.set,
+            "model": ctx.model.spec.name, "dataset": ctx.dataset.name,
+            "seeds": done, "complete": done == seeds, "methods": methods,
+            "rounds": rounds, "candidates_per_round": k,
+            "evaluated_per_run": rounds * k, "sparsity": float(config.prune.sparsity),
+            "target": str(config.prune.target), "lower": float(config.search.lower),
+            "val_examples": int(min(int(config.search.val_examples), ctx.dataset.val_images.shape[0])),
+            "holdout_examples": n_held, "unseen_val_examples": n_unseen,
+            "finetune": {"epochs": int(config.finetune.epochs),
+                         "learning_rate": float(config.finetune.learning_rate),
+                         "train_examples": int(ctx.dataset.train_images.shape[0])}
+            if fine_tune is not None else None,
+            "units": pruner.units,
+            "dense_test_accuracy": float(dense_row["accuracy"]), "dense_proxy_accuracy": dense_proxy,
+            "uniform_at_budget": uniform,
+            "budget_macs_fraction": pruner.budget / pruner.cost.dense_macs
+            if str(config.prune.target) == "macs" else None,
+            "dense_seconds": dense_seconds, "evaluator_compile_seconds": compile_seconds,
+            "evaluation_seconds_per_round": round_seconds,
+            "devices": [str(d) for d in jax.devices()],
+            "summary": summarize(runs, methods, rounds, k),
+            "paired": paired_table(runs, methods, args.reference, args.resamples),
+            "runs": runs, "wall_seconds": time.perf_counter() - t_study,
+        }
 
     runs = []
-    for method in methods:
-        controller = controllers_lib.get_controller(method)
-        for seed in seeds:
+    controllers = {m: controllers_lib.get_controller(m) for m in methods}
+    for seed in seeds:  # seeds outer: a study stopped early still holds whole pairs
+        for method in methods:
             settings = _settings(config, method, seed)
             checkpointer = None if args.no_resume else ctx.checkpointer(_run_dir(settings), extra=settings)
             saved = None if checkpointer is None else checkpointer.latest_step()
             key = jax.random.fold_in(jax.random.key(seed), pipeline._stable_hash(method))
             t0 = time.perf_counter()
             result = loop_lib.run(
-                controller, pruner.space, key=key, rounds=rounds, k=k, evaluate_fn=evaluate_fn,
-                macs_fn=pruner.cost.macs, params_fn=pruner.cost.params, budget=pruner.budget,
-                budget_fn=pruner.budget_fn, checkpointer=checkpointer, name=f"{method}/{seed}",
-                progress=progress)
+                controllers[method], pruner.space, key=key, rounds=rounds, k=k,
+                evaluate_fn=evaluate_fn, macs_fn=pruner.cost.macs, params_fn=pruner.cost.params,
+                budget=pruner.budget, budget_fn=pruner.budget_fn, checkpointer=checkpointer,
+                name=f"{method}/{seed}", progress=progress)
             wall = time.perf_counter() - t0
             log = result.log
             n = int(log.filled)
@@ -221,35 +263,113 @@ def run_study(args, config) -> dict:
                    "best_so_far": np.maximum.accumulate(acc).round(5).tolist()}
             if held_fn is not None:
                 run["holdout_accuracy"] = float(np.asarray(held_fn(log.keep[best][None]))[0])
+            if fine_tune is not None:
+                run["finetuned"] = fine_tune(log.keep[best], seed, "search_quality/ft_" + _run_dir(
+                    settings).split("/", 1)[1])
             runs.append(run)
+            ft = run.get("finetuned", {})
             print(f"  {method:<10} seed {seed}: best {100 * run['best_accuracy']:.2f} % "
                   f"(round {run['best_round']}), last-round mean "
                   f"{100 * run['last_round_mean']:.2f} %, {run['distinct']} distinct"
                   + (f", holdout {100 * run['holdout_accuracy']:.2f} %" if held_fn else "")
-                  + f", {wall:.1f} s", flush=True)
+                  + ("; fine-tuned:" + (f" unseen val {100 * ft['unseen_val_accuracy']:.2f} %,"
+                                        if "unseen_val_accuracy" in ft else "")
+                     + f" test {100 * ft['test_accuracy']:.2f} %" if ft else "")
+                  + f", {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.out:  # after every seed, so an interrupted study keeps its finished pairs
+            store(args.out, study_name(args), study_so_far(runs))
 
-    study = {
-        "config": args.config, "variant": args.variant, "overrides": args.set,
-        "model": ctx.model.spec.name, "dataset": ctx.dataset.name,
-        "seeds": seeds, "methods": methods, "rounds": rounds, "candidates_per_round": k,
-        "evaluated_per_run": rounds * k, "sparsity": float(config.prune.sparsity),
-        "target": str(config.prune.target), "lower": float(config.search.lower),
-        "val_examples": int(min(int(config.search.val_examples), ctx.dataset.val_images.shape[0])),
-        "holdout_examples": n_held, "units": pruner.units,
-        "dense_test_accuracy": float(dense_row["accuracy"]), "dense_proxy_accuracy": dense_proxy,
-        "uniform_at_budget": {"keep": [round(float(v), 5) for v in ref_keep[1]],
-                              "proxy_accuracy": uniform_proxy,
-                              "macs_fraction": macs_fraction(ref_keep[1])},
-        "budget_macs_fraction": pruner.budget / pruner.cost.dense_macs
-        if str(config.prune.target) == "macs" else None,
-        "dense_seconds": dense_seconds, "evaluator_compile_seconds": compile_seconds,
-        "evaluation_seconds_per_round": round_seconds,
-        "devices": [str(d) for d in jax.devices()],
-        "summary": summarize(runs, methods, rounds, k), "runs": runs,
-        "wall_seconds": time.perf_counter() - t_study,
-    }
+    study = study_so_far(runs)
     ctx.writer.close()
     return study
+
+
+def finetuner(ctx, pruner):
+    """(fine_tune(keep, seed, phase) -> dict, unseen): the configured fine-tune (`finetune.*`) of
+    the dense model under `keep`'s masks, a checkpointed phase. Its data order depends on the
+    study seed only, so every method's winner of one seed is trained on the same batches (the
+    pairing of the comparison). Judged on the validation images the search never scored
+    (`val[val_examples:]`, `unseen` of them) and on the test split."""
+    import jax
+    import numpy as np
+
+    from jaxprune import pipeline
+    from jaxprune import train as train_lib
+
+    ds = ctx.dataset
+    start = min(int(ctx.config.search.val_examples), ds.val_images.shape[0])
+    unseen = ds.val_images.shape[0] - start
+    evaluate = pipeline._eval_fn(ctx, ctx.model.apply)
+    held = None
+    if unseen > 0:  # the capacity of val/test, so the one compiled evaluation serves it
+        held = train_lib.device_eval_data(
+            ds.val_images[start:], ds.val_labels[start:], int(ctx.config.train.eval_batch_size),
+            max(ds.val_images.shape[0], ds.test_images.shape[0]))
+
+    def fine_tune(keep, seed: int, phase: str) -> dict:
+        masks = pruner.masks(np.asarray(keep, np.float32))[0]
+        state, seconds = pipeline._finetune(ctx, pruner, phase, masks, pruner.params,
+                                            key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
+        out = {"test_accuracy": evaluate(state.params, state.batch_stats, "test")["accuracy"],
+               "train_seconds": float(seconds)}
+        if held is not None:
+            out["unseen_val_accuracy"] = evaluate(state.params, state.batch_stats, held)["accuracy"]
+        return out
+
+    return fine_tune, unseen
+
+
+def study_name(args) -> str:
+    return args.name or os.path.splitext(os.path.basename(args.config))[0] + (
+        f"_{args.variant}" if args.variant else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+# (label, how to read a run's value): what the paired comparison covers, when present.
+METRICS = (("best proxy", lambda r: r["best_accuracy"]),
+           ("proxy on holdout", lambda r: r.get("holdout_accuracy")),
+           ("fine-tuned, unseen val", lambda r: r.get("finetuned", {}).get("unseen_val_accuracy")),
+           ("fine-tuned, test", lambda r: r.get("finetuned", {}).get("test_accuracy")))
+
+
+def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
+    """Paired a - b over seeds: mean, percentile-bootstrap 95 % interval of the mean, the
+    two-sided Wilcoxon signed-rank p (exact for small n; 1.0 when every difference is 0) and
+    wins / ties / losses."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if d.size < 2:
+        raise ValueError(f"a paired interval needs at least 2 seeds, got {d.size}.")
+    means = d[np.random.default_rng(seed).integers(0, d.size, (int(resamples), d.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    return {"n": int(d.size), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
+            "wilcoxon_p": p, "wins": int(np.sum(d > 0)), "ties": int(np.sum(d == 0)),
+            "losses": int(np.sum(d < 0))}
+
+
+def paired_table(runs, methods, reference: str, resamples: int) -> dict:
+    """{method: {metric: paired_difference(method, reference)}} over the seeds both finished."""
+    if reference not in methods:
+        return {}
+    by = {(r["method"], r["seed"]): r for r in runs}
+    out = {}
+    for method in methods:
+        if method == reference:
+            continue
+        seeds = sorted(s for (m, s) in by if m == method and (reference, s) in by)
+        rows = {}
+        for label, value in METRICS:
+            pairs = [(value(by[method, s]), value(by[reference, s])) for s in seeds]
+            if len(pairs) >= 2 and all(a is not None and b is not None for a, b in pairs):
+                rows[label] = paired_difference(*zip(*pairs), resamples=resamples)
+        if rows:
+            out[method] = {"reference": reference, "seeds": seeds, **rows}
+    return out
 
 
 def checkpoints(rounds: int, k: int) -> list:
@@ -278,10 +398,13 @@ def summarize(runs, methods, rounds: int, k: int) -> dict:
                "evaluated": mine[0]["evaluated"] if mine else 0,
                "search_seconds": float(np.sum([r["search_seconds"] for r in mine])),
                "wall_seconds": float(np.sum([r["wall_seconds"] for r in mine]))}
-        if mine and "holdout_accuracy" in mine[0]:
-            held = np.asarray([r["holdout_accuracy"] for r in mine], np.float64)
-            row["holdout_mean"] = float(held.mean())
-            row["holdout_std"] = float(held.std(ddof=1)) if held.size > 1 else 0.0
+        for name, value in (("holdout", lambda r: r.get("holdout_accuracy")),
+                            ("ft_unseen", METRICS[2][1]), ("ft_test", METRICS[3][1])):
+            vals = [value(r) for r in mine]
+            if vals and all(v is not None for v in vals):
+                vals = np.asarray(vals, np.float64)
+                row[f"{name}_mean"] = float(vals.mean())
+                row[f"{name}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
         out[method] = row
     return out
 
@@ -296,9 +419,11 @@ def table_text(study: dict) -> str:
     """Markdown: the per-method summary, then best-so-far after n candidates."""
     pm = lambda mean, std: f"{100 * mean:.2f} ± {100 * std:.2f}"
     summary = study["summary"]
-    held = any("holdout_mean" in r for r in summary.values())
+    extra = [(key, label) for key, label in (
+        ("holdout", "winner on holdout (%)"), ("ft_unseen", "fine-tuned, unseen val (%)"),
+        ("ft_test", "fine-tuned, test (%)")) if all(f"{key}_mean" in r for r in summary.values())]
     head = ["method", "best proxy (%)", "per seed (%)", "best round", "last-round mean (%)",
-            "distinct", "evaluated", "search (s)"] + (["winner on holdout (%)"] if held else [])
+            "distinct", "evaluated", "search (s)"] + [label for _, label in extra]
     lines = []
     for method, r in summary.items():
         cells = [method, pm(r["best_mean"], r["best_std"]),
@@ -306,15 +431,27 @@ def table_text(study: dict) -> str:
                  " / ".join(str(v) for v in r["best_round_per_seed"]),
                  f"{100 * r['last_round_mean']:.2f}", f"{r['distinct_mean']:.0f}",
                  str(r["evaluated"]), f"{r['search_seconds']:.0f}"]
-        if held:
-            cells.append(pm(r["holdout_mean"], r["holdout_std"]))
+        cells += [pm(r[f"{key}_mean"], r[f"{key}_std"]) for key, _ in extra]
         lines.append(cells)
     counts = list(next(iter(summary.values()))["best_so_far_at"])
     head2 = ["method"] + [f"after {n} (%)" for n in counts]
     lines2 = [[m] + [pm(*r["best_so_far_at"][n]) for n in counts] for m, r in summary.items()]
-    return "\n".join(_markdown(head, lines) + [
-        "", "Best proxy accuracy so far after n candidates (mean ± std over seeds):", ""]
-        + _markdown(head2, lines2))
+    text = _markdown(head, lines) + [
+        "", "Best proxy accuracy so far after n candidates (mean ± std over seeds):", ""] + _markdown(
+        head2, lines2)
+    paired = study.get("paired") or {}
+    if paired:
+        ref = next(iter(paired.values()))["reference"]
+        rows = [[method, label, str(d["n"]), f"{100 * d['mean']:+.2f}",
+                 f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
+                 f"{d['wilcoxon_p']:.3f}", f"{d['wins']}/{d['ties']}/{d['losses']}"]
+                for method, p in paired.items() for label, _ in METRICS if label in p
+                for d in [p[label]]]
+        text += ["", f"Paired differences against {ref} (same seeds; points; bootstrap 95 % "
+                 "interval of the mean; two-sided Wilcoxon signed-rank):", ""] + _markdown(
+            ["method", "measured on", "seeds", f"mean - {ref}", "95 % interval", "Wilcoxon p",
+             "wins/ties/losses"], rows)
+    return "\n".join(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,37 +476,74 @@ def _target_name(target: str) -> str:
 
 
 def plot(path: str, studies: dict) -> None:
-    """Best-so-far proxy accuracy vs evaluated candidates: mean over seeds, ± std shaded."""
+    """Per study: best-so-far proxy accuracy vs evaluated candidates (mean over seeds, 95 %
+    t-interval of the mean shaded) and, where winners were fine-tuned, each method's paired
+    test-accuracy difference to the reference per seed (dots) with its bootstrap 95 % interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from scipy import stats
 
-    names = list(studies)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    panels = [(name, kind) for name, study in studies.items()
+              for kind in ("curve", "paired") if kind == "curve" or study.get("paired")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, kind) in zip(axes[0], panels):
         study = studies[name]
+        title = (f"{study['model']} / {study['dataset']}: {100 * study['sparsity']:.0f} % "
+                 f"{_target_name(study['target'])} removed\n{len(study['seeds'])} seeds, "
+                 f"{study['rounds']}×{study['candidates_per_round']} candidates, "
+                 f"{study['val_examples']} val images")
+        if kind == "paired":
+            _plot_paired(ax, study)
+            ax.set_title(title, fontsize=9)
+            continue
         for i, method in enumerate(study["methods"]):
-            curves = np.asarray([r["best_so_far"] for r in study["runs"] if r["method"] == method],
-                                np.float64) * 100
+            curves = np.asarray([r["best_so_far"] for r in study["runs"] if r["method"] == method
+                                 and r["seed"] in study["seeds"]], np.float64) * 100
             x = np.arange(1, curves.shape[1] + 1)
-            mean, std = curves.mean(0), curves.std(0, ddof=1) if curves.shape[0] > 1 else 0 * curves[0]
+            mean = curves.mean(0)
             ax.plot(x, mean, color=f"C{i}", lw=1.4, label=method)
-            ax.fill_between(x, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+            if curves.shape[0] > 1:
+                half = stats.t.ppf(0.975, curves.shape[0] - 1) * curves.std(0, ddof=1) / np.sqrt(
+                    curves.shape[0])
+                ax.fill_between(x, np.clip(mean - half, 0, 100), np.clip(mean + half, 0, 100),
+                                color=f"C{i}", alpha=0.15, lw=0)
         ax.axhline(100 * study["uniform_at_budget"]["proxy_accuracy"], color="grey", ls=":", lw=1,
                    label="uniform keep at budget")
         ax.set_xscale("log")
         ax.set_xlabel("candidates evaluated")
         ax.set_ylabel("best proxy accuracy so far (%)")
-        ax.set_title(f"{study['model']} / {study['dataset']}: {100 * study['sparsity']:.0f} % "
-                     f"{_target_name(study['target'])} removed\n{len(study['seeds'])} seeds, "
-                     f"{study['rounds']}×{study['candidates_per_round']} candidates, "
-                     f"{study['val_examples']} val images", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_paired(ax, study: dict) -> None:
+    import numpy as np
+
+    label = METRICS[3][0] if any(METRICS[3][0] in p for p in study["paired"].values()) else METRICS[0][0]
+    value = dict(METRICS)[label]
+    by = {(r["method"], r["seed"]): r for r in study["runs"]}
+    for i, (method, p) in enumerate(study["paired"].items()):
+        if label not in p:
+            continue
+        d = p[label]
+        diffs = [100 * (value(by[method, s]) - value(by[p["reference"], s])) for s in p["seeds"]]
+        jitter = np.linspace(-0.12, 0.12, len(diffs))
+        ax.scatter(i + jitter, diffs, s=10, color="grey", alpha=0.6, zorder=2)
+        ax.errorbar(i, 100 * d["mean"], yerr=[[100 * (d["mean"] - d["ci95"][0])],
+                                               [100 * (d["ci95"][1] - d["mean"])]],
+                    fmt="o", color=f"C{study['methods'].index(method)}", capsize=4, zorder=3)
+    ax.axhline(0, color="black", lw=0.8)
+    names = list(study["paired"])
+    ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylabel(f"{label}: method − {next(iter(study['paired'].values()))['reference']} (points)")
+    ax.grid(alpha=0.3, axis="y")
 
 
 def main(argv=None):
@@ -385,12 +559,14 @@ def main(argv=None):
           f"{study['candidates_per_round']} candidates, seeds {study['seeds']}, "
           f"{study['val_examples']} val images; std over seeds (ddof=1).")
     print(table_text(study))
+    uniform = study["uniform_at_budget"]
     print(f"dense proxy {100 * study['dense_proxy_accuracy']:.2f} %, uniform keep at budget "
-          f"{100 * study['uniform_at_budget']['proxy_accuracy']:.2f} %; study wall time "
+          f"{100 * uniform['proxy_accuracy']:.2f} %"
+          + (f" (fine-tuned: test {100 * uniform['finetuned']['test_accuracy']:.2f} %)"
+             if "finetuned" in uniform else "") + "; study wall time "
           f"{study['wall_seconds']:.0f} s (dense phase {study['dense_seconds']:.0f} s).")
     if args.out:
-        name = args.name or os.path.splitext(os.path.basename(args.config))[0] + (
-            f"_{args.variant}" if args.variant else "")
+        name = study_name(args)
         everything = store(args.out, name, study)
         print(f"stored as {name!r} in {args.out}")
         if args.plot:

@@ -432,9 +432,9 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
 
 
 def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params,
-              mask_update_fn=None, epochs: Optional[int] = None):
+              mask_update_fn=None, epochs: Optional[int] = None, key=None):
     """The configured fine-tune (`finetune.*`; `epochs` overrides its length) of `params` under
-    `masks`, a checkpointed phase."""
+    `masks`, a checkpointed phase. `key` (default: from the phase name) orders the data."""
     fcfg, pcfg = ctx.config.finetune, ctx.config.prune
     kept = masks_lib.count(masks)
     recipe = {"granularity": pruner.granularity, "scope": str(pcfg.scope),
@@ -446,7 +446,8 @@ def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params
                        epochs=int(fcfg.epochs if epochs is None else epochs),
                        learning_rate=float(fcfg.learning_rate),
                        warmup_epochs=float(fcfg.warmup_epochs),
-                       key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(phase)),
+                       key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(phase))
+                       if key is None else key,
                        mask_update_fn=mask_update_fn, recipe=recipe)
 
 
