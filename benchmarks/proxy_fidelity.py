@@ -87,32 +87,14 @@ def rank_correlations(proxy, truth, n_boot: int, seed: int) -> dict:
 
 def load_dense(args, config):
     """(context, params, batch_stats): the pipeline's context and the dense variables."""
-    import jax.numpy as jnp
-    import numpy as np
-
     from jaxprune import pipeline
 
     ctx = pipeline.make_context(config, args.workdir, progress=True)
     if args.dense is None:
         state, _ = pipeline.dense_phase(ctx)
         return ctx, state.params, state.batch_stats
-    with np.load(args.dense) as z:
-        flat = {k: jnp.asarray(z[k]) for k in z.files}
-    trees = {"params": {}, "batch_stats": {}}
-    for key, value in flat.items():
-        top, *path = key.split("/")
-        node = trees[top]
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    want = {"params": ctx.model.params, "batch_stats": ctx.model.batch_stats}
-    import jax
-    for top in trees:
-        got = jax.tree.map(jnp.shape, trees[top])
-        if got != jax.tree.map(jnp.shape, want[top]):
-            raise SystemExit(f"--dense {args.dense}: its {top} do not match "
-                             f"{config.model.name}'s; give the file of this model.")
-    return ctx, trees["params"], trees["batch_stats"]
+    params, batch_stats = pipeline.load_dense_params(args.dense, ctx.model)
+    return ctx, params, batch_stats
 
 
 def main(argv=None) -> int:

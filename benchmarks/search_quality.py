@@ -37,6 +37,7 @@ import json
 import os
 import sys
 import time
+import types
 
 
 def parse_args(argv=None):
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--variant", default="", help="get_config(arg): '' or e.g. 'cpu'")
     parser.add_argument("--workdir", required=True,
                         help="dense checkpoint and per-search checkpoints (reused across runs)")
+    parser.add_argument("--dense_params", default=None,
+                        help=".npz of the trained dense model (experiments/gpu/pack.py writes "
+                             "dense_params.npz after a GPU run); default: train it in --workdir")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default="reinforce,gan,evolution,random,uniform")
     parser.add_argument("--rounds", type=int, default=None, help="default: config.search.rounds")
@@ -170,7 +174,12 @@ def run_study(args, config) -> dict:
 
     ctx = pipeline.make_context(config, args.workdir, progress=progress)
     t0 = time.perf_counter()
-    dense_state, dense_row = pipeline.dense_phase(ctx)
+    if args.dense_params:
+        params, batch_stats = pipeline.load_dense_params(args.dense_params, ctx.model)
+        dense_state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
+        dense_row = pipeline._eval_fn(ctx, ctx.model.apply)(params, batch_stats, "test")
+    else:
+        dense_state, dense_row = pipeline.dense_phase(ctx)
     dense_seconds = time.perf_counter() - t0
     pruner = pipeline.make_pruner(ctx, dense_state)
     evaluate_fn = pipeline.candidate_evaluator(ctx, pruner)
@@ -205,6 +214,7 @@ def run_study(args, config) -> dict:
             any(q["seed"] == r["seed"] and q["method"] == m for q in runs) for m in methods)})
         return {
             "config": args.config, "variant": args.variant, "overrides": args.set,
+            "dense_params": args.dense_params,
             "model": ctx.model.spec.name, "dataset": ctx.dataset.name,
             "seeds": done, "complete": done == seeds, "methods": methods,
             "rounds": rounds, "candidates_per_round": k,

@@ -88,6 +88,9 @@ def get_config(arg=None):
     config.search.lower = 0.05
     config.search.step = 0.0
     config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
+    # Keeps every controller asks first: comma-separated 'uniform', 'threshold', 'sensitivity'
+    # (the sensitivity pre-pass's evaluations are taken off the search's rounds); '' = none.
+    config.search.seed_keeps = ""
     # Winner by successive halving over the search log (0: the best proxy score wins): the best
     # select_top candidates re-scored on select_val_examples validation images (0: all), the
     # best select_finetune of those fine-tuned select_epochs epochs and judged on validation.

@@ -45,6 +45,7 @@ class _Registry(collections.abc.Sequence):
 MODELS = _Registry("jaxprune.models", "MODELS")
 PRUNE_METHODS = _Registry("jaxprune.pipeline", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
+SEED_KEEPS = _Registry("jaxprune.pipeline", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
 CHOICES = {
     "train.optimizer": ("sgd", "adam"),
@@ -181,6 +182,7 @@ OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choic
                              "prune.imp_rounds": _int(1),
                              "prune.n": _int(1), "prune.m": _int(1),
                              "search.chunk_size": _int(0),
+                             "search.seed_keeps": _method_list(SEED_KEEPS),
                              "search.select_top": _int(0), "search.select_val_examples": _int(0),
                              "search.select_finetune": _int(0), "search.select_epochs": _int(1),
                              "prune.channel_multiple": _int(1)}  # may be absent from a config
@@ -348,6 +350,9 @@ NOT_RESULT = frozenset({
     "train.eval_batch_size", "train.checkpoint_every", "train.compile_cache_dir",
     "data.data_dir", "data.cache", "data.portable_path", "data.download",
     "prune.methods", "search.methods", "search.chunk_size"})
+# Optional keys that change nothing at this value: left out of fingerprints there, so a workdir
+# made before the key existed still matches.
+NEUTRAL = {"search.seed_keeps": ""}
 # The winner's selection after a search (`pipeline.select_winner`) changes the fine-tune, not
 # the search.
 SELECTION_PREFIX = "search.select_"
@@ -381,7 +386,8 @@ def phase_settings(config, phase: str) -> dict:
     elif kind != "dense":
         sections |= {"prune", "finetune", "search"}  # an unknown phase: everything counts
     out = {k: v for k, v in flat.items() if k.split(".")[0] in sections and k not in NOT_RESULT
-           and not (kind == "search" and k.startswith(SELECTION_PREFIX))}
+           and not (kind == "search" and k.startswith(SELECTION_PREFIX))
+           and not (k in NEUTRAL and v == NEUTRAL[k])}
     out.update({k: flat[k] for k in extra if k in flat})
     return out
 

@@ -25,16 +25,20 @@ from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
+from jaxprune import files as files_lib
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
 from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
+from jaxprune import structure as structure_lib
 from jaxprune import train as train_lib
 from jaxprune.search import loop as loop_lib
 from jaxprune.search import budget as budget_lib
 
 HANDSET_METHODS = ("threshold", "sensitivity")
+# `search.seed_keeps`: keeps put first in every controller's first round.
+SEED_KEEPS = ("uniform",) + HANDSET_METHODS
 
 
 @dataclasses.dataclass
@@ -52,6 +56,7 @@ class Context:
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
     _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
     _candidate_evaluators: dict = dataclasses.field(default_factory=dict)  # candidate_evaluator
+    _seeds: dict = dataclasses.field(default_factory=dict)  # search_seeds, per seed_keeps
 
     def device_data(self, split: str):
         """`train` → (images, labels) device arrays; `val` / `test` → `train.EvalData`.
@@ -547,6 +552,36 @@ def _spec_json(spec) -> dict:
             "input_shape": list(spec.input_shape), "widths": [list(w) for w in spec.widths]}
 
 
+def save_dense_params(path: str, params, batch_stats) -> None:
+    """Writes a model's variables to an .npz of flat `params/conv1/kernel`, `batch_stats/...`
+    leaves: the portable form of a trained dense model (`experiments/gpu/pack.py` writes it
+    after a GPU run; `load_dense_params` and the benchmarks' `--dense_params` read it)."""
+    flat = {"/".join((top,) + tuple(p)): np.asarray(v)
+            for top, tree in (("params", params), ("batch_stats", batch_stats or {}))
+            for p, v in structure_lib._flatten(jax.device_get(tree)).items()}
+    with files_lib.atomic_open(path, "wb") as f:
+        np.savez_compressed(f, **flat)
+
+
+def load_dense_params(path: str, model) -> tuple:
+    """(params, batch_stats) of `model` (a zoo or discovered model: its `.params` and
+    `.batch_stats` give the expected shapes) from a `save_dense_params` file."""
+    if not os.path.isfile(path):
+        raise errors.NotFoundError(f"dense params {path!r}: no such file. Give the .npz that "
+                                   "experiments/gpu/pack.py wrote (dense_params.npz).")
+    with np.load(path) as z:
+        flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files}
+    trees = structure_lib._unflatten(flat)
+    got = {top: trees.get(top, {}) for top in ("params", "batch_stats")}
+    want = {"params": model.params, "batch_stats": model.batch_stats or {}}
+    for top in got:
+        if jax.tree.map(jnp.shape, got[top]) != jax.tree.map(jnp.shape, want[top]):
+            raise errors.ConfigError(
+                f"dense params {path!r}: its {top} do not match the configured model's "
+                "(another model or width?); give the file of this model.config.")
+    return got["params"], got["batch_stats"]
+
+
 def restore_model(workdir: str, method: str = "unpruned"):
     """One call for notebooks: the saved model of `method` → (FunctionalModel, params, batch_stats).
 
@@ -727,18 +762,62 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
     return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0}
 
 
+def search_seeds(ctx: Context, pruner: pruner_lib.Pruner):
+    """(seeds float32[S, G] or None, evaluations): the keeps `search.seed_keeps` names, which
+    every controller asks first ('uniform': the same keep in every group, projected onto the
+    budget; 'threshold' / 'sensitivity': the hand-set methods' keeps), and the candidate
+    evaluations it took to make them (the sensitivity pre-pass), which the search is charged.
+    Made once per run."""
+    names = config_checks.methods(ctx.config.search.get("seed_keeps", ""))
+    if not names:
+        return None, 0
+    if tuple(names) not in ctx._seeds:
+        rows, cost = [], 0
+        for name in names:
+            if name == "uniform":
+                rows.append(pruner.project(np.ones((len(pruner.units),), np.float32)))
+            elif name == "threshold":
+                rows.append(pruner.threshold_keep())
+            elif name == "sensitivity":
+                keep, curves = pruner.sensitivity_keep(
+                    candidate_evaluator(ctx, pruner), candidates=int(ctx.config.search.candidates))
+                rows.append(keep)
+                cost += 1 + int(curves.values.size)  # the dense model + every unit at every keep
+            else:
+                raise errors.ConfigError(f"search.seed_keeps: unknown keep {name!r}; use "
+                                         f"{', '.join(SEED_KEEPS)}.")
+        ctx._seeds[tuple(names)] = (np.unique(np.stack(rows), axis=0), cost)  # once each
+    return ctx._seeds[tuple(names)]
+
+
+def search_rounds(ctx: Context, seed_evaluations: int) -> int:
+    """`search.rounds` less the rounds the seeds' making cost (whole rounds, rounded up), so a
+    seeded search evaluates no more candidates than an unseeded one."""
+    s = ctx.config.search
+    k = int(s.candidates)
+    rounds = int(s.rounds) - -(-int(seed_evaluations) // k)
+    if rounds < 1:
+        raise errors.ConfigError(
+            f"search.seed_keeps={s.seed_keeps!r} costs {seed_evaluations} evaluations, all of "
+            f"search.rounds x search.candidates = {int(s.rounds)} x {k}: raise search.rounds, or "
+            "seed with 'uniform' / 'threshold' (free).")
+    return rounds
+
+
 def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
     s = ctx.config.search
+    seeds, seed_evaluations = search_seeds(ctx, pruner)
+    rounds = search_rounds(ctx, seed_evaluations)
     checkpointer = ctx.checkpointer(f"search_{method}", extra={
         "units": pruner.units, "rounds": int(s.rounds), "candidates": int(s.candidates),
         "method": method, "budget": float(pruner.budget), "lower": float(s.lower),
         "val_examples": int(s.val_examples), "seed": int(ctx.config.seed)})
     result = pruner.search(
         method, candidate_evaluator(ctx, pruner),
-        key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)), rounds=int(s.rounds),
+        key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)), rounds=rounds,
         candidates=int(s.candidates), hparams=dict(s.get(method, {})),  # search.<method>
-        checkpointer=checkpointer, name=method, progress=ctx.progress and _bars(ctx),
-        writer=ctx.writer)
+        seeds=seeds, checkpointer=checkpointer, name=method,
+        progress=ctx.progress and _bars(ctx), writer=ctx.writer)
     selection = select_winner(ctx, pruner, method, result.log)
     best_keep = selection.get("best_keep", result.best_keep)
     ckpt_lib.save_json(os.path.join(ctx.workdir, f"search_{method}.json"), {
@@ -747,9 +826,13 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
         "selection": {k: v for k, v in selection.items() if k != "best_keep"} or None,
         "dense_macs": float(pruner.cost.dense_macs), "budget": float(pruner.budget),
         "budget_target": str(ctx.config.prune.target),
+        "seeds": None if seeds is None else np.asarray(seeds).tolist(),
+        "seed_evaluations": seed_evaluations,
         "candidates": result.log.to_records(dense_macs=pruner.cost.dense_macs)})
     extra = {"search_seconds": result.seconds, "proxy_accuracy": result.best_accuracy,
              "evaluated": int(result.log.filled)}
+    if seed_evaluations:
+        extra["seed_evaluations"] = seed_evaluations
     if selection:
         extra.update(selection_seconds=selection["seconds"],
                      selection_scores={h["stage"]: max(h["scores"]) for h in selection["stages"]})

@@ -33,3 +33,38 @@ def test_run_script_packs_a_smoke_run(tmp_path):
     with np.load(out / "dense_params.npz") as z:
         assert any(k.startswith("params/") for k in z.files)
         assert all(np.all(np.isfinite(z[k])) for k in z.files)
+
+
+def test_run_script_runs_a_benchmark_from_saved_dense_params(tmp_path):
+    """`run.sh OUT benchmarks/search_quality.py ...` (the GPU search study) on the quick start,
+    starting from a dense model saved by `pipeline.save_dense_params` (pack.py's format)."""
+    from jaxprune import errors, pipeline
+
+    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"))
+    ctx = pipeline.make_context(config, str(tmp_path / "dense"), progress=False)
+    state, row = pipeline.dense_phase(ctx)
+    npz = str(tmp_path / "dense_params.npz")
+    pipeline.save_dense_params(npz, state.params, state.batch_stats)
+    params, batch_stats = pipeline.load_dense_params(npz, ctx.model)
+    np.testing.assert_array_equal(params["conv1"]["kernel"], state.params["conv1"]["kernel"])
+    with pytest.raises(errors.ConfigError, match="do not match"):
+        pipeline.load_dense_params(npz, ctx.model._replace(params={"conv1": params["conv1"]}))
+    with pytest.raises(errors.NotFoundError, match="no such file"):
+        pipeline.load_dense_params(str(tmp_path / "missing.npz"), ctx.model)
+
+    out = tmp_path / "out"
+    env = dict(os.environ, WORKDIR=str(tmp_path / "work"), PORTABLE="", PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", "experiments/gpu/run.sh", str(out), "benchmarks/search_quality.py",
+         "--config", "configs/quickstart.py", "--dense_params", npz, "--seeds", "0,1",
+         "--methods", "random,evolution", "--rounds", "1", "--candidates", "4", "--finetune",
+         "--set", "search.val_examples=200", "--quiet", "--resamples", "200",
+         "--out", str(out / "search_quality.json"), "--plot", str(out / "search_quality.png")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[timing] run:" in proc.stdout and "Paired differences against random" in proc.stdout
+    study = json.load(open(out / "search_quality.json"))["quickstart"]
+    assert study["dense_params"] == npz and study["complete"]
+    assert study["dense_test_accuracy"] == pytest.approx(row["accuracy"])  # the saved model
+    assert (out / "search_quality.png").stat().st_size > 0
+    assert len(os.listdir(out)) <= 8

@@ -256,3 +256,31 @@ def test_winner_selected_by_successive_halving(dense_workdir, tmp_path):
         config.search.select_top = 2
     with pytest.raises(checkpoint.CheckpointMismatchError, match="select_top"):
         pipeline.run(config, workdir, progress=False)
+
+
+def test_seeded_search_asks_the_seeds_first_and_pays_for_the_pre_pass(dense_workdir, tmp_path):
+    from jaxprune import config_checks
+    config, (dense, row), workdir = _run_on_dense(
+        dense_workdir, tmp_path, methods="", searches="random",
+        search_seed_keeps="uniform,sensitivity", search_rounds=12)
+    log = json.load(open(os.path.join(workdir, "search_random.json")))
+    seeds, cost = np.asarray(log["seeds"]), log["seed_evaluations"]
+    k = int(config.search.candidates)
+    assert seeds.shape == (2, 4) and cost > k  # LeNet-5: 4 units; 1 + 4 x grid evaluations
+    assert len(log["candidates"]) == (12 - -(-cost // k)) * k  # total evaluations <= 12 x k
+    first = np.asarray([c["keep"] for c in log["candidates"][:2]])
+    ctx = pipeline.make_context(config, workdir, progress=False)
+    pruner = pipeline.make_pruner(ctx, pipeline.dense_phase(ctx)[0])
+    # asked first, in the first round, and scored as every candidate is: projected
+    np.testing.assert_allclose(first, pruner.project(seeds), atol=1e-5)
+    assert row["seed_evaluations"] == cost
+    # No seeds: the key leaves the fingerprint, so workdirs made before it existed still match.
+    assert "search.seed_keeps" in config_checks.phase_settings(config, "search_random")
+    with config.unlocked():
+        config.search.seed_keeps = ""
+    assert "search.seed_keeps" not in config_checks.phase_settings(config, "search_random")
+    # A pre-pass that costs the whole search is refused before anything runs.
+    with config.unlocked():
+        config.search.seed_keeps, config.search.rounds = "sensitivity", 2
+    with pytest.raises(pipeline.errors.ConfigError, match="seed_keeps.*raise search.rounds"):
+        pipeline.run(config, str(tmp_path / "too_few"), progress=False)

@@ -12,27 +12,15 @@ import shutil
 import sys
 import tarfile
 
-import numpy as np
 
 LIMIT = 15 * 2 ** 20  # bytes per file, under the 16 MiB the device machine returns
-
-
-def _flat(tree, prefix):
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name))
-        else:
-            out[name] = np.asarray(value)
-    return out
 
 
 def dense_params(workdir, path):
     from jaxprune import pipeline  # imports JAX; only this step needs it
 
     _, params, batch_stats = pipeline.restore_model(workdir, "unpruned")
-    np.savez_compressed(path, **_flat(params, "params"), **_flat(batch_stats, "batch_stats"))
+    pipeline.save_dense_params(path, params, batch_stats)
 
 
 def _tar(path, workdir, names):

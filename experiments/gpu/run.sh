@@ -4,6 +4,9 @@
 #   bash experiments/gpu/run.sh OUT_DIR CONFIG [--config.key=value ...]
 #   e.g. (device tool, carry [".whl", ".cache/cifar10_portable.npz"]):
 #   bash experiments/gpu/run.sh $OUT configs/cifar10.py:gpu
+#   bash experiments/gpu/run.sh OUT_DIR benchmarks/SCRIPT.py [its flags]
+#   runs a benchmark instead of the pipeline (with --workdir, and the portable data as
+#   --set data.portable_path=...); its flags name its outputs under OUT_DIR.
 #
 # Environment: PORTABLE (default .cache/cifar10_portable.npz, made by
 # `python -m jaxprune.data portable`), WORKDIR (default /tmp/jaxprune_run; point it at an
@@ -28,18 +31,23 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 WORKDIR=${WORKDIR:-/tmp/jaxprune_run}
 FLAGS=()
+CMD=("$PY" -m jaxprune.main --config="$CONFIG" --workdir="$WORKDIR"
+     --config.train.compile_cache_dir=/tmp/jaxprune_jax_cache)
+[[ "$CONFIG" == benchmarks/*.py ]] && CMD=("$PY" "$CONFIG" --workdir "$WORKDIR")
 if [ -n "${PORTABLE:-}" ] || [ -f .cache/cifar10_portable.npz ]; then
-  FLAGS+=("--config.data.portable_path=${PORTABLE:-.cache/cifar10_portable.npz}")
+  if [[ "$CONFIG" == benchmarks/*.py ]]; then
+    FLAGS+=(--set "data.portable_path=${PORTABLE:-.cache/cifar10_portable.npz}")
+  else
+    FLAGS+=("--config.data.portable_path=${PORTABLE:-.cache/cifar10_portable.npz}")
+  fi
 fi
 $PY -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/log.txt"
 START=$(date +%s)
 if [ -n "${TIME_LIMIT:-}" ]; then
   timeout --signal=INT --kill-after=30 "$TIME_LIMIT" \
-    $PY -m jaxprune.main --config="$CONFIG" --workdir="$WORKDIR" \
-      --config.train.compile_cache_dir=/tmp/jaxprune_jax_cache "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
+    "${CMD[@]}" "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
 else
-  $PY -m jaxprune.main --config="$CONFIG" --workdir="$WORKDIR" \
-    --config.train.compile_cache_dir=/tmp/jaxprune_jax_cache "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  "${CMD[@]}" "${FLAGS[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
 fi
 STATUS=${PIPESTATUS[0]}
 echo "[timing] run: $(( $(date +%s) - START )) s, exit status $STATUS" | tee -a "$OUT/log.txt"
