@@ -42,10 +42,13 @@ import types
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/quickstart.py")
+    parser.add_argument("--config", help="config file, e.g. configs/quickstart.py")
     parser.add_argument("--variant", default="", help="get_config(arg): '' or e.g. 'cpu'")
-    parser.add_argument("--workdir", required=True,
+    parser.add_argument("--workdir",
                         help="dense checkpoint and per-search checkpoints (reused across runs)")
+    parser.add_argument("--reanalyse", action="store_true",
+                        help="run nothing: recompute the statistics of study --name stored in --out "
+                             "(e.g. with other --reference / --resamples), print, store and plot")
     parser.add_argument("--dense_params", default=None,
                         help=".npz of the trained dense model (experiments/gpu/pack.py writes "
                              "dense_params.npz after a GPU run); default: train it in --workdir")
@@ -77,7 +80,12 @@ def parse_args(argv=None):
     parser.add_argument("--no_resume", action="store_true",
                         help="no per-search checkpoints (nothing resumes; nothing is written for them)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reanalyse and not (args.out and args.name):
+        parser.error("--reanalyse needs --out FILE and --name STUDY (the study to re-read)")
+    if not args.reanalyse and not (args.config and args.workdir):
+        parser.error("--config and --workdir are required (unless --reanalyse)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +242,7 @@ def run_study(args, config) -> dict:
             "dense_seconds": dense_seconds, "evaluator_compile_seconds": compile_seconds,
             "evaluation_seconds_per_round": round_seconds,
             "devices": [str(d) for d in jax.devices()],
-            "summary": summarize(runs, methods, rounds, k),
-            "paired": paired_table(runs, methods, args.reference, args.resamples),
+            **analyse(runs, methods, rounds, k, args.reference, args.resamples),
             "runs": runs, "wall_seconds": time.perf_counter() - t_study,
         }
 
@@ -362,6 +369,24 @@ def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
             "losses": int(np.sum(d < 0))}
 
 
+def proxy_fidelity(runs, resamples: int) -> dict:
+    """Rank correlation (Spearman, Kendall, bootstrap 95 % intervals) over every run's winner
+    between its proxy scores and its fine-tuned test accuracy: how well the proxy orders the
+    candidates a search actually picks."""
+    import numpy as np
+    from proxy_fidelity import rank_correlations
+
+    truth = [METRICS[3][1](r) for r in runs]
+    out = {}
+    if len(runs) < 4 or any(t is None for t in truth):
+        return out
+    for label, value in METRICS[:3]:
+        proxy = [value(r) for r in runs]
+        if all(p is not None for p in proxy) and np.ptp(proxy) > 0 and np.ptp(truth) > 0:
+            out[label] = dict(rank_correlations(proxy, truth, resamples, seed=0), n=len(runs))
+    return out
+
+
 def paired_table(runs, methods, reference: str, resamples: int) -> dict:
     """{method: {metric: paired_difference(method, reference)}} over the seeds both finished."""
     if reference not in methods:
@@ -380,6 +405,14 @@ def paired_table(runs, methods, reference: str, resamples: int) -> dict:
         if rows:
             out[method] = {"reference": reference, "seeds": seeds, **rows}
     return out
+
+
+def analyse(runs, methods, rounds: int, k: int, reference: str, resamples: int) -> dict:
+    """What a study derives from its runs: the per-method summary, the paired differences
+    against `reference` and the proxy's rank correlation with the fine-tuned accuracy."""
+    return {"summary": summarize(runs, methods, rounds, k),
+            "paired": paired_table(runs, methods, reference, resamples),
+            "proxy_vs_finetuned": proxy_fidelity(runs, min(resamples, 2000))}
 
 
 def checkpoints(rounds: int, k: int) -> list:
@@ -449,6 +482,14 @@ def table_text(study: dict) -> str:
     text = _markdown(head, lines) + [
         "", "Best proxy accuracy so far after n candidates (mean ± std over seeds):", ""] + _markdown(
         head2, lines2)
+    fidelity = study.get("proxy_vs_finetuned") or {}
+    if fidelity:
+        text += ["", "Rank correlation of each score with the fine-tuned test accuracy, over every "
+                 "run's winner (bootstrap 95 % intervals):", ""] + _markdown(
+            ["score", "winners", "Spearman", "Kendall"],
+            [[label, str(c["n"]), f"{c['spearman']:+.2f} [{c['spearman_ci'][0]:+.2f}, "
+              f"{c['spearman_ci'][1]:+.2f}]", f"{c['kendall']:+.2f} [{c['kendall_ci'][0]:+.2f}, "
+              f"{c['kendall_ci'][1]:+.2f}]"] for label, c in fidelity.items()])
     paired = study.get("paired") or {}
     if paired:
         ref = next(iter(paired.values()))["reference"]
@@ -562,8 +603,18 @@ def main(argv=None):
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 
-    config = load_config(args)
-    study = run_study(args, config)
+    if args.reanalyse:
+        with open(args.out) as f:
+            stored = json.load(f)
+        if args.name not in stored:
+            raise SystemExit(f"--reanalyse: {args.out} holds no study {args.name!r} (it holds "
+                             f"{', '.join(map(repr, stored)) or 'none'}).")
+        study = stored[args.name]
+        runs = [r for r in study["runs"] if r["seed"] in study["seeds"]]
+        study.update(analyse(runs, study["methods"], study["rounds"],
+                             study["candidates_per_round"], args.reference, args.resamples))
+    else:
+        study = run_study(args, load_config(args))
     print(f"\n{study['model']} on {study['dataset']}, {100 * study['sparsity']:.0f} % "
           f"{_target_name(study['target'])} removed, {study['rounds']} rounds × "
           f"{study['candidates_per_round']} candidates, seeds {study['seeds']}, "

@@ -47,6 +47,19 @@ def test_paired_table_pairs_by_seed_and_skips_missing_metrics():
     assert search_quality.paired_table(runs, ["evolution"], "random", 500) == {}
 
 
+def test_proxy_fidelity_over_winners():
+    truth = [0.50, 0.52, 0.55, 0.61, 0.58]
+    runs = [_run("random", s, 0.2 + t / 10, t) for s, t in enumerate(truth)]   # same order
+    runs[0]["holdout_accuracy"] = 0.3                                         # not every run
+    fidelity = search_quality.proxy_fidelity(runs, 200)
+    assert set(fidelity) == {"best proxy"}
+    assert fidelity["best proxy"]["spearman"] == pytest.approx(1.0)
+    assert fidelity["best proxy"]["kendall"] == pytest.approx(1.0) and fidelity["best proxy"]["n"] == 5
+    runs = [_run("random", s, 0.9 - t, t) for s, t in enumerate(truth)]      # reversed
+    assert search_quality.proxy_fidelity(runs, 200)["best proxy"]["spearman"] == pytest.approx(-1.0)
+    assert search_quality.proxy_fidelity(runs[:3], 200) == {}                # too few winners
+
+
 @pytest.mark.slow
 def test_study_fine_tunes_winners_on_one_data_order_per_seed(tmp_path):
     out = tmp_path / "study.json"
@@ -67,7 +80,18 @@ def test_study_fine_tunes_winners_on_one_data_order_per_seed(tmp_path):
     paired = study["paired"]["evolution"]
     assert paired["reference"] == "random" and paired["seeds"] == [0, 1]
     assert set(paired) >= {"best proxy", "fine-tuned, unseen val", "fine-tuned, test"}
+    fidelity = study["proxy_vs_finetuned"]  # 4 winners: proxy vs fine-tuned test
+    assert "fine-tuned, unseen val" in fidelity
+    assert all(-1 <= c["spearman"] <= 1 and c["n"] == 4 for c in fidelity.values())
     assert (tmp_path / "plot.png").stat().st_size > 0
+    # Statistics re-read from the stored study, against another reference; nothing re-run.
+    search_quality.main(["--reanalyse", "--out", str(out), "--name", "tiny", "--reference",
+                         "evolution", "--resamples", "200"])
+    flipped = json.loads(out.read_text())["tiny"]["paired"]["random"]["fine-tuned, test"]
+    assert flipped["mean"] == pytest.approx(-paired["fine-tuned, test"]["mean"])
+    assert flipped["n"] == 2
+    with pytest.raises(SystemExit, match="holds no study 'other'"):
+        search_quality.main(["--reanalyse", "--out", str(out), "--name", "other"])
     # Re-running the command resumes: searches and fine-tunes are restored, nothing changes.
     search_quality.main(args)
     again = json.loads(out.read_text())["tiny"]
