@@ -224,3 +224,21 @@ def test_continuous_projection_slack_is_small():
     slack = np.asarray([budget - cm.macs_exact(k) for k in out]) / cm.dense_macs
     # no grid: only the rounding to whole channels is left (one channel of a 16-channel group)
     assert np.all(slack >= 0) and np.median(slack) <= 0.01 and np.max(slack) <= 0.03
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.3])
+def test_grid_projection_is_idempotent(fraction):
+    """A projected vector projected again stays as it is (a seed or an elite proposed again
+    is scored as itself), and a full on-grid vector within budget is a fixed point."""
+    cm, _, _, space, step = _resnet20_grid()
+    budget = fraction * cm.dense_macs
+    one = jax.jit(jax.vmap(lambda k: budget_lib.project(k, cm.macs, budget, space.lower,
+                                                        space.upper, step=step)))
+    keeps = jax.random.uniform(jax.random.key(5), (64, space.num_groups), minval=0.2, maxval=1.0)
+    once = np.asarray(one(keeps))
+    np.testing.assert_array_equal(np.asarray(one(jnp.asarray(once))), once)
+    # An on-grid vector with room left (every group at its lower bound) is filled, not kept.
+    lowest = np.broadcast_to(np.asarray(space.lower, np.float32), (1, space.num_groups))
+    filled = np.asarray(one(jnp.asarray(lowest)))[0]
+    assert cm.macs_exact(filled) > 1.5 * cm.macs_exact(lowest[0])
+    assert budget - cm.macs_exact(filled) <= 0.03 * cm.dense_macs

@@ -21,6 +21,11 @@ groups it favours: the thing a controller learns); its overall size is fixed by 
    (as its lower bound, when that is feasible), and the result using the most budget wins.
 4. **Exchanges.** Finally single exchanges, raise group i by a step and lower group j by a
    step, are taken (the one using the most budget first) while one uses more budget.
+5. **Fixed points.** A proposal already on the grid, within budget and full (no single raise
+   fits), which every result of 1-4 is, is returned as it is: `project` is idempotent, so a
+   candidate proposed again (a seed, an elite, a mutation that lands on the grid) is scored
+   as itself. (Before, the exchanges moved about a third of ResNet-20's projected vectors
+   again when they were re-projected.)
 
 Every step only accepts vectors within budget (exact integer comparison for integer costs),
 so whenever the budget is feasible at all (see `check_feasible`) every returned vector has
@@ -164,6 +169,13 @@ def _project_one(keep, cost_fn, budget, lower, upper, iters, fill, step, fill_it
         x = jnp.where(cost[best] > cost_fn(base), restarts[best], base)
         # 3. Finish with single exchanges (raise one group, lower another).
         projected = greedy(x, lower, swaps=True)
+        # A proposal already on the grid, within budget and full (no single raise fits), as
+        # every projection is, stays as it is: projecting is idempotent, so a re-proposed
+        # candidate (a seed, an elite) is scored as itself.
+        up0 = up_of(keep0)
+        full = ~jnp.any(jax.vmap(ok)(jnp.where(eye, up0[None, :], keep0[None, :])) & (up0 > keep0))
+        on_grid = jnp.all(jnp.abs(keep0 - jnp.clip(keep, lower, upper)) <= 1e-5)
+        projected = jnp.where(on_grid & ok(keep0) & full, keep0, projected)
     if fill:
         return projected
     return jnp.where(ok(keep0), keep0, projected)
