@@ -10,3 +10,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tensorflow_datasets")
 if os.path.isdir(_SHARED):
     os.environ.setdefault("TFDS_DATA_DIR", os.path.abspath(_SHARED))
+
+# The Ctrl-C tests send SIGINT to CLI subprocesses. A suite started with SIGINT ignored (under
+# `nohup`, or `cmd &` from a script) passes that on to every child, and `jaxprune.main` rightly
+# leaves an ignored SIGINT alone; restore the default here so those children can be interrupted.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
