@@ -352,8 +352,8 @@ METRICS = (("best proxy", lambda r: r["best_accuracy"]),
 
 
 def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
-    """Paired a - b over seeds: mean, percentile-bootstrap 95 % interval of the mean, the
-    two-sided Wilcoxon signed-rank p (exact for small n; 1.0 when every difference is 0) and
+    """Paired a - b over seeds: mean, percentile-bootstrap and Student-t 95 % intervals of the
+    mean, the two-sided Wilcoxon signed-rank p (exact for small n; 1.0 when every difference is 0) and
     wins / ties / losses."""
     import numpy as np
     from scipy import stats
@@ -364,7 +364,11 @@ def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
     means = d[np.random.default_rng(seed).integers(0, d.size, (int(resamples), d.size))].mean(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     p = float(stats.wilcoxon(d).pvalue) if np.any(d != 0) else 1.0
+    half = float(stats.t.ppf(0.975, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size))
     return {"n": int(d.size), "mean": float(d.mean()), "ci95": [float(lo), float(hi)],
+            # Student-t interval: wider than the percentile bootstrap, which undercovers at
+            # ten or fewer pairs.
+            "t95": [float(d.mean() - half), float(d.mean() + half)],
             "wilcoxon_p": p, "wins": int(np.sum(d > 0)), "ties": int(np.sum(d == 0)),
             "losses": int(np.sum(d < 0))}
 
@@ -495,13 +499,15 @@ def table_text(study: dict) -> str:
         ref = next(iter(paired.values()))["reference"]
         rows = [[method, label, str(d["n"]), f"{100 * d['mean']:+.2f}",
                  f"[{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
+                 f"[{100 * d['t95'][0]:+.2f}, {100 * d['t95'][1]:+.2f}]" if "t95" in d else "",
                  f"{d['wilcoxon_p']:.3f}", f"{d['wins']}/{d['ties']}/{d['losses']}"]
                 for method, p in paired.items() for label, _ in METRICS if label in p
                 for d in [p[label]]]
-        text += ["", f"Paired differences against {ref} (same seeds; points; bootstrap 95 % "
-                 "interval of the mean; two-sided Wilcoxon signed-rank):", ""] + _markdown(
-            ["method", "measured on", "seeds", f"mean - {ref}", "95 % interval", "Wilcoxon p",
-             "wins/ties/losses"], rows)
+        text += ["", f"Paired differences against {ref} (same seeds; points; 95 % intervals of "
+                 "the mean: percentile bootstrap and Student t; two-sided Wilcoxon signed-rank):",
+                 ""] + _markdown(
+            ["method", "measured on", "seeds", f"mean - {ref}", "bootstrap 95 %", "t 95 %",
+             "Wilcoxon p", "wins/ties/losses"], rows)
     return "\n".join(text)
 
 
@@ -529,7 +535,8 @@ def _target_name(target: str) -> str:
 def plot(path: str, studies: dict) -> None:
     """Per study: best-so-far proxy accuracy vs evaluated candidates (mean over seeds, 95 %
     t-interval of the mean shaded) and, where winners were fine-tuned, each method's paired
-    test-accuracy difference to the reference per seed (dots) with its bootstrap 95 % interval."""
+    test-accuracy difference to the reference per seed (dots) with the Student-t 95 % interval
+    of its mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -586,8 +593,8 @@ def _plot_paired(ax, study: dict) -> None:
         diffs = [100 * (value(by[method, s]) - value(by[p["reference"], s])) for s in p["seeds"]]
         jitter = np.linspace(-0.12, 0.12, len(diffs))
         ax.scatter(i + jitter, diffs, s=10, color="grey", alpha=0.6, zorder=2)
-        ax.errorbar(i, 100 * d["mean"], yerr=[[100 * (d["mean"] - d["ci95"][0])],
-                                               [100 * (d["ci95"][1] - d["mean"])]],
+        lo, hi = d.get("t95", d["ci95"])
+        ax.errorbar(i, 100 * d["mean"], yerr=[[100 * (d["mean"] - lo)], [100 * (hi - d["mean"])]],
                     fmt="o", color=f"C{study['methods'].index(method)}", capsize=4, zorder=3)
     ax.axhline(0, color="black", lw=0.8)
     names = list(study["paired"])

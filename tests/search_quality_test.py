@@ -19,6 +19,8 @@ def test_paired_difference_statistics():
     lo, hi = d["ci95"]
     assert 0.0 < lo < d["mean"] < hi <= 0.03            # all differences >= 0: interval above zero
     assert 0.0 < d["wilcoxon_p"] < 0.1
+    assert d["t95"][0] < d["mean"] < d["t95"][1]
+    assert d["t95"][1] - d["t95"][0] > hi - lo         # t is the wider (more careful) interval
     swapped = search_quality.paired_difference(b, a, resamples=2000)
     assert swapped["mean"] == pytest.approx(-d["mean"])
     assert swapped["ci95"][1] < 0 and swapped["wilcoxon_p"] == pytest.approx(d["wilcoxon_p"])
