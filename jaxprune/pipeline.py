@@ -56,7 +56,7 @@ class Context:
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
     _device: dict = dataclasses.field(default_factory=dict)  # splits on the device, uploaded once
     _candidate_evaluators: dict = dataclasses.field(default_factory=dict)  # candidate_evaluator
-    _seeds: dict = dataclasses.field(default_factory=dict)  # search_seeds, per seed_keeps
+    _handset: dict = dataclasses.field(default_factory=dict)  # handset_keep, per method
 
     def device_data(self, split: str):
         """`train` → (images, labels) device arrays; `val` / `test` → `train.EvalData`.
@@ -711,17 +711,28 @@ make_candidate_evaluator = candidate_evaluator
 # Methods
 
 
+def handset_keep(ctx: Context, pruner: pruner_lib.Pruner, method: str) -> tuple:
+    """(keep, extra, evaluations) of a hand-set method: its keep vector, what the row records
+    about it and the candidate evaluations it took. Made once per run: the hand-set phase and
+    the search's seeds (`search.seed_keeps`) share it."""
+    if method not in ctx._handset:
+        if method == "threshold":
+            ctx._handset[method] = (pruner.threshold_keep(), {}, 0)
+        elif method == "sensitivity":
+            keep, curves = pruner.sensitivity_keep(candidate_evaluator(ctx, pruner),
+                                                   candidates=int(ctx.config.search.candidates))
+            extra = {"sensitivity": {"grid": curves.keep_grid.tolist(), "dense": curves.dense,
+                                     "accuracy": np.round(curves.values, 5).tolist()}}
+            # the dense model + every unit at every keep of the grid
+            ctx._handset[method] = (keep, extra, 1 + int(curves.values.size))
+        else:
+            raise ValueError(f"prune.methods: unknown method {method!r}; use "
+                             f"{', '.join(HANDSET_METHODS)}.")
+    return ctx._handset[method]
+
+
 def handset_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str) -> dict:
-    extra = {}
-    if method == "threshold":
-        keep = pruner.threshold_keep()
-    elif method == "sensitivity":
-        keep, curves = pruner.sensitivity_keep(candidate_evaluator(ctx, pruner),
-                                               candidates=int(ctx.config.search.candidates))
-        extra["sensitivity"] = {"grid": curves.keep_grid.tolist(), "dense": curves.dense,
-                                "accuracy": np.round(curves.values, 5).tolist()}
-    else:
-        raise ValueError(f"prune.methods: unknown method {method!r}; use {', '.join(HANDSET_METHODS)}.")
+    keep, extra, _ = handset_keep(ctx, pruner, method)
     macs_fraction = float(pruner.cost.macs(jnp.asarray(keep))) / pruner.cost.dense_macs \
         if pruner.granularity == "channel" else None
     return finish(ctx, pruner, method, keep, extra=dict(extra, planned_macs_fraction=macs_fraction))
@@ -766,28 +777,20 @@ def search_seeds(ctx: Context, pruner: pruner_lib.Pruner):
     """(seeds float32[S, G] or None, evaluations): the keeps `search.seed_keeps` names, which
     every controller asks first ('uniform': the same keep in every group, projected onto the
     budget; 'threshold' / 'sensitivity': the hand-set methods' keeps), and the candidate
-    evaluations it took to make them (the sensitivity pre-pass), which the search is charged.
-    Made once per run."""
+    evaluations it took to make them (the sensitivity pre-pass, shared with the hand-set
+    phase), which the search is charged."""
     names = config_checks.methods(ctx.config.search.get("seed_keeps", ""))
     if not names:
         return None, 0
-    if tuple(names) not in ctx._seeds:
-        rows, cost = [], 0
-        for name in names:
-            if name == "uniform":
-                rows.append(pruner.project(np.ones((len(pruner.units),), np.float32)))
-            elif name == "threshold":
-                rows.append(pruner.threshold_keep())
-            elif name == "sensitivity":
-                keep, curves = pruner.sensitivity_keep(
-                    candidate_evaluator(ctx, pruner), candidates=int(ctx.config.search.candidates))
-                rows.append(keep)
-                cost += 1 + int(curves.values.size)  # the dense model + every unit at every keep
-            else:
-                raise errors.ConfigError(f"search.seed_keeps: unknown keep {name!r}; use "
-                                         f"{', '.join(SEED_KEEPS)}.")
-        ctx._seeds[tuple(names)] = (np.unique(np.stack(rows), axis=0), cost)  # once each
-    return ctx._seeds[tuple(names)]
+    rows, cost = [], 0
+    for name in names:
+        if name == "uniform":
+            rows.append(pruner.project(np.ones((len(pruner.units),), np.float32)))
+        else:
+            keep, _, evaluations = handset_keep(ctx, pruner, name)
+            rows.append(keep)
+            cost += evaluations
+    return np.unique(np.stack(rows), axis=0), cost
 
 
 def search_rounds(ctx: Context, seed_evaluations: int) -> int:

@@ -277,7 +277,7 @@ def test_seeded_search_asks_the_seeds_first_and_pays_for_the_pre_pass(dense_work
     with config.unlocked():
         config.search.seed_keeps = ""
     assert "search.seed_keeps" not in config_checks.phase_settings(config, "search_random")
-    # A pre-pass that costs the whole search is refused before anything runs.
+    # A pre-pass that costs the whole search is refused before the search starts.
     with config.unlocked():
         config.search.seed_keeps, config.search.rounds = "sensitivity", 2
     with pytest.raises(pipeline.errors.ConfigError, match="seed_keeps.*raise search.rounds"):
