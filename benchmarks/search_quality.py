@@ -143,8 +143,10 @@ def _settings(config, method: str, seed: int) -> dict:
             "calib_batch_size": int(s.calib_batch_size)}
 
 
-def _run_dir(settings: dict) -> str:
-    return (f"search_quality/{settings['method']}_seed{settings['seed']}"
+def _run_dir(settings: dict, prefix: str = "") -> str:
+    """The checkpoint folder of one search (`prefix` "ft_": of its winner's fine-tune), named by
+    the settings that change it, so studies at other budgets share a workdir without clashing."""
+    return (f"search_quality/{prefix}{settings['method']}_seed{settings['seed']}"
             f"_r{settings['rounds']}k{settings['candidates']}_sp{settings['sparsity']:g}"
             f"_lo{settings['lower']:g}_v{settings['val_examples']}")
 
@@ -215,7 +217,8 @@ def run_study(args, config) -> dict:
     uniform = {"keep": [round(float(v), 5) for v in ref_keep[1]],
                "proxy_accuracy": uniform_proxy, "macs_fraction": macs_fraction(ref_keep[1])}
     if fine_tune is not None:  # the uniform control is one architecture: one fine-tune
-        uniform["finetuned"] = fine_tune(ref_keep[1], seeds[0], f"search_quality/uniform_ft_seed{seeds[0]}")
+        uniform["finetuned"] = fine_tune(ref_keep[1], seeds[0], _run_dir(
+            _settings(config, "uniform", seeds[0]), prefix="ft_"))
 
     def study_so_far(runs) -> dict:
         done = sorted({r["seed"] for r in runs if all(
@@ -281,8 +284,7 @@ def run_study(args, config) -> dict:
             if held_fn is not None:
                 run["holdout_accuracy"] = float(np.asarray(held_fn(log.keep[best][None]))[0])
             if fine_tune is not None:
-                run["finetuned"] = fine_tune(log.keep[best], seed, "search_quality/ft_" + _run_dir(
-                    settings).split("/", 1)[1])
+                run["finetuned"] = fine_tune(log.keep[best], seed, _run_dir(settings, prefix="ft_"))
             runs.append(run)
             ft = run.get("finetuned", {})
             print(f"  {method:<10} seed {seed}: best {100 * run['best_accuracy']:.2f} % "

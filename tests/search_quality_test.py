@@ -98,3 +98,13 @@ def test_study_fine_tunes_winners_on_one_data_order_per_seed(tmp_path):
     search_quality.main(args)
     again = json.loads(out.read_text())["tiny"]
     assert [r["finetuned"] for r in again["runs"]] == [r["finetuned"] for r in study["runs"]]
+    # Another budget in the same workdir: its own searches and fine-tunes, nothing restored from
+    # the first study's (whose checkpoints would not match it).
+    search_quality.main([*args[:4], "--seeds", "0", "--methods", "random", "--rounds", "1",
+                         "--candidates", "4", "--finetune", "--set", "finetune.epochs=1",
+                         "--set", "search.val_examples=200", "--quiet", "--resamples", "200",
+                         "--sparsity", "0.3", "--out", str(out), "--name", "other_budget"])
+    other = json.loads(out.read_text())["other_budget"]
+    assert other["sparsity"] == 0.3 and other["complete"]
+    assert other["uniform_at_budget"]["macs_fraction"] > study["uniform_at_budget"]["macs_fraction"]
+    assert "finetuned" in other["uniform_at_budget"] and "finetuned" in other["runs"][0]
