@@ -153,7 +153,7 @@ def main(argv=None) -> int:
 
     # Ground truth: the same fine-tune for every candidate, test accuracy.
     epochs = int(args.epochs or config.finetune.epochs)
-    evaluate_test = pipeline._eval_fn(ctx, ctx.model.apply)
+    evaluate_test = pipeline.eval_fn(ctx, ctx.model.apply)
     truth, macs = [], []
     t_ft = time.perf_counter()
     for i, keep in enumerate(cands):

@@ -187,7 +187,7 @@ def run_study(args, config) -> dict:
     if args.dense_params:
         params, batch_stats = pipeline.load_dense_params(args.dense_params, ctx.model)
         dense_state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
-        dense_row = pipeline._eval_fn(ctx, ctx.model.apply)(params, batch_stats, "test")
+        dense_row = pipeline.eval_fn(ctx, ctx.model.apply)(params, batch_stats, "test")
     else:
         dense_state, dense_row = pipeline.dense_phase(ctx)
     dense_seconds = time.perf_counter() - t0
@@ -256,7 +256,7 @@ def run_study(args, config) -> dict:
             settings = _settings(config, method, seed)
             checkpointer = None if args.no_resume else ctx.checkpointer(_run_dir(settings), extra=settings)
             saved = None if checkpointer is None else checkpointer.latest_step()
-            key = jax.random.fold_in(jax.random.key(seed), pipeline._stable_hash(method))
+            key = jax.random.fold_in(jax.random.key(seed), pipeline.stable_hash(method))
             t0 = time.perf_counter()
             result = loop_lib.run(
                 controllers[method], pruner.space, key=key, rounds=rounds, k=k,
@@ -318,7 +318,7 @@ def finetuner(ctx, pruner):
     ds = ctx.dataset
     start = min(int(ctx.config.search.val_examples), ds.val_images.shape[0])
     unseen = ds.val_images.shape[0] - start
-    evaluate = pipeline._eval_fn(ctx, ctx.model.apply)
+    evaluate = pipeline.eval_fn(ctx, ctx.model.apply)
     held = None
     if unseen > 0:  # the capacity of val/test, so the one compiled evaluation serves it
         held = train_lib.device_eval_data(
@@ -327,8 +327,8 @@ def finetuner(ctx, pruner):
 
     def fine_tune(keep, seed: int, phase: str) -> dict:
         masks = pruner.masks(np.asarray(keep, np.float32))[0]
-        state, seconds = pipeline._finetune(ctx, pruner, phase, masks, pruner.params,
-                                            key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
+        state, seconds = pipeline.finetune_phase(
+            ctx, pruner, phase, masks, pruner.params, key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
         out = {"test_accuracy": evaluate(state.params, state.batch_stats, "test")["accuracy"],
                "train_seconds": float(seconds)}
         if held is not None:

@@ -253,7 +253,7 @@ def _check_model_fits(config, model) -> None:
 # Training phases
 
 
-def _eval_fn(ctx: Context, apply_fn):
+def eval_fn(ctx: Context, apply_fn):
     """Exact evaluation of a model on a device split (`evaluate(params, batch_stats, split)`);
     one compiled function per model for the whole run."""
     if apply_fn not in ctx._eval_fns:
@@ -323,7 +323,7 @@ def train_phase(ctx: Context, phase: str, *, apply_fn, params, batch_stats, mask
     result = train_lib.fit(
         state, _train_fn(ctx, apply_fn, mask_update_fn), images=images, labels=labels,
         epochs=int(epochs), batch_size=int(t.batch_size), key=key, recipe=schedule,
-        evaluate=_eval_fn(ctx, apply_fn), val="val", checkpointer=checkpointer,
+        evaluate=eval_fn(ctx, apply_fn), val="val", checkpointer=checkpointer,
         checkpoint_every=int(t.checkpoint_every), writer=ctx.writer, phase=phase,
         seconds_so_far=seconds, progress=ctx.progress, bars=_bars(ctx))
     return result.state, result.train_seconds
@@ -342,7 +342,7 @@ def measure_row(ctx: Context, method: str, *, model, params, batch_stats, masks=
                 train_seconds: float, extra: Optional[dict] = None) -> dict:
     """Test accuracy, params, MACs, size, latency of a (compact or masked) model."""
     ds = ctx.dataset
-    evaluate = _eval_fn(ctx, model.apply)
+    evaluate = eval_fn(ctx, model.apply)
     test = evaluate(params, batch_stats, "test")
     shape = tuple(ds.input_shape)
     n_params = costs_lib.count_params(params, masks)
@@ -414,7 +414,7 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
     masks, channel_keep = pruner.masks(keep)
     schedule = str(ctx.config.prune.schedule) if method == "threshold" else "oneshot"
     if schedule == "oneshot":
-        state, seconds = _finetune(ctx, pruner, f"finetune_{method}", masks, pruner.params)
+        state, seconds = finetune_phase(ctx, pruner, f"finetune_{method}", masks, pruner.params)
     else:
         state, seconds = _scheduled(ctx, pruner, method, schedule, keep, masks)
         masks = state.masks
@@ -436,8 +436,8 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
                        masks=state.masks, train_seconds=seconds, extra=extra)
 
 
-def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params,
-              mask_update_fn=None, epochs: Optional[int] = None, key=None):
+def finetune_phase(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params,
+                   mask_update_fn=None, epochs: Optional[int] = None, key=None):
     """The configured fine-tune (`finetune.*`; `epochs` overrides its length) of `params` under
     `masks`, a checkpointed phase. `key` (default: from the phase name) orders the data."""
     fcfg, pcfg = ctx.config.finetune, ctx.config.prune
@@ -451,7 +451,7 @@ def _finetune(ctx: Context, pruner: pruner_lib.Pruner, phase: str, masks, params
                        epochs=int(fcfg.epochs if epochs is None else epochs),
                        learning_rate=float(fcfg.learning_rate),
                        warmup_epochs=float(fcfg.warmup_epochs),
-                       key=jax.random.fold_in(ctx.keys["finetune"], _stable_hash(phase))
+                       key=jax.random.fold_in(ctx.keys["finetune"], stable_hash(phase))
                        if key is None else key,
                        mask_update_fn=mask_update_fn, recipe=recipe)
 
@@ -477,8 +477,9 @@ def _scheduled(ctx: Context, pruner: pruner_lib.Pruner, method: str, schedule: s
         end = max(int(0.75 * steps), 2)
         sched = schedules_lib.polynomial(final, begin_step=0, end_step=end,
                                          frequency=max(end // 20, 1))
-        return _finetune(ctx, pruner, f"finetune_{method}_gradual", dense_masks, pruner.params,
-                         mask_update_fn=lambda step, p, mk: update(step, p, mk, sched))
+        return finetune_phase(ctx, pruner, f"finetune_{method}_gradual", dense_masks,
+                              pruner.params,
+                              mask_update_fn=lambda step, p, mk: update(step, p, mk, sched))
     rounds = int(cfg.prune.get("imp_rounds", 3))
     sched = schedules_lib.imp(rounds, 1.0 - (1.0 - final) ** (1.0 / rounds), round_steps=1)
     masks, params, seconds = dense_masks, pruner.params, 0.0
@@ -486,7 +487,7 @@ def _scheduled(ctx: Context, pruner: pruner_lib.Pruner, method: str, schedule: s
     for r in range(rounds):
         masks = update(jnp.int32(r + 1), params, masks, sched)
         params = schedules_lib.rewind(pruner.params, masks)
-        state, sec = _finetune(ctx, pruner, f"finetune_{method}_imp{r + 1}", masks, params)
+        state, sec = finetune_phase(ctx, pruner, f"finetune_{method}_imp{r + 1}", masks, params)
         params, seconds = state.params, seconds + sec
     return state, seconds
 
@@ -502,7 +503,7 @@ def channel_keep_from_masks(masks, groups) -> dict:
     return keep
 
 
-def _stable_hash(text: str) -> int:
+def stable_hash(text: str) -> int:
     """A hash of the whole text, stable across processes (Python's `hash` is salted)."""
     return zlib.crc32(text.encode()) % (2 ** 31)
 
@@ -755,13 +756,13 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
         ctx, pruner, val=(0, min(n_val, ds.val_images.shape[0]))))]
     tune = int(s.get("select_finetune", 0) or 0)
     if tune > 0:
-        evaluate = _eval_fn(ctx, ctx.model.apply)
+        evaluate = eval_fn(ctx, ctx.model.apply)
 
         def short_finetune(keeps):  # the configured fine-tune, shortened; each a phase
             out = []
             for i, keep in enumerate(keeps):
-                state, _ = _finetune(ctx, pruner, f"select_{method}_{i}", pruner.masks(keep)[0],
-                                     pruner.params, epochs=int(s.get("select_epochs", 1)))
+                state, _ = finetune_phase(ctx, pruner, f"select_{method}_{i}",
+                                          pruner.masks(keep)[0], pruner.params, epochs=int(s.get("select_epochs", 1)))
                 out.append(float(evaluate(state.params, state.batch_stats, "val")["accuracy"]))
             return np.asarray(out)
 
@@ -817,7 +818,7 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
         "val_examples": int(s.val_examples), "seed": int(ctx.config.seed)})
     result = pruner.search(
         method, candidate_evaluator(ctx, pruner),
-        key=jax.random.fold_in(ctx.keys["search"], _stable_hash(method)), rounds=rounds,
+        key=jax.random.fold_in(ctx.keys["search"], stable_hash(method)), rounds=rounds,
         candidates=int(s.candidates), hparams=dict(s.get(method, {})),  # search.<method>
         seeds=seeds, checkpointer=checkpointer, name=method,
         progress=ctx.progress and _bars(ctx), writer=ctx.writer)
