@@ -3,9 +3,15 @@
 For one config (dataset, model, budget) the dense model is trained once (or restored from the
 workdir), one `jaxprune.Pruner` is built (one set of importance scores, one budget, one
 batched evaluator), and then every controller in --methods runs `search.loop.run` for every
-seed in --seeds with the SAME rounds × candidates. No fine-tuning: the quantity compared is
-the proxy accuracy the pipeline itself uses to pick a winner (adaptive BN on calibration
-batches of the training split, accuracy on the first `search.val_examples` validation images).
+seed in --seeds with the SAME rounds × candidates. The first quantity compared is the proxy
+accuracy the pipeline itself uses to pick a winner (adaptive BN on calibration batches of the
+training split, accuracy on the first `search.val_examples` validation images). With
+`--set search.select_top=N` (and `select_val_examples`, `select_finetune`, `select_epochs`)
+each run's winner is picked by the pipeline's successive halving over its log
+(`pipeline.select_winner`), the same stages for every method. With --finetune every winner is
+fine-tuned on one data order per seed and judged on test and on the validation images that
+neither the proxy nor the selection scored; the paired differences against --reference and
+the proxy's rank correlation with the fine-tuned accuracy are what settle a comparison.
 
     python benchmarks/search_quality.py --config configs/quickstart.py --workdir runs/sq_digits \\
         --out results.json --name quickstart --plot search_quality.png
@@ -22,7 +28,7 @@ finished study only re-reads its logs).
 Prints, per method: mean ± std (sample std, ddof=1) over seeds of the best proxy accuracy, the
 per-seed values, candidates evaluated, distinct candidates, the round the best was first
 found, the last round's mean accuracy and the search seconds. With --holdout N, each run's
-winner is also re-scored on N *other* validation images (`val[val_examples:val_examples+N]`),
+winner is also re-scored on N *other* validation images (from `unseen_start`),
 which shows how much of a "best" is the selection of a lucky candidate on a small set.
 
 --out stores the study under --name in a JSON file (other names already there are kept), and
@@ -151,12 +157,30 @@ def _run_dir(settings: dict, prefix: str = "") -> str:
             f"_lo{settings['lower']:g}_v{settings['val_examples']}")
 
 
+def unseen_start(ctx) -> int:
+    """The first validation image that neither the search's proxy (`search.val_examples`) nor
+    the selection (`search.select_*`) scored."""
+    from jaxprune import pipeline
+
+    return max(int(ctx.config.search.val_examples), pipeline.select_val_examples(ctx))
+
+
+def selection_suffix(config) -> str:
+    """Names the selection settings in the fine-tunes' folders ('' when selection is off), so a
+    winner picked another way is never restored from another study's fine-tune."""
+    s = config.search
+    if int(s.get("select_top", 0) or 0) < 1:
+        return ""
+    return (f"_sel{int(s.select_top)}v{int(s.get('select_val_examples', 0) or 0)}"
+            f"f{int(s.get('select_finetune', 0) or 0)}e{int(s.get('select_epochs', 1))}")
+
+
 def holdout_evaluator(ctx, pruner, n: int):
-    """The pipeline's evaluator, built on validation images [val_examples, val_examples + n)."""
+    """The pipeline's evaluator, built on `n` validation images from `unseen_start`."""
     from jaxprune import pipeline
 
     ds = ctx.dataset
-    start = int(ctx.config.search.val_examples)
+    start = unseen_start(ctx)
     n = min(int(n), ds.val_images.shape[0] - start)
     if n < 1:
         print(f"--holdout: no validation images beyond the first {start} "
@@ -212,6 +236,7 @@ def run_study(args, config) -> dict:
           f"{100 * uniform_proxy:.2f} %. Evaluator: compile+first call {compile_seconds:.1f} s, "
           f"one round of {k} candidates {round_seconds:.2f} s.", flush=True)
 
+    select = selection_suffix(config)
     held_fn, n_held = (holdout_evaluator(ctx, pruner, args.holdout) if args.holdout else (None, 0))
     fine_tune, n_unseen = finetuner(ctx, pruner) if args.finetune else (None, 0)
     uniform = {"keep": [round(float(v), 5) for v in ref_keep[1]],
@@ -233,6 +258,9 @@ def run_study(args, config) -> dict:
             "target": str(config.prune.target), "lower": float(config.search.lower),
             "val_examples": int(min(int(config.search.val_examples), ctx.dataset.val_images.shape[0])),
             "holdout_examples": n_held, "unseen_val_examples": n_unseen,
+            "selection": {k: int(config.search.get(k, 0) or 0) for k in (
+                "select_top", "select_val_examples", "select_finetune", "select_epochs")}
+            if select else None,
             "finetune": {"epochs": int(config.finetune.epochs),
                          "learning_rate": float(config.finetune.learning_rate),
                          "train_examples": int(ctx.dataset.train_images.shape[0])}
@@ -281,15 +309,25 @@ def run_study(args, config) -> dict:
                    # > 0: rounds before it were restored from a checkpoint (wall covers the rest).
                    "resumed_at_round": 0 if saved is None else int(saved) + 1,
                    "best_so_far": np.maximum.accumulate(acc).round(5).tolist()}
+            winner = log.keep[best]
+            if select:  # successive halving over the log, the same stages for every method
+                picked = pipeline.select_winner(
+                    ctx, pruner, _run_dir(settings).split("/", 1)[1] + select, log)
+                winner = picked["best_keep"]
+                run.update(selected_keep=[round(float(v), 5) for v in winner],
+                           selection_score=max(picked["stages"][-1]["scores"]),
+                           selection_seconds=float(picked["seconds"]),
+                           selection=picked["stages"])
             if held_fn is not None:
-                run["holdout_accuracy"] = float(np.asarray(held_fn(log.keep[best][None]))[0])
+                run["holdout_accuracy"] = float(np.asarray(held_fn(winner[None]))[0])
             if fine_tune is not None:
-                run["finetuned"] = fine_tune(log.keep[best], seed, _run_dir(settings, prefix="ft_"))
+                run["finetuned"] = fine_tune(winner, seed, _run_dir(settings, prefix="ft_") + select)
             runs.append(run)
             ft = run.get("finetuned", {})
             print(f"  {method:<10} seed {seed}: best {100 * run['best_accuracy']:.2f} % "
                   f"(round {run['best_round']}), last-round mean "
                   f"{100 * run['last_round_mean']:.2f} %, {run['distinct']} distinct"
+                  + (f", selected {100 * run['selection_score']:.2f} %" if select else "")
                   + (f", holdout {100 * run['holdout_accuracy']:.2f} %" if held_fn else "")
                   + ("; fine-tuned:" + (f" unseen val {100 * ft['unseen_val_accuracy']:.2f} %,"
                                         if "unseen_val_accuracy" in ft else "")
@@ -307,23 +345,18 @@ def finetuner(ctx, pruner):
     """(fine_tune(keep, seed, phase) -> dict, unseen): the configured fine-tune (`finetune.*`) of
     the dense model under `keep`'s masks, a checkpointed phase. Its data order depends on the
     study seed only, so every method's winner of one seed is trained on the same batches (the
-    pairing of the comparison). Judged on the validation images the search never scored
-    (`val[val_examples:]`, `unseen` of them) and on the test split."""
+    pairing of the comparison). Judged on the validation images neither the search nor the
+    selection scored (`val[unseen_start:]`, `unseen` of them) and on the test split."""
     import jax
     import numpy as np
 
     from jaxprune import pipeline
-    from jaxprune import train as train_lib
 
     ds = ctx.dataset
-    start = min(int(ctx.config.search.val_examples), ds.val_images.shape[0])
+    start = min(unseen_start(ctx), ds.val_images.shape[0])
     unseen = ds.val_images.shape[0] - start
     evaluate = pipeline.eval_fn(ctx, ctx.model.apply)
-    held = None
-    if unseen > 0:  # the capacity of val/test, so the one compiled evaluation serves it
-        held = train_lib.device_eval_data(
-            ds.val_images[start:], ds.val_labels[start:], int(ctx.config.train.eval_batch_size),
-            max(ds.val_images.shape[0], ds.test_images.shape[0]))
+    held = ctx.val_images(start, unseen) if unseen > 0 else None
 
     def fine_tune(keep, seed: int, phase: str) -> dict:
         masks = pruner.masks(np.asarray(keep, np.float32))[0]
@@ -348,9 +381,12 @@ def study_name(args) -> str:
 
 # (label, how to read a run's value): what the paired comparison covers, when present.
 METRICS = (("best proxy", lambda r: r["best_accuracy"]),
+           ("selection score", lambda r: r.get("selection_score")),
            ("proxy on holdout", lambda r: r.get("holdout_accuracy")),
            ("fine-tuned, unseen val", lambda r: r.get("finetuned", {}).get("unseen_val_accuracy")),
            ("fine-tuned, test", lambda r: r.get("finetuned", {}).get("test_accuracy")))
+TRUTH = "fine-tuned, test"  # what the scores before it are judged against
+_METRIC = dict(METRICS)
 
 
 def paired_difference(a, b, resamples: int = 10000, seed: int = 0) -> dict:
@@ -382,11 +418,13 @@ def proxy_fidelity(runs, resamples: int) -> dict:
     import numpy as np
     from proxy_fidelity import rank_correlations
 
-    truth = [METRICS[3][1](r) for r in runs]
+    truth = [_METRIC[TRUTH](r) for r in runs]
     out = {}
     if len(runs) < 4 or any(t is None for t in truth):
         return out
-    for label, value in METRICS[:3]:
+    for label, value in METRICS:
+        if label == TRUTH:
+            continue
         proxy = [value(r) for r in runs]
         if all(p is not None for p in proxy) and np.ptp(proxy) > 0 and np.ptp(truth) > 0:
             out[label] = dict(rank_correlations(proxy, truth, resamples, seed=0), n=len(runs))
@@ -448,7 +486,8 @@ def summarize(runs, methods, rounds: int, k: int) -> dict:
                "search_seconds": float(np.sum([r["search_seconds"] for r in mine])),
                "wall_seconds": float(np.sum([r["wall_seconds"] for r in mine]))}
         for name, value in (("holdout", lambda r: r.get("holdout_accuracy")),
-                            ("ft_unseen", METRICS[2][1]), ("ft_test", METRICS[3][1])):
+                            ("ft_unseen", _METRIC["fine-tuned, unseen val"]),
+                            ("ft_test", _METRIC[TRUTH])):
             vals = [value(r) for r in mine]
             if vals and all(v is not None for v in vals):
                 vals = np.asarray(vals, np.float64)
@@ -585,8 +624,8 @@ def plot(path: str, studies: dict) -> None:
 def _plot_paired(ax, study: dict) -> None:
     import numpy as np
 
-    label = METRICS[3][0] if any(METRICS[3][0] in p for p in study["paired"].values()) else METRICS[0][0]
-    value = dict(METRICS)[label]
+    label = TRUTH if any(TRUTH in p for p in study["paired"].values()) else METRICS[0][0]
+    value = _METRIC[label]
     by = {(r["method"], r["seed"]): r for r in study["runs"]}
     for i, (method, p) in enumerate(study["paired"].items()):
         if label not in p:

@@ -93,7 +93,7 @@ def get_config(arg=None):
     config.search.seed_keeps = ""
     # Winner by successive halving over the search log (0: the best proxy score wins): the best
     # select_top candidates re-scored on select_val_examples validation images (0: all), the
-    # best select_finetune of those fine-tuned select_epochs epochs and judged on validation.
+    # best select_finetune of those fine-tuned select_epochs epochs, judged on the same images.
     config.search.select_top = 0
     config.search.select_val_examples = 0
     config.search.select_finetune = 0

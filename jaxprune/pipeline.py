@@ -74,6 +74,20 @@ class Context:
                                                               batch, capacity)
         return self._device[split]
 
+    def val_images(self, start: int, n: int):
+        """Validation images [start, start + n) as a `train.EvalData` of the `val` / `test`
+        capacity (so the one compiled evaluation per model serves it), uploaded once."""
+        ds = self.dataset
+        start, n = int(start), min(int(n), ds.val_images.shape[0] - int(start))
+        if (start, n) == (0, ds.val_images.shape[0]):
+            return self.device_data("val")
+        if (start, n) not in self._device:
+            self._device[start, n] = train_lib.device_eval_data(
+                ds.val_images[start:start + n], ds.val_labels[start:start + n],
+                int(self.config.train.eval_batch_size),
+                max(ds.val_images.shape[0], ds.test_images.shape[0]))
+        return self._device[start, n]
+
     @functools.cached_property
     def calib_order(self) -> np.ndarray:
         """The permutation of the training split that calibration batches are read from (one
@@ -744,26 +758,27 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
     the `select_top` distinct candidates with the best proxy are scored on
     `select_val_examples` validation images (0: the whole split), then the best
     `select_finetune` of those are fine-tuned for `select_epochs` epochs and judged by their
-    exact validation accuracy. The same stages follow every controller, so each costs the same.
-    Returns {} when off, else {'best_keep', 'stages', 'seconds'}."""
+    exact accuracy on the same images. The same stages follow every controller, so each costs
+    the same. `method` names the fine-tunes' phases (`select_<method>_<i>`).
+    Returns {} when off, else {'best_keep', 'stages', 'seconds', 'val_examples'}."""
     s = ctx.config.search
     top = int(s.get("select_top", 0) or 0)
     if top < 1:
         return {}
-    ds = ctx.dataset
-    n_val = int(s.get("select_val_examples", 0) or 0) or ds.val_images.shape[0]
-    stages = [loop_lib.Stage("validation", top, candidate_evaluator(
-        ctx, pruner, val=(0, min(n_val, ds.val_images.shape[0]))))]
+    n_val = select_val_examples(ctx)
+    stages = [loop_lib.Stage("validation", top, candidate_evaluator(ctx, pruner, val=(0, n_val)))]
     tune = int(s.get("select_finetune", 0) or 0)
     if tune > 0:
         evaluate = eval_fn(ctx, ctx.model.apply)
+        images = ctx.val_images(0, n_val)
+        epochs = int(s.get("select_epochs", 1))
 
         def short_finetune(keeps):  # the configured fine-tune, shortened; each a phase
             out = []
             for i, keep in enumerate(keeps):
                 state, _ = finetune_phase(ctx, pruner, f"select_{method}_{i}",
-                                          pruner.masks(keep)[0], pruner.params, epochs=int(s.get("select_epochs", 1)))
-                out.append(float(evaluate(state.params, state.batch_stats, "val")["accuracy"]))
+                                          pruner.masks(keep)[0], pruner.params, epochs=epochs)
+                out.append(float(evaluate(state.params, state.batch_stats, images)["accuracy"]))
             return np.asarray(out)
 
         stages.append(loop_lib.Stage("short fine-tune", tune, short_finetune))
@@ -771,7 +786,17 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
     best_keep, history = loop_lib.successive_halving(log, stages)
     _log(ctx, f"[search_{method}] selection: " + "; ".join(
         f"{h['stage']} of {len(h['rows'])}: best {100 * max(h['scores']):.2f} %" for h in history))
-    return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0}
+    return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0,
+            "val_examples": n_val}
+
+
+def select_val_examples(ctx: Context) -> int:
+    """How many validation images (the first ones) the selection (`select_winner`) scores on:
+    0 when it is off."""
+    s, n = ctx.config.search, ctx.dataset.val_images.shape[0]
+    if int(s.get("select_top", 0) or 0) < 1:
+        return 0
+    return min(int(s.get("select_val_examples", 0) or 0) or n, n)
 
 
 def search_seeds(ctx: Context, pruner: pruner_lib.Pruner):

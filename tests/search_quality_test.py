@@ -1,4 +1,5 @@
 """benchmarks/search_quality.py: the paired statistics, and a tiny study with fine-tuned winners."""
+import glob
 import json
 import os
 import sys
@@ -108,3 +109,23 @@ def test_study_fine_tunes_winners_on_one_data_order_per_seed(tmp_path):
     assert other["sparsity"] == 0.3 and other["complete"]
     assert other["uniform_at_budget"]["macs_fraction"] > study["uniform_at_budget"]["macs_fraction"]
     assert "finetuned" in other["uniform_at_budget"] and "finetuned" in other["runs"][0]
+    # Successive halving picks each winner, the same stages for every method. The fine-tunes are
+    # judged on the images neither the proxy (200) nor the selection (250) scored, in folders of
+    # their own, so the first study's fine-tunes (of the best-proxy winners) are not restored.
+    search_quality.main([*args[:-6], "--set", "search.select_top=3",
+                         "--set", "search.select_val_examples=250",
+                         "--set", "search.select_finetune=1", "--out", str(out), "--name", "selected"])
+    selected = json.loads(out.read_text())["selected"]
+    assert selected["unseen_val_examples"] == 50
+    assert selected["selection"] == {"select_top": 3, "select_val_examples": 250,
+                                     "select_finetune": 1, "select_epochs": 1}
+    for run, plain in zip(selected["runs"], study["runs"]):
+        assert run["best_keep"] == plain["best_keep"]  # the same searches, restored
+        validation, short = run["selection"]
+        assert 1 <= len(validation["rows"]) <= 3 and len(short["rows"]) == 1
+        assert run["selection_score"] == max(short["scores"])
+        assert run["finetuned"]["unseen_val_accuracy"] > 0.0
+    assert "selection score" in selected["paired"]["evolution"]
+    assert "selection score" in selected["proxy_vs_finetuned"]
+    folders = glob.glob(str(tmp_path / "work" / "checkpoints" / "search_quality" / "ft_*_sel3v250f1e1"))
+    assert len(folders) == 4  # 2 methods x 2 seeds
