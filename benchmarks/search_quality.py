@@ -168,11 +168,11 @@ def unseen_start(ctx) -> int:
 def selection_suffix(config) -> str:
     """Names the selection settings in the fine-tunes' folders ('' when selection is off), so a
     winner picked another way is never restored from another study's fine-tune."""
-    s = config.search
-    if int(s.get("select_top", 0) or 0) < 1:
-        return ""
-    return (f"_sel{int(s.select_top)}v{int(s.get('select_val_examples', 0) or 0)}"
-            f"f{int(s.get('select_finetune', 0) or 0)}e{int(s.get('select_epochs', 1))}")
+    from jaxprune import pipeline
+
+    s = pipeline.selection_settings(config)
+    return (f"_sel{s['select_top']}v{s['select_val_examples']}f{s['select_finetune']}"
+            f"e{s['select_epochs']}") if s else ""
 
 
 def holdout_evaluator(ctx, pruner, n: int):
@@ -258,9 +258,7 @@ def run_study(args, config) -> dict:
             "target": str(config.prune.target), "lower": float(config.search.lower),
             "val_examples": int(min(int(config.search.val_examples), ctx.dataset.val_images.shape[0])),
             "holdout_examples": n_held, "unseen_val_examples": n_unseen,
-            "selection": {k: int(config.search.get(k, 0) or 0) for k in (
-                "select_top", "select_val_examples", "select_finetune", "select_epochs")}
-            if select else None,
+            "selection": pipeline.selection_settings(config) or None,
             "finetune": {"epochs": int(config.finetune.epochs),
                          "learning_rate": float(config.finetune.learning_rate),
                          "train_examples": int(ctx.dataset.train_images.shape[0])}
@@ -361,7 +359,8 @@ def finetuner(ctx, pruner):
     def fine_tune(keep, seed: int, phase: str) -> dict:
         masks = pruner.masks(np.asarray(keep, np.float32))[0]
         state, seconds = pipeline.finetune_phase(
-            ctx, pruner, phase, masks, pruner.params, key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
+            ctx, pruner, phase, masks, pruner.params,
+            key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
         out = {"test_accuracy": evaluate(state.params, state.batch_stats, "test")["accuracy"],
                "train_seconds": float(seconds)}
         if held is not None:

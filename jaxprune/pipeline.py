@@ -65,28 +65,29 @@ class Context:
         per model serves both."""
         if not self._device:
             ds = self.dataset
-            batch = int(self.config.train.eval_batch_size)
-            capacity = max(ds.val_images.shape[0], ds.test_images.shape[0])
             self._device["train"] = (jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels))
-            self._device["val"] = train_lib.device_eval_data(ds.val_images, ds.val_labels, batch,
-                                                             capacity)
-            self._device["test"] = train_lib.device_eval_data(ds.test_images, ds.test_labels,
-                                                              batch, capacity)
+            self._device["val"] = self._eval_data(ds.val_images, ds.val_labels)
+            self._device["test"] = self._eval_data(ds.test_images, ds.test_labels)
         return self._device[split]
 
     def val_images(self, start: int, n: int):
-        """Validation images [start, start + n) as a `train.EvalData` of the `val` / `test`
-        capacity (so the one compiled evaluation per model serves it), uploaded once."""
+        """Validation images [start, start + n) on the device, like `device_data("val")`
+        (which it is when they are the whole split), uploaded once."""
         ds = self.dataset
         start, n = int(start), min(int(n), ds.val_images.shape[0] - int(start))
         if (start, n) == (0, ds.val_images.shape[0]):
             return self.device_data("val")
         if (start, n) not in self._device:
-            self._device[start, n] = train_lib.device_eval_data(
-                ds.val_images[start:start + n], ds.val_labels[start:start + n],
-                int(self.config.train.eval_batch_size),
-                max(ds.val_images.shape[0], ds.test_images.shape[0]))
+            self._device[start, n] = self._eval_data(ds.val_images[start:start + n],
+                                                     ds.val_labels[start:start + n])
         return self._device[start, n]
+
+    def _eval_data(self, images, labels):
+        """A `train.EvalData` of the `val` / `test` capacity, so one compiled evaluation per
+        model serves every evaluation set."""
+        ds = self.dataset
+        return train_lib.device_eval_data(images, labels, int(self.config.train.eval_batch_size),
+                                          max(ds.val_images.shape[0], ds.test_images.shape[0]))
 
     @functools.cached_property
     def calib_order(self) -> np.ndarray:
@@ -760,43 +761,50 @@ def select_winner(ctx: Context, pruner: pruner_lib.Pruner, method: str, log) -> 
     `select_finetune` of those are fine-tuned for `select_epochs` epochs and judged by their
     exact accuracy on the same images. The same stages follow every controller, so each costs
     the same. `method` names the fine-tunes' phases (`select_<method>_<i>`).
-    Returns {} when off, else {'best_keep', 'stages', 'seconds', 'val_examples'}."""
-    s = ctx.config.search
-    top = int(s.get("select_top", 0) or 0)
-    if top < 1:
+    Returns {} when off, else {'best_keep', 'stages', 'seconds'}."""
+    s = selection_settings(ctx.config)
+    if not s:
         return {}
     n_val = select_val_examples(ctx)
-    stages = [loop_lib.Stage("validation", top, candidate_evaluator(ctx, pruner, val=(0, n_val)))]
-    tune = int(s.get("select_finetune", 0) or 0)
-    if tune > 0:
+    stages = [loop_lib.Stage("validation", s["select_top"],
+                             candidate_evaluator(ctx, pruner, val=(0, n_val)))]
+    if s["select_finetune"] > 0:
         evaluate = eval_fn(ctx, ctx.model.apply)
         images = ctx.val_images(0, n_val)
-        epochs = int(s.get("select_epochs", 1))
 
         def short_finetune(keeps):  # the configured fine-tune, shortened; each a phase
             out = []
             for i, keep in enumerate(keeps):
                 state, _ = finetune_phase(ctx, pruner, f"select_{method}_{i}",
-                                          pruner.masks(keep)[0], pruner.params, epochs=epochs)
+                                          pruner.masks(keep)[0], pruner.params,
+                                          epochs=s["select_epochs"])
                 out.append(float(evaluate(state.params, state.batch_stats, images)["accuracy"]))
             return np.asarray(out)
 
-        stages.append(loop_lib.Stage("short fine-tune", tune, short_finetune))
+        stages.append(loop_lib.Stage("short fine-tune", s["select_finetune"], short_finetune))
     t0 = time.perf_counter()
     best_keep, history = loop_lib.successive_halving(log, stages)
     _log(ctx, f"[search_{method}] selection: " + "; ".join(
         f"{h['stage']} of {len(h['rows'])}: best {100 * max(h['scores']):.2f} %" for h in history))
-    return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0,
-            "val_examples": n_val}
+    return {"best_keep": best_keep, "stages": history, "seconds": time.perf_counter() - t0}
+
+
+def selection_settings(config) -> dict:
+    """The `search.select_*` keys as ints (absent keys at their defaults), or {} when the
+    selection is off (`select_top` < 1)."""
+    s = config.search
+    out = {"select_top": int(s.get("select_top", 0) or 0),
+           "select_val_examples": int(s.get("select_val_examples", 0) or 0),
+           "select_finetune": int(s.get("select_finetune", 0) or 0),
+           "select_epochs": int(s.get("select_epochs", 1) or 1)}
+    return out if out["select_top"] >= 1 else {}
 
 
 def select_val_examples(ctx: Context) -> int:
     """How many validation images (the first ones) the selection (`select_winner`) scores on:
     0 when it is off."""
-    s, n = ctx.config.search, ctx.dataset.val_images.shape[0]
-    if int(s.get("select_top", 0) or 0) < 1:
-        return 0
-    return min(int(s.get("select_val_examples", 0) or 0) or n, n)
+    s, n = selection_settings(ctx.config), ctx.dataset.val_images.shape[0]
+    return min(s["select_val_examples"] or n, n) if s else 0
 
 
 def search_seeds(ctx: Context, pruner: pruner_lib.Pruner):

@@ -14,10 +14,15 @@ import threading
 import time
 
 
+def steps(folder: str) -> frozenset:
+    """Finished checkpoint steps in `folder` (not the temporary folders of unfinished saves)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return frozenset(n for n in names if n.isdigit())
+
+
 def _state(path: str):
     if os.path.isdir(path) or not os.path.splitext(path)[1]:
-        names = os.listdir(path) if os.path.isdir(path) else []
-        return frozenset(n for n in names if n.isdigit())  # not the temporary folders of a save
+        return steps(path)
     try:
         return os.path.getmtime(path)
     except OSError:  # not there (yet, or for a moment while it is replaced)

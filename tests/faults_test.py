@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from fault_child import steps  # tests/ is on sys.path under pytest
 from jaxprune import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,11 +45,6 @@ def assert_tables_equal(got, want):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["method"], key, a[key], b[key])
 
 
-def steps(folder):
-    """Finished checkpoint steps in `folder` (not the temporary folders of unfinished saves)."""
-    return {n for n in (os.listdir(folder) if os.path.isdir(folder) else []) if n.isdigit()}
-
-
 def restorable_models(workdir):
     """Methods with a finished saved model; each must restore (checksums verified)."""
     out = set()
@@ -61,8 +57,8 @@ def restorable_models(workdir):
 
 
 def run_to_end(workdir, cache):
-    r = subprocess.run([sys.executable, "-m", "jaxprune.main", *cli_args(workdir, cache)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "-m", "jaxprune.main", *cli_args(workdir, cache)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
