@@ -22,7 +22,7 @@ DATA = os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.dirname(REPO), "shar
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "cifar10")),
                     reason="CIFAR-10 TFDS copy not found (set TFDS_DATA_DIR)")
 def test_run_script_packs_a_smoke_run(tmp_path):
-    from jaxprune import pipeline
+    from jaxprune import modelio, pipeline
 
     out, workdir = tmp_path / "out", str(tmp_path / "work")
     env = dict(os.environ, TFDS_DATA_DIR=DATA, WORKDIR=workdir, PORTABLE="",
@@ -42,7 +42,7 @@ def test_run_script_packs_a_smoke_run(tmp_path):
     assert rows == json.load(open(os.path.join(workdir, "results.json")))  # the run's table
     assert_table_shows((out / "results.md").read_text(), rows)
     model, params, batch_stats = pipeline.restore_model(workdir, "unpruned")
-    packed = pipeline.load_dense_params(str(out / "dense_params.npz"), model)
+    packed = modelio.load_dense_params(str(out / "dense_params.npz"), model)
     for got, want in zip(jax.tree.leaves(packed), jax.tree.leaves((params, batch_stats))):
         np.testing.assert_array_equal(got, want)  # the dense model, bit for bit
     with tarfile.open(out / "workdir.tar.gz") as tar:
@@ -54,20 +54,20 @@ def test_run_script_packs_a_smoke_run(tmp_path):
 @pytest.mark.slow
 def test_run_script_runs_a_benchmark_from_saved_dense_params(tmp_path):
     """`run.sh OUT benchmarks/search_quality.py ...` (the GPU search study) on the quick start,
-    starting from a dense model saved by `pipeline.save_dense_params` (pack.py's format)."""
-    from jaxprune import errors, pipeline
+    starting from a dense model saved by `modelio.save_dense_params` (pack.py's format)."""
+    from jaxprune import errors, modelio, pipeline
 
     config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"))
     ctx = pipeline.make_context(config, str(tmp_path / "dense"), progress=False)
     state, row = pipeline.dense_phase(ctx)
     npz = str(tmp_path / "dense_params.npz")
-    pipeline.save_dense_params(npz, state.params, state.batch_stats)
-    params, batch_stats = pipeline.load_dense_params(npz, ctx.model)
+    modelio.save_dense_params(npz, state.params, state.batch_stats)
+    params, batch_stats = modelio.load_dense_params(npz, ctx.model)
     np.testing.assert_array_equal(params["conv1"]["kernel"], state.params["conv1"]["kernel"])
     with pytest.raises(errors.ConfigError, match="do not match"):
-        pipeline.load_dense_params(npz, ctx.model._replace(params={"conv1": params["conv1"]}))
+        modelio.load_dense_params(npz, ctx.model._replace(params={"conv1": params["conv1"]}))
     with pytest.raises(errors.NotFoundError, match="no such file"):
-        pipeline.load_dense_params(str(tmp_path / "missing.npz"), ctx.model)
+        modelio.load_dense_params(str(tmp_path / "missing.npz"), ctx.model)
 
     out = tmp_path / "out"
     env = dict(os.environ, WORKDIR=str(tmp_path / "work"), PORTABLE="", PYTHON=sys.executable)
