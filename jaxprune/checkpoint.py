@@ -326,14 +326,21 @@ class Checkpointer:
         return None
 
     def _corrupt_error(self, step: int, problem: str) -> CorruptCheckpointError:
+        """The error for a damaged `step`; the steps it suggests are never known-damaged ones
+        (raise it again after trying others, so it names what they turned out to be)."""
+        failed = sorted(self._bad_steps - {step})
         others = [s for s in self.all_steps() if s != step and s not in self._bad_steps]
-        return CorruptCheckpointError(
+        error = CorruptCheckpointError(
             f"Checkpoint step {step} in {self._step_dir(step)} cannot be read: {problem}. It was "
             "probably cut short (a killed run or a full disk) or altered. "
-            + (f"Readable steps may be {others}: restore with fallback=True to use the newest of "
-               "them, or " if others else "There is no other step to fall back to; ")
+            + (f"Steps {failed} failed too. " if failed else "")
+            + (f"Steps not yet found damaged: {others}; restore with fallback=True to use the "
+               "newest readable one, or " if others else
+               "There is no other step to fall back to; ")
             + "move or delete that step folder yourself (nothing was deleted), or use another "
             "--workdir.")
+        error.step, error.problem = step, problem
+        return error
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -503,15 +510,17 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 self._bad_steps.add(s)
                 first_error = first_error or e
-                if fallback:
-                    logging.warning("%s Trying an older step.", e)
+                if fallback and s != candidates[-1]:
+                    logging.warning("Checkpoint step %d of %s cannot be read (%s); trying an "
+                                    "older step.", s, self.directory, e.problem)
                 continue
             if s != step:
                 logging.warning("Restored step %d of %s instead of damaged step %d (left on disk).",
                                 s, self.directory, step)
             self.last_restored_step = s
             return state, meta
-        raise first_error
+        # Built again now that every step tried is known: its hint names no damaged step.
+        raise self._corrupt_error(first_error.step, first_error.problem) from first_error.__cause__
 
     def _restore_step(self, step: int, like: Any) -> tuple[Any, dict]:
         problem = self._check_step(step)
@@ -524,11 +533,14 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(**{
                 _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
         except Exception as e:  # orbax/tensorstore raise many types; sort them out below
+            # Their messages run to thousands of characters (TensorStore specs): the log gets
+            # them whole, the error their first line.
+            logging.info("Restoring step %d of %s failed:", step, self.directory, exc_info=True)
             if like is not None and self._readable_without_template(step):
                 raise TemplateMismatchError(
                     f"Checkpoint step {step} in {self.directory} does not match the state "
-                    f"template `like`: {e}") from e
-            raise self._corrupt_error(step, f"{type(e).__name__}: {e}") from e
+                    f"template `like`: {errors.short(e)}") from e
+            raise self._corrupt_error(step, errors.short(e)) from e
         if _STATE not in out or _META not in out or out[_META] is None:
             raise self._corrupt_error(step, "an item came back empty")
         meta = dict(out[_META])

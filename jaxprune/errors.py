@@ -9,8 +9,19 @@ the message names the problem and what to do about it.
       WorkdirError       a workdir that cannot be used (a file, read-only, locked by a run)
         WorkdirLockedError
       CheckpointError    (jaxprune.checkpoint) mismatched or corrupt checkpoints
+      ModelFileError     a file of a saved model or an export is missing, damaged or altered
+      InputError         a predictor's or loader's argument (dtype, range, shape; a ValueError)
 """
 from __future__ import annotations
+
+
+def short(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, cut at `limit` characters: what a one-line error may
+    quote of a library's exception (TensorStore specs and orbax tracebacks run to thousands of
+    characters; log the rest)."""
+    text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 class UserError(Exception):
@@ -35,3 +46,13 @@ class WorkdirLockedError(WorkdirError):
 
 class NotFoundError(UserError, FileNotFoundError):
     """Something asked for (a saved model, a config file) does not exist."""
+
+
+class ModelFileError(UserError):
+    """A file of a saved model (`models/<method>/`) or of an export is missing, damaged or
+    altered; the message names the file and how to get a good one."""
+
+
+class InputError(UserError, ValueError):
+    """An argument to a predictor or a loader has the wrong type, dtype, range or shape; the
+    message names what is expected."""

@@ -128,10 +128,15 @@ def parse_flags(argv):
         if not os.path.isfile(file):
             fail(f"--config={path}: there is no file {file}; configs live in the repository's "
                  "configs/ (e.g. --config=configs/quickstart.py).")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # config_flags' warnings: their cause is said below
     try:
         return flags.FLAGS(argv)
     except flags.IllegalFlagValueError as e:
         message = str(e)
+        if path is not None and "other than None" in message:
+            fail(f"--config={path}: get_config() returned None; it must return a ConfigDict "
+                 "(a missing `return config`?).")
         if "Error whilst parsing config file" in message:
             lines = [l.strip() for l in message.splitlines() if l.strip()]
             fail(f"--config={path}: the config file fails to load: {lines[-1]}. Fix that file "
@@ -139,10 +144,13 @@ def parse_flags(argv):
         fail(message.splitlines()[0] + ".")
     except flags.Error as e:
         fail(str(e).splitlines()[0] + " (see --helpshort).")
-    except AttributeError as e:  # config_flags: an override of a key the config lacks
-        fail(_unknown_override(argv) or f"--config override: {str(e).strip(chr(39))}")
-    except Exception as e:  # noqa: BLE001 - a config file that raises while it is loaded
-        fail(f"--config={path}: the config file fails to load: {type(e).__name__}: {e}.")
+    except Exception as e:  # noqa: BLE001 - an override of a key the config lacks (config_flags
+        # raises KeyError for a section, AttributeError for a field), or a config file that
+        # raises while it is loaded
+        fail(_unknown_override(argv) or f"--config={path}: the config file fails to load: "
+             f"{type(e).__name__}: {str(e).strip(chr(39))}.")
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -174,7 +182,8 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - config_flags defers some load failures to here
             fail(f"--config: the config file fails to load: {e}.")
         if config is None:
-            fail("--config gave no config; use e.g. --config=configs/quickstart.py.")
+            fail("--config gave no config: its get_config() returned None; it must return a "
+                 "ConfigDict.")
         pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value)
         _STOPPING.set()  # finished: a Ctrl-C that came too late to stop it is not re-sent
     except KeyboardInterrupt:
