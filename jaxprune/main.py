@@ -30,6 +30,10 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors: no log lin
 _PROGRESS = flags.DEFINE_bool("progress", None, "Progress bars on (--progress) or off "
                               "(--noprogress); default: only when stderr is a terminal, so a "
                               "redirected log gets plain lines.")
+_CONTINUE_OLDER = flags.DEFINE_bool(
+    "continue_older", False, "Continue a workdir whose checkpoints were made by another version "
+    "of jaxprune that did not record every setting this one has: those settings are taken at "
+    "this config's values (noted in run_info.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
@@ -184,7 +188,8 @@ def main(argv):
         if config is None:
             fail("--config gave no config: its get_config() returned None; it must return a "
                  "ConfigDict.")
-        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value)
+        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value,
+                     continue_older=_CONTINUE_OLDER.value)
         _STOPPING.set()  # finished: a Ctrl-C that came too late to stop it is not re-sent
     except KeyboardInterrupt:
         _interrupted()
