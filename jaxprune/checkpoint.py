@@ -576,7 +576,8 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types; sort them out below
             # Their messages run to thousands of characters (TensorStore specs): the log gets
             # them whole, the error their first line.
-            logging.info("Restoring step %d of %s failed:", step, self.directory, exc_info=True)
+            errors.details.info("Restoring step %d of %s failed:", step, self.directory,
+                                exc_info=True)
             if like is not None and self._readable_without_template(step):
                 raise TemplateMismatchError(
                     f"Checkpoint step {step} in {self.directory} does not match the state "

@@ -14,6 +14,13 @@ the message names the problem and what to do about it.
 """
 from __future__ import annotations
 
+import logging
+
+# Whole library messages and tracebacks behind a one-line error (orbax / TensorStore): the CLI
+# writes them to the run's log file (`workdir/jaxprune.log`), never to the terminal; elsewhere
+# they are dropped unless this logger is set to INFO.
+details = logging.getLogger("jaxprune.details")
+
 
 def short(e: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message`, cut at `limit` characters: what a one-line error may

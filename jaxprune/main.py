@@ -6,10 +6,14 @@ workdir again resumes: finished phases are skipped, an interrupted one continues
 
 Bad input (config, data, workdir, checkpoints, a diverging recipe, a full disk) ends with one
 line, `jaxprune: error: <problem and fix>`, and exit status 2; Ctrl-C ends with a line saying how
-to resume and status 130. Anything else is a bug and keeps its traceback.
+to resume and status 130. Anything else is a bug and keeps its traceback. Every log record,
+the libraries' tracebacks included, goes to `<workdir>/jaxprune.log`; the terminal shows only
+jaxprune's own lines. `--continue_older` continues a workdir whose checkpoints were made by
+another version of jaxprune that did not record every setting this one has.
 """
 import difflib
 import errno
+import logging as logging_std
 import os
 import re
 import signal
@@ -157,6 +161,58 @@ def parse_flags(argv):
         logging.set_verbosity(verbosity)
 
 
+LOG_FILE = "jaxprune.log"  # in the workdir: every log record, tracebacks included
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _LogFile(logging_std.FileHandler):
+    """`workdir/jaxprune.log`, opened at the first record (after the workdir exists); a failing
+    write (a full disk) is dropped instead of printing its own traceback."""
+
+    def handleError(self, record):
+        del record
+
+
+class _TerminalFilter(logging_std.Filter):
+    """What the terminal shows of the log: jaxprune's own records, without tracebacks. The
+    libraries' records (orbax's background-thread tracebacks on a full disk run to hundreds of
+    lines) and `errors.details` go to the log file only; the error itself is one line."""
+
+    def filter(self, record):
+        if record.name.startswith("jaxprune.details") or \
+                not os.path.abspath(record.pathname).startswith(_PACKAGE + os.sep):
+            return False
+        record.exc_info, record.exc_text = None, None  # the log file (first) has it whole
+        return True
+
+
+def _route_logs(workdir) -> None:
+    """Every record to `workdir/jaxprune.log`; only jaxprune's own, one line each, to stderr."""
+    root = logging_std.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(_TerminalFilter())
+    if workdir and str(workdir).strip():
+        handler = _LogFile(os.path.join(os.fspath(workdir), LOG_FILE), delay=True)
+        handler.setLevel(logging_std.INFO)
+        handler.setFormatter(logging_std.Formatter(
+            "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+        root.handlers.insert(0, handler)  # before the terminal's filter trims a record
+    from jaxprune import errors  # light: no JAX
+    errors.details.setLevel(logging_std.INFO)
+    main_hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        """Native threads of TensorStore print Python errors through `sys.excepthook` (after a
+        failed save: 'Event loop is closed', many times): to the log file. The main thread's
+        (a bug's traceback) stays on the terminal."""
+        if threading.current_thread() is threading.main_thread():
+            main_hook(kind, value, tb)
+        else:
+            errors.details.info("Error in a library thread:", exc_info=(kind, value, tb))
+
+    sys.excepthook = excepthook
+
+
 def _disk_full(e: BaseException) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -175,6 +231,7 @@ def main(argv):
              "or --workdir= flag.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _route_logs(_WORKDIR.value)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup &)
         signal.signal(signal.SIGINT, _on_sigint)
     workdir = _WORKDIR.value

@@ -32,7 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import shutil
@@ -432,8 +431,7 @@ def _restore(workdir: str, method: str):
         with ckpt_lib.Checkpointer(directory, max_to_keep=None, fingerprint=None) as checkpointer:
             tree, meta = checkpointer.restore(step)
     except Exception as e:  # noqa: BLE001 - every file passed its sha256: report, don't dump
-        logging.getLogger(__name__).info("restoring %s step %s failed", directory, step,
-                                         exc_info=True)
+        errors.details.info("Restoring %s step %s failed:", directory, step, exc_info=True)
         raise errors.ModelFileError(f"the saved model {method!r} in {directory} (step {step}) "
                                     f"cannot be read ({errors.short(e)}); {fix}.") from None
     if not isinstance(meta, dict) or meta.get("spec") != info["spec"] or \

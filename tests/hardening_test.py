@@ -167,3 +167,46 @@ def test_config_errors_name_the_real_cause(tmp_path):
         assert status == 2 and err.count("\n") == 0 and err.startswith("jaxprune: error: "), err
         assert needle in err and "fails to load" not in err, err
     assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI's log: libraries' records and tracebacks to workdir/jaxprune.log, not the terminal
+
+
+def test_library_records_go_to_the_log_file_only(tmp_path):
+    import logging
+    import threading
+
+    from jaxprune import main
+
+    root = logging.getLogger()
+    terminal = logging.StreamHandler()
+    shown = []
+    terminal.emit = lambda record: shown.append(record.getMessage() + str(record.exc_info))
+    before, hook = list(root.handlers), sys.excepthook
+    root.handlers = [terminal]
+    try:
+        main._route_logs(str(tmp_path))
+        try:
+            raise ValueError("RESOURCE_EXHAUSTED: " + "spec " * 500)
+        except ValueError:
+            orbax = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/future.py", 1,
+                                      "save failed", None, sys.exc_info())
+            ours = logging.LogRecord("root", logging.WARNING, main.__file__, 1,
+                                     "Restored step 1", None, sys.exc_info())
+        root.handle(orbax)
+        root.handle(ours)
+        errors.details.info("Restoring step 2 failed:")
+        thread = threading.Thread(target=lambda: sys.excepthook(RuntimeError, RuntimeError(
+            "Event loop is closed"), None))
+        thread.start()
+        thread.join()
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers, sys.excepthook = before, hook
+        errors.details.setLevel(logging.NOTSET)
+    assert shown == ["Restored step 1None"]  # ours, one line, no traceback
+    log = open(tmp_path / main.LOG_FILE).read()
+    assert "save failed" in log and "RESOURCE_EXHAUSTED" in log and "Traceback" in log
+    assert "Restoring step 2 failed" in log and "Event loop is closed" in log
