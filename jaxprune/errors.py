@@ -15,6 +15,7 @@ the message names the problem and what to do about it.
 from __future__ import annotations
 
 import logging
+import re
 
 # Whole library messages and tracebacks behind a one-line error (orbax / TensorStore): the CLI
 # writes them to the run's log file (`workdir/jaxprune.log`), never to the terminal; elsewhere
@@ -22,13 +23,18 @@ import logging
 details = logging.getLogger("jaxprune.details")
 
 
-def short(e: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, cut at `limit` characters: what a one-line error may
-    quote of a library's exception (TensorStore specs and orbax tracebacks run to thousands of
-    characters; log the rest)."""
+def short(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` in at most `limit` characters: what a one-line error
+    may quote of a library's exception (TensorStore specs and orbax tracebacks run to thousands
+    of characters; log the rest). A TensorStore spec is dropped; a longer chain of "Error …:
+    Error …: cause" keeps its start and its end, where the cause is."""
     text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
+    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return text[:head] + " … " + text[-(limit - head - 3):]
 
 
 class UserError(Exception):

@@ -72,9 +72,13 @@ def test_deleted_array_file_gives_one_short_line(tmp_path):
     ckpt.close()
 
 
-def test_short_keeps_the_first_line_of_a_library_message():
-    text = errors.short(ValueError("x" * 5000 + "\nTraceback ..."))
-    assert text.startswith("ValueError: xxx") and len(text) <= 200 and "\n" not in text
+def test_short_keeps_the_start_and_the_cause_of_a_library_message():
+    message = ('DATA_LOSS: Error opening "zarr" driver: ' + "Error reading x: " * 40
+               + "CRC-32C checksum verification failed [tensorstore_spec='" + "{}" * 900
+               + "']\nTraceback ...")
+    text = errors.short(ValueError(message))
+    assert text.startswith("ValueError: DATA_LOSS: Error opening") and len(text) <= 300
+    assert text.endswith("CRC-32C checksum verification failed") and "\n" not in text
 
 
 # ----------------------------------------------------------------------------------------------
