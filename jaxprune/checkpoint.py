@@ -420,13 +420,16 @@ class Checkpointer:
                                      _META: ocp.args.JsonSave(meta)})
         return bool(self._manager.save(step, args=args, force=force))
 
-    def save_replacing(self, state: Any, meta: Optional[dict] = None) -> bool:
+    def save_replacing(self, state: Any, meta: Optional[dict] = None, *, force: bool = False,
+                       on_saved=None) -> bool:
         """Makes `state` the newest step without a moment with no readable step: it is saved as a
-        new step and waited for; only then `max_to_keep` removes older ones. Skipped (returns
-        False) when the newest step already holds exactly this state and meta and reads back."""
+        new step and waited for; then `on_saved(step)` is called (e.g. to describe the new step
+        in a file beside it); only then `max_to_keep` removes older ones. Skipped (returns False)
+        when the newest step already holds exactly this state and meta and reads back, unless
+        `force`."""
         self.wait()
         steps = self.all_steps()
-        if steps:
+        if steps and not force:
             last = steps[-1]
             try:
                 stored = load_json(os.path.join(self._step_dir(last), _META, "metadata"))
@@ -439,7 +442,11 @@ class Checkpointer:
                     return False
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
-        saved = self.save((steps[-1] + 1) if steps else 0, state, meta, force=True)
+        step = (steps[-1] + 1) if steps else 0
+        saved = self.save(step, state, meta, force=True)
+        if saved and on_saved is not None:
+            self._manager.wait_until_finished()  # on disk, the older steps not yet removed
+            on_saved(step)
         self.wait()
         return saved
 
@@ -505,8 +512,11 @@ class Checkpointer:
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # stopped (an error, Ctrl-C): release orbax, remove nothing (`max_to_keep` waits)
+            self._manager.close()
 
     # -- restore -------------------------------------------------------------------------------
 

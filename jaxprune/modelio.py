@@ -305,10 +305,15 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
     `dataset` gives the name, classes, input shape and normalisation (`data.Dataset`), `config`
     the precision and the config recorded beside the params; `input_record` what a predictor
     accepts (default: `ImageInput.record` of the dataset's input shape). A rerun writes a
-    changed model as a new step and removes the old one only after it (an unchanged one is not
-    rewritten), so a kill at any moment leaves a readable model. `model.json` is written last,
-    with the sha256 of every file of the step and of itself."""
+    changed model as a new step and removes the old one only after it (an unchanged, intact
+    one is not rewritten; a damaged one is saved again). `model.json`, with the sha256 of every
+    file of the step and of itself, is written once the new step is on disk and before the old
+    one is removed, so a kill at any moment leaves a readable model (the old or the new)."""
     directory = _model_dir(workdir, method)
+    try:  # the saved model as it is: intact (every file as listed), or to be saved again
+        old = read_model_info(workdir, method)
+    except errors.UserError:
+        old = None
     checkpointer = ckpt_lib.Checkpointer(
         directory, max_to_keep=1,
         fingerprint={"model": model.spec.name, "dataset": dataset.name,
@@ -318,29 +323,31 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
     tree = {"params": params, "batch_stats": batch_stats}
     if masks is not None:
         tree["masks"] = masks
-    changed = checkpointer.save_replacing(tree, {"method": method,
-                                                 "spec": _spec_json(model.spec)})
-    step = checkpointer.latest_step()
-    # What running the model needs besides its params (normalisation, input, precision), in one
-    # file beside them; `attach_rows` adds the result row at the end of the run (an unchanged
-    # model keeps the row it has, when its model.json is intact).
-    path = os.path.join(directory, MODEL_INFO)
-    row = None
-    if not changed:
-        try:
-            row = load_sealed_json(path, "").get("row")
-        except errors.ModelFileError:
-            row = None
     ds = dataset
-    save_sealed_json(path, {
-        "method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
-        "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-        "input": input_record or ImageInput.record(ds.input_shape),
-        "mean": np.asarray(ds.mean, np.float32).tolist(),
-        "std": np.asarray(ds.std, np.float32).tolist(),
-        "precision": str(config.train.precision), "masked": masks is not None,
-        "row": row, "config": config.to_dict(), "step": int(step),
-        "files": _manifest(directory, step)})
+    info = {"method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
+            "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
+            "input": input_record or ImageInput.record(ds.input_shape),
+            "precision": str(config.train.precision), "masked": masks is not None,
+            "config": config.to_dict()}
+    for stat in ("mean", "std"):  # the image normalisation (an image dataset has both)
+        if getattr(ds, stat, None) is not None:
+            info[stat] = np.asarray(getattr(ds, stat), np.float32).tolist()
+
+    def describe(step, row=None):
+        # What running the model needs besides its params (normalisation, input, precision)
+        # and the sha256 of every file of `step`, in one file beside them, written once the
+        # step is on disk and before the step it replaces is removed; `attach_rows` adds the
+        # result row at the end of the run.
+        save_sealed_json(os.path.join(directory, MODEL_INFO), dict(
+            info, row=row, step=int(step), files=_manifest(directory, step)))
+
+    with checkpointer:
+        changed = checkpointer.save_replacing(
+            tree, {"method": method, "spec": info["spec"]}, force=old is None,
+            on_saved=describe)
+        if not changed:  # the same model, intact: it keeps the row it has
+            step = checkpointer.latest_step()
+            describe(step, old.get("row") if old and old.get("step") == step else None)
 
 
 def _spec_json(spec) -> dict:

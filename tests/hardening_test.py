@@ -7,13 +7,13 @@ process that stops before JAX is imported.
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import pytest
 
+from checkpoint_test import _flip_bytes_in_arrays  # tests/ is on sys.path under pytest
 from jaxprune import checkpoint as ckpt_lib
 from jaxprune import config_checks, errors, pipeline
 
@@ -25,15 +25,6 @@ def _state(value):
     return {"w": jnp.full((4, 3), float(value)), "b": jnp.arange(3.0) * value}
 
 
-def _flip_arrays(step_dir):
-    paths = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
-    assert paths
-    for path in paths:
-        raw = bytearray(open(path, "rb").read())
-        raw[len(raw) // 2] ^= 0x04
-        open(path, "wb").write(bytes(raw))
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: fallback hints name good steps only; library messages stay out of the line
 
@@ -43,12 +34,12 @@ def test_fallback_hint_never_names_a_step_that_failed(tmp_path):
     with ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, fingerprint=FINGERPRINT) as ckpt:
         for step in (1, 2, 3):
             ckpt.save(step, _state(step))
-    _flip_arrays(tmp_path / "3")
-    _flip_arrays(tmp_path / "2")
+    _flip_bytes_in_arrays(tmp_path / "3")
+    _flip_bytes_in_arrays(tmp_path / "2")
     ckpt = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, fingerprint=FINGERPRINT, fallback=True)
     state, _ = ckpt.restore(like=_state(0))  # 3 and 2 fail their checksums, 1 is good
     assert ckpt.last_restored_step == 1 and float(state["w"][0, 0]) == 1.0
-    _flip_arrays(tmp_path / "1")
+    _flip_bytes_in_arrays(tmp_path / "1")
     ckpt = ckpt_lib.Checkpointer(tmp_path, max_to_keep=3, fingerprint=FINGERPRINT, fallback=True)
     with pytest.raises(ckpt_lib.CorruptCheckpointError) as info:
         ckpt.restore(like=_state(0))

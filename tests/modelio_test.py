@@ -295,3 +295,35 @@ def test_dense_params_file_damage_is_named(saved, tmp_path):
         with pytest.raises(errors.UserError) as info:
             modelio.load_dense_params(copy, model)
         assert copy in _one_line(info.value)
+
+
+def test_a_replacement_stopped_before_model_json_leaves_the_old_model(saved, tmp_path,
+                                                                       monkeypatch):
+    """Killed after the new step is on disk but before model.json describes it: the old model
+    (its step kept until then) still loads; the next save finishes the job."""
+    workdir, model = saved
+    copy = str(tmp_path / "w")
+    shutil.copytree(os.path.join(workdir, "models"), os.path.join(copy, "models"))
+    dataset = types.SimpleNamespace(name="digits", num_classes=10, input_shape=SHAPE,
+                                    mean=MEAN, std=STD)
+    config = ml_collections.ConfigDict({"train": {"precision": "fp32"}})
+    doubled = jax.tree.map(lambda a: a * 2, model.params)
+    real = modelio._manifest
+
+    def killed(directory, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modelio, "_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        modelio.save_model(copy, "unpruned", model, doubled, model.batch_stats,
+                           dataset=dataset, config=config)
+    images = _images()
+    np.testing.assert_allclose(modelio.load_predictor(copy, "unpruned")(images),
+                               _reference(model, images), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(modelio, "_manifest", real)
+    modelio.save_model(copy, "unpruned", model, doubled, model.batch_stats,
+                       dataset=dataset, config=config)
+    _, params, _ = modelio.restore_model(copy, "unpruned")
+    jax.tree.map(np.testing.assert_array_equal, params, doubled)
+    assert [n for n in os.listdir(os.path.join(copy, "models", "unpruned")) if n.isdigit()] == \
+        [str(modelio.read_model_info(copy)["step"])]  # the old step removed once described
