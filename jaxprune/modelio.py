@@ -678,7 +678,8 @@ def _install(tmp: str, directory: str) -> None:
 
 
 def load_compact(directory: str) -> Tuple[Callable, Any]:
-    """`(apply_fn, variables)` of a model written by `save_compact`; `apply_fn(variables, x)`.
+    """`(apply_fn, variables)` of a model written by `save_compact`; `apply_fn(variables, x)`
+    runs the exported program (jittable; `apply_fn.exported` is the `jax.export.Exported`).
 
     Every file is checked first (its sha256 in the sealed meta.json); a missing, truncated or
     altered file raises `errors.ModelFileError` naming it."""
@@ -725,4 +726,16 @@ def load_compact(directory: str) -> Tuple[Callable, Any]:
         raise errors.ModelFileError(f"{path} does not hold the variables program.bin takes "
                                     f"({len(got)} arrays, {len(want)} expected); {_EXPORT_FIX}.")
     variables = jax.tree.unflatten(var_tree, [jnp.asarray(v) for v in leaves])
-    return exported.call, variables
+    input_shape = tuple(meta.get("input_shape") or ())
+
+    def apply_fn(variables, x):
+        """The exported program; `x` is [N, *input_shape] (checked: an `InputError` names it)."""
+        shape = tuple(np.shape(x))
+        if len(shape) != len(input_shape) + 1 or shape[1:] != input_shape:
+            raise errors.InputError(f"x of shape {shape}: the exported model takes "
+                                    f"[N, {', '.join(map(str, input_shape))}] "
+                                    f"({meta.get('input_dtype', 'float32')}).")
+        return exported.call(variables, x)
+
+    apply_fn.exported = exported
+    return apply_fn, variables

@@ -124,11 +124,13 @@ class Context:
 # Setup
 
 
-def write_run_info(config, workdir: str, continued: Optional[dict] = None) -> None:
+def write_run_info(config, workdir: str, continued: Optional[dict] = None,
+                   continue_older: bool = False) -> None:
     """Writes the resolved config and the package versions into the workdir: `run_info.json`
     holds the latest start and, under `starts`, every start; `config.txt` the latest config.
     `continued`: {phase: {key: value}} of settings that the phase's checkpoints (made by
-    another version) did not record and that this start took at these values.
+    another version) did not record and that this start took at these values;
+    `continue_older`: this start continues such checkpoints (so will the next ones).
     Called only once the config and the workdir's checkpoints have passed their checks."""
     import importlib.metadata as md
     import socket
@@ -148,6 +150,8 @@ def write_run_info(config, workdir: str, continued: Optional[dict] = None) -> No
             "host": socket.gethostname(), "argv": list(sys.argv)}
     if continued:
         info["continued_older"] = continued
+    if continue_older:
+        info["continue_older"] = True
     path = os.path.join(workdir, "run_info.json")
     try:
         old = ckpt_lib.load_json(path)
@@ -176,6 +180,17 @@ def _prepare_workdir(workdir: str) -> str:
                                   "use a path you can write to.") from e
     ckpt_lib.lock_workdir(workdir)
     return workdir
+
+
+def _continued_before(workdir: str) -> bool:
+    """Whether an earlier start on `workdir` continued checkpoints of another version."""
+    try:
+        info = ckpt_lib.load_json(os.path.join(workdir, "run_info.json"))
+    except (OSError, ValueError):
+        return False
+    starts = info.get("starts") if isinstance(info, dict) else None
+    return any(isinstance(s, dict) and (s.get("continued_older") or s.get("continue_older"))
+               for s in starts or [])
 
 
 def check_workdir(config, workdir: str, continue_older: bool = False) -> dict:
@@ -245,6 +260,9 @@ def make_context(config, workdir: str, progress: bool = True,
     config_checks.validate_config(config)
     workdir = _prepare_workdir(workdir)
     try:
+        # Continued once (--continue_older), a workdir stays so: rerunning the same command
+        # resumes it.
+        continue_older = bool(continue_older) or _continued_before(workdir)
         continued = check_workdir(config, workdir, continue_older)
         train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
         dataset = _load_data(config.data)
@@ -254,7 +272,7 @@ def make_context(config, workdir: str, progress: bool = True,
         model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
                                      input_shape=tuple(dataset.input_shape), key=keys["init"])
         _check_model_fits(config, model)
-        write_run_info(config, workdir, continued)  # only once every check has passed
+        write_run_info(config, workdir, continued, continue_older)  # once every check passed
     except BaseException:
         ckpt_lib.unlock_workdir(workdir)  # a notebook kernel lives on
         raise

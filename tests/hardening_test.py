@@ -107,9 +107,11 @@ def test_a_key_older_versions_lacked_continues_with_the_flag(tmp_path):
     assert "--continue_older" in text and "`train.newer_key` (now 3)" in text, text
     assert pipeline.check_workdir(config, workdir, continue_older=True) == {
         "dense": {"train.newer_key": 3}}
+    assert not pipeline._continued_before(workdir)
     pipeline.write_run_info(config, workdir, {"dense": {"train.newer_key": 3}})
     info = json.load(open(os.path.join(workdir, "run_info.json")))
     assert info["continued_older"] == {"dense": {"train.newer_key": 3}}
+    assert pipeline._continued_before(workdir)  # the same command resumes it without the flag
 
 
 def test_a_neutral_key_continues_by_itself_and_names_its_value_otherwise(tmp_path, monkeypatch):

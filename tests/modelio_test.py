@@ -251,6 +251,9 @@ def test_export_round_trip_replaces_an_earlier_export_atomically(tmp_path):
     x3 = jnp.ones((3, 6))
     np.testing.assert_allclose(fn(loaded, x3), apply_fn(jax.tree.map(lambda a: a * 2, variables),
                                                         x3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(fn)(loaded, x3), fn(loaded, x3), rtol=1e-6)
+    with pytest.raises(errors.InputError, match=r"takes \[N, 6\]"):
+        fn(loaded, jnp.ones((3, 5)))
 
 
 def test_export_never_overwrites_a_folder_of_other_files(tmp_path):
