@@ -196,7 +196,7 @@ class ImageInput:
         except Exception as e:  # noqa: BLE001 - ragged lists and the like
             raise errors.InputError(f"images could not be read as an array "
                                     f"({errors.short(e)}); {expected}.") from None
-        kind = x.dtype.kind
+        kind = "f" if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.kind  # bfloat16 too
         if kind == "b":
             raise errors.InputError(f"images of dtype bool; {expected} (bool masks are not "
                                     "pixels: convert with `x.astype(np.uint8) * 255`).")

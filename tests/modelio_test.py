@@ -62,6 +62,7 @@ def test_predictor_equals_the_model_on_uint8_and_float_pixels(saved):
     np.testing.assert_allclose(predict(images), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(predict(images.astype(np.float32)), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(predict(images.astype(np.int64)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict(images.astype(jnp.bfloat16)), want, rtol=1e-5, atol=1e-5)
     scaled = images.astype(np.float32) / 255.0
     np.testing.assert_allclose(predict(scaled, value_range=(0, 1)), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(predict(images.tolist()), want, rtol=1e-5, atol=1e-5)
