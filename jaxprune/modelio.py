@@ -196,7 +196,7 @@ class ImageInput:
         except Exception as e:  # noqa: BLE001 - ragged lists and the like
             raise errors.InputError(f"images could not be read as an array "
                                     f"({errors.short(e)}); {expected}.") from None
-        kind = x.dtype.kind
+        kind = "f" if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.kind  # bfloat16 too
         if kind == "b":
             raise errors.InputError(f"images of dtype bool; {expected} (bool masks are not "
                                     "pixels: convert with `x.astype(np.uint8) * 255`).")
@@ -341,6 +341,10 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         save_sealed_json(os.path.join(directory, MODEL_INFO), dict(
             info, row=row, step=int(step), files=_manifest(directory, step)))
 
+    if old is None:
+        damaged = _damaged_step(directory)
+        if damaged is not None:  # set aside by the replacement below, never removed
+            checkpointer.mark_damaged(damaged)
     with checkpointer:
         changed = checkpointer.save_replacing(
             tree, {"method": method, "spec": info["spec"]}, force=old is None,
@@ -348,6 +352,22 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         if not changed:  # the same model, intact: it keeps the row it has
             step = checkpointer.latest_step()
             describe(step, old.get("row") if old and old.get("step") == step else None)
+
+
+def _damaged_step(directory: str) -> Optional[int]:
+    """The step a sealed model.json describes when one of that step's files is missing or fails
+    its sha256; None when intact or unknown (no readable model.json)."""
+    try:
+        info = load_sealed_json(os.path.join(directory, MODEL_INFO), "")
+        step, listed = int(info["step"]), dict(info["files"])
+    except (errors.UserError, KeyError, TypeError, ValueError):
+        return None
+    for name, want in listed.items():
+        path = os.path.join(directory, name)
+        if name.startswith(f"{step}{os.sep}") and (
+                not os.path.isfile(path) or file_sha256(path) != want):
+            return step if os.path.isdir(os.path.join(directory, str(step))) else None
+    return None
 
 
 def _spec_json(spec) -> dict:

@@ -899,9 +899,14 @@ def load_config(path: str, arg: Optional[str] = None):
         if not callable(getattr(module, "get_config", None)):
             raise errors.ConfigError(f"{path} has no get_config(); a config file defines "
                                      "get_config(arg=None) returning a ConfigDict.")
-        return module.get_config(arg) if arg else module.get_config()
+        config = module.get_config(arg) if arg else module.get_config()
     except errors.UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
         raise errors.ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
-                                 f"{type(e).__name__}: {e}. Fix that file.") from e
+                                 f"{errors.short(e)}. Fix that file.") from e
+    if not hasattr(config, "to_dict"):
+        raise errors.ConfigError(f"config file {path}{':' + arg if arg else ''}: get_config() "
+                                 f"returned {type(config).__name__}, not a ConfigDict; return "
+                                 "one (a missing `return config`?).")
+    return config
