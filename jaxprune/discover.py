@@ -835,6 +835,30 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     return [_Info(True, new_lab)]
 
 
+def _grouped_conv(st: _State, e: _Eq, lab, k_in, k_out, fgc, in_ch, out_ch):
+    """A grouped conv (ResNeXt, RegNet): the kernel's input axis is shared by the groups, so
+    input channel i is removed in every group at once (the input group is refined into
+    `fgc` copies of in_ch / fgc channels), and the output channels are removed the same way
+    (each group keeps as many). `feature_group_count` is unchanged by compaction."""
+    if lab is not None:
+        coarse = st.refine(lab, fgc, 1, lab.axis)
+        if coarse is None or not k_in:
+            st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}) over "
+                           "channels laid out in a way discovery does not follow")
+        else:
+            for k, leaf_axis in k_in:
+                st.join(coarse, k, leaf_axis, "consumer")
+            st.sites.append(Site(e.idx, 0, lab))
+    if not k_out:
+        return None
+    out_spec = e.eqn.params["dimension_numbers"].out_spec
+    new_lab = st.new_label(out_spec[1], out_ch)
+    for k, leaf_axis in k_out:
+        st.join(new_lab, k, leaf_axis, "producer")
+    st.refine(new_lab, fgc, 1, out_spec[1])
+    return new_lab
+
+
 def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
     if not e.any_data:
         return [st.nondata_generic(e.eqn.ins, e.out_shapes[0])]
@@ -877,6 +901,8 @@ def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
         for k, leaf_axis in k_out:
             st.join(lab, k, leaf_axis, "param")
         st.depthwise.add(e.idx)
+    elif fgc != in_ch or in_ch != out_ch:
+        new_lab = _grouped_conv(st, e, lab, k_in, k_out, fgc, in_ch, out_ch)
     else:
         st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}, "
                        f"{in_ch} -> {out_ch} channels) discovery does not follow")
@@ -929,7 +955,7 @@ def _rule_slice(st: _State, e: _Eq) -> List[_Info]:
     if width == size:
         return [_Info(True, lab)]
     new = None
-    if size % width == 0 and start % width == 0:
+    if width > 1 and size % width == 0 and start % width == 0:
         new = st.refine(lab, size // width, 1, lab.axis)
     if new is None:
         return _rule_default(st, e)
