@@ -129,7 +129,8 @@ class Discovery(NamedTuple):
         return self.groups + self.blocked
 
     def channel_groups(self, params_key: Optional[str] = "params",
-                       stats_key: Optional[str] = "batch_stats") -> Tuple[ChannelGroup, ...]:
+                       stats_key: Optional[str] = "batch_stats", *,
+                       skip: bool = False) -> Tuple[ChannelGroup, ...]:
         """The prunable groups as `structure.ChannelGroup`s (paths relative to the subtrees).
 
         With `params_key` set, variables are `{params_key: params, stats_key: stats}` and
@@ -140,9 +141,12 @@ class Discovery(NamedTuple):
           ValueError naming the group and member a ChannelGroup cannot express (a channel
           axis that is not the last axis of a producer / -2 of a consumer, a concatenation
           offset, a channel-major flatten). Use this module's masks and `surgery.compact`.
+          With `skip`, such groups are left out instead (`inexpressible` names them).
         """
         out = []
         for g in self.groups:
+            if skip and g.name in self.inexpressible(params_key, stats_key):
+                continue
             producers, consumers, stats = [], [], []
             for m in g.members:
                 path, under = m.path, None
@@ -165,6 +169,19 @@ class Discovery(NamedTuple):
             out.append(ChannelGroup(g.name, g.size, producers=tuple(producers),
                                     consumers=tuple(consumers), stats=tuple(stats)))
         return tuple(out)
+
+
+    def inexpressible(self, params_key: Optional[str] = "params",
+                      stats_key: Optional[str] = "batch_stats") -> Dict[str, str]:
+        """{group name: why} for the prunable groups a `ChannelGroup` cannot express (heads on
+        a middle kernel axis, grouped convs, concatenation offsets)."""
+        out = {}
+        for g in self.groups:
+            try:
+                Discovery((g,), {}, ()).channel_groups(params_key, stats_key)
+            except ValueError as e:
+                out[g.name] = str(e)
+        return out
 
 
 _fmt = masks_lib.path_str

@@ -206,11 +206,15 @@ class Pruner:
         self.input_shape = tuple(int(d) for d in input_shape)
         self._apply = apply  # the model's own apply (discovery and surgery trace it)
         self.discovery = None
+        self.unsearched = {}
         if groups is None and self.granularity == "channel":
             x = jnp.zeros((1, *self.input_shape), jnp.float32)
             self.discovery = discover_lib.discover_groups(
                 _eval_logits(apply), {"params": params, "batch_stats": self.batch_stats}, x)
-            groups = self.discovery.channel_groups()
+            # Groups a ChannelGroup cannot express (attention heads, grouped convs) are
+            # compacted by `jp.compact` but not yet searched: `self.unsearched` names them.
+            self.unsearched = self.discovery.inexpressible()
+            groups = self.discovery.channel_groups(skip=True)
             self.apply = discover_lib.hookless_apply(apply)
         else:
             self.apply = apply

@@ -161,3 +161,27 @@ def test_masking_a_head_zeroes_its_output_projection_rows(style):
         leaf.at[1].set(0.0) if leaf.ndim == 3 else leaf.at[D // HEADS:].set(0.0)
         for path, leaf in leaves])
     np.testing.assert_allclose(masked, apply_fn(zeroed, tokens), atol=2e-5)
+
+
+def test_pruner_searches_ffn_neurons_and_names_the_unsearched_heads():
+    """`Pruner` searches the groups a `ChannelGroup` expresses (FFN neurons); the heads are
+    named in `pruner.unsearched` (found, masked and compacted by discover / surgery)."""
+    import jaxprune as jp
+    by_hand = hand_apply("reshape")
+    params = hand_params(jax.random.key(0))
+    params = {k: v for k, v in params.items() if k != "embed"}
+
+    def apply(p, batch_stats, x, *, train=False):  # embedded inputs [B, S, D]
+        b = x.shape[0]
+        table = x.reshape(b * SEQ, D)
+        tokens = jnp.arange(b * SEQ).reshape(b, SEQ)
+        return by_hand({**p, "embed": table}, tokens), batch_stats
+
+    pruner = jp.Pruner(apply, params, {}, input_shape=(SEQ, D), sparsity=0.1)
+    assert [g.size for g in pruner.groups] == [FF]
+    assert list(pruner.unsearched) == ["params/qkv"]
+    keep = pruner.project(np.ones(1, np.float32))
+    small_apply, small_vars = pruner.compact(keep)
+    x = jax.random.normal(jax.random.key(3), (2, SEQ, D))
+    assert small_vars["params"]["ff1"]["kernel"].shape[1] < FF
+    assert small_apply(small_vars, x).shape == (2, 2)
