@@ -1159,6 +1159,74 @@ def discover_groups(apply_fn: Callable, variables, example_input) -> Discovery:
 
 
 # --------------------------------------------------------------------------------------------
+# Groups of any layout on params: scores, masks (what `Pruner` uses for groups that a
+# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs).
+
+
+def params_groups(discovery: Discovery, params_key: str = "params") -> Tuple[Group, ...]:
+    """The prunable groups with member paths relative to `variables[params_key]`; members
+    outside it (batch statistics) are left out."""
+    return tuple(dataclasses.replace(g, members=tuple(
+        dataclasses.replace(m, path=m.path[1:]) for m in g.members if m.path[0] == params_key))
+        for g in discovery.groups)
+
+
+def unit_width(group: Group, shapes: Dict[Path, tuple]) -> int:
+    """Elements of a producer kernel that one channel spans beyond its own axis (a head's
+    head_dim; 1 for a conv / dense output channel)."""
+    widths = [m.inner * math.prod(shapes[m.path][m.axis + 1:]) for m in group.producers
+              if len(shapes[m.path]) >= 2]
+    return max(widths, default=1)
+
+
+def _member_values(m: Member, values, size: int):
+    """`values` [size] laid out along member `m`'s leaf axis: (indices, values per index)."""
+    idx = m.indices(np.arange(size))
+    vals = jnp.tile(jnp.repeat(jnp.asarray(values), m.inner), m.outer)
+    return idx, vals
+
+
+def member_channel_scores(weights, groups: Sequence[Group], reduce: str = "l1") -> Dict[str, Any]:
+    """{group name: float32[size]}: each producer kernel (ndim >= 2) of a group reduced over
+    everything but the group's channels (`masks.reduce_channels`), summed over the kernels
+    (per-channel leaves when the group has no kernel)."""
+    flat = dict(masks_lib.leaves_with_paths(weights)[0])
+    out = {}
+    for g in groups:
+        prods = [m for m in g.members if m.role in ("producer", "param")]
+        kernels = [m for m in prods if m.ndim >= 2] or prods
+        total = jnp.zeros((g.size,), jnp.float32)
+        for m in kernels:
+            x = jnp.take(jnp.asarray(flat[m.path]), jnp.asarray(m.indices(np.arange(g.size))),
+                         axis=m.axis)
+            x = jnp.moveaxis(x, m.axis, -1).reshape(x.shape[:m.axis] + x.shape[m.axis + 1:]
+                                                    + (m.outer, g.size, m.inner))
+            total = total + masks_lib.reduce_channels(jnp.moveaxis(x, -2, -1), reduce)
+        out[g.name] = total
+    return out
+
+
+def member_param_masks(keep, groups: Sequence[Group], params):
+    """Boolean masks shaped like `params` that zero every member slice of the channels
+    `keep` ({group name: bool[size]}) drops; groups not in `keep` are kept."""
+    leaves, treedef = masks_lib.leaves_with_paths(params)
+    index = {p: i for i, (p, _) in enumerate(leaves)}
+    out = [jnp.ones(jnp.shape(x), bool) for _, x in leaves]
+    for g in groups:
+        if g.name not in keep:
+            continue
+        for m in g.members:
+            i = index[m.path]
+            shape = jnp.shape(leaves[i][1])
+            idx, vals = _member_values(m, jnp.asarray(keep[g.name]).astype(bool), g.size)
+            vec = jnp.ones((shape[m.axis],), bool).at[idx].set(vals)
+            view = [1] * len(shape)
+            view[m.axis] = shape[m.axis]
+            out[i] = out[i] & vec.reshape(view)
+    return jax.tree.unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluating a program, with channel masks at the consumers.
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import discover, surgery
+from jaxprune import costs, discover, surgery
 from jaxprune import masks as masks_lib
 
 D, HEADS, FF, VOCAB, SEQ = 8, 2, 12, 11, 5
@@ -163,25 +163,59 @@ def test_masking_a_head_zeroes_its_output_projection_rows(style):
     np.testing.assert_allclose(masked, apply_fn(zeroed, tokens), atol=2e-5)
 
 
-def test_pruner_searches_ffn_neurons_and_names_the_unsearched_heads():
-    """`Pruner` searches the groups a `ChannelGroup` expresses (FFN neurons); the heads are
-    named in `pruner.unsearched` (found, masked and compacted by discover / surgery)."""
+class NNXBlockOnEmbeddings(nnx.Module):
+    """An encoder block on embedded inputs [B, S, D] (what `Pruner`'s float input feeds)."""
+
+    def __init__(self, rngs, heads=4):
+        self.attn = nnx.MultiHeadAttention(heads, D, decode=False, rngs=rngs)
+        self.ln = nnx.LayerNorm(D, rngs=rngs)
+        self.ff1, self.ff2 = nnx.Linear(D, FF, rngs=rngs), nnx.Linear(FF, D, rngs=rngs)
+        self.head = nnx.Linear(D, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(x)
+        x = x + self.ff2(nnx.relu(self.ff1(self.ln(x))))
+        return self.head(x.mean(1))
+
+
+def test_pruner_searches_heads_and_ffn_neurons():
+    """`Pruner` on a Transformer block: heads and FFN neurons are its units, a head group's
+    grid is whole heads (not `channel_multiple` heads), fine-tuning holds pruned weights at
+    zero, and the compacted model equals the masked one."""
     import jaxprune as jp
-    by_hand = hand_apply("reshape")
-    params = hand_params(jax.random.key(0))
-    params = {k: v for k, v in params.items() if k != "embed"}
-
-    def apply(p, batch_stats, x, *, train=False):  # embedded inputs [B, S, D]
-        b = x.shape[0]
-        table = x.reshape(b * SEQ, D)
-        tokens = jnp.arange(b * SEQ).reshape(b, SEQ)
-        return by_hand({**p, "embed": table}, tokens), batch_stats
-
-    pruner = jp.Pruner(apply, params, {}, input_shape=(SEQ, D), sparsity=0.1)
-    assert [g.size for g in pruner.groups] == [FF]
-    assert list(pruner.unsearched) == ["params/qkv"]
-    keep = pruner.project(np.ones(1, np.float32))
-    small_apply, small_vars = pruner.compact(keep)
-    x = jax.random.normal(jax.random.key(3), (2, SEQ, D))
-    assert small_vars["params"]["ff1"]["kernel"].shape[1] < FF
-    assert small_apply(small_vars, x).shape == (2, 2)
+    apply, params, stats = jp.functional(NNXBlockOnEmbeddings(nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (32, SEQ, D))
+    y = (x[:, 0, 0] > 0).astype(jnp.int32)
+    pruner = jp.Pruner(apply, params, stats, input_shape=(SEQ, D), sparsity=0.3,
+                       channel_multiple=4)
+    sizes = dict(zip(pruner.units, (g.size for g in pruner.groups)))
+    assert sorted(sizes.values()) == [4, FF]
+    heads = next(n for n, size in sizes.items() if size == 4)
+    np.testing.assert_allclose(pruner.step[pruner.units.index(heads)], 1 / 4)
+    evaluate = pruner.evaluator(None, x, y)
+    keep = pruner.search("random", evaluate, key=jax.random.key(2), rounds=2,
+                         candidates=4).best_keep
+    assert pruner.cost.macs(keep) <= pruner.budget
+    keep = np.where(np.asarray(pruner.units) == heads, 0.5, 1.0 - 3 / FF).astype(np.float32)
+    kept = pruner.channel_keep(keep)
+    assert kept[heads].sum() == 2
+    masks = pruner.masks(keep)[0]
+    q = masks["attn"]["query"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(q).all(axis=(0, 2)), kept[heads])
+    tuned = pruner.finetune(keep, x, y, epochs=1, key=jax.random.key(3), batch_size=8)
+    dropped = ~kept[heads]
+    assert np.all(np.asarray(tuned.params["attn"]["out"]["kernel"])[dropped] == 0)
+    small_apply, small_vars = pruner.compact(keep, tuned.params, tuned.batch_stats)
+    masked = discover.mask_activations(lambda v, x: apply(v["params"], v["batch_stats"], x,
+                                                          train=False)[0])(
+        {"params": tuned.params, "batch_stats": tuned.batch_stats}, x,
+        {k: v.astype(np.float32) for k, v in kept.items()})
+    np.testing.assert_allclose(small_apply(small_vars, x), masked, atol=2e-5)
+    assert small_vars["params"]["attn"]["query"]["kernel"].shape[1] == kept[heads].sum()
+    # The cost model scales the projections with the heads kept; attention's two matmuls
+    # (2 * SEQ * SEQ * head_dim per head) are counted as fixed, so it plans that much more
+    # than the compact model has.
+    small_macs = costs.count_macs(
+        lambda p, s, x, train=False: (small_apply({"params": p, "batch_stats": s}, x), s),
+        small_vars["params"], small_vars["batch_stats"], (SEQ, D))
+    assert int(pruner.cost.macs(keep)) - small_macs == 2 * SEQ * SEQ * (D // 4) * 2
