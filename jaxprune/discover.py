@@ -21,6 +21,17 @@ equal to its channels) passes its input's groups through and its kernel's output
 them. A conv / dot whose input is labelled on the contracted axis *consumes* those channels:
 the kernel's input axis (with offset and spatial factor) joins the group.
 
+Attention: a kernel's first free axis of size > 1 produces the group, so a (D, heads,
+head_dim) projection produces heads. A channel axis split into equal parts (a reshape of
+(.., 3*H*hd) into (.., 3, H, hd), a `split` or slice of q / k / v) *refines* its group: the
+channels are removed in blocks (head_dim wide, the same in each of the 3 parts), which
+`Analysis.resolve` maps to the coarse group. A dot of two activations couples the groups on
+its batch axes (the heads of q.k and p.v; grouped-query key / value heads take their query
+heads along), passes channels on a free axis (a gate) and couples channels contracted on
+both sides. A grouped conv refines its input and output groups into its groups (a channel
+goes in every group at once); an embedding lookup (gather from a param table) produces an
+unprunable group. Each primitive family is one rule in `_RULES`.
+
 A group is marked unprunable, with the reason, when it feeds a model output (the logits);
 when it goes through a primitive discovery does not follow (reductions over the channel
 axis, slicing, gathers, grouped convs, scans, ...); or when it is combined with a value
@@ -771,6 +782,20 @@ def _dot_positions(dims, shapes):
     return (tuple(lc), tuple(lb), pos0), (tuple(rc), tuple(rb), pos1)
 
 
+def _align_heads(st: _State, lab: Label, other: Label) -> Tuple[Label, Label]:
+    """Grouped-query attention: query heads (H on one axis) against key / value heads
+    repeated r times (G heads, each `inner` r wide). The query heads are refined into G blocks
+    of r, so a group is one key / value head with its r query heads. Labels as they are when
+    they do not have that shape."""
+    for x, y, swap in ((lab, other, False), (other, lab, True)):
+        if x.plain and y.outer == 1 and y.inner > 1 and x.period == y.period * y.inner:
+            coarse = st.refine(x, 1, y.inner, x.axis)
+            if coarse is not None:
+                y = y._replace(inner=1)
+                return (y, coarse) if swap else (coarse, y)
+    return lab, other
+
+
 def _dot_activations(st: _State, e: _Eq) -> List[_Info]:
     """A dot of two activations (attention scores q.k and context p.v). Channels on the batch
     axes (the heads) must be channels on both operands: their groups are coupled and the
@@ -794,6 +819,8 @@ def _dot_activations(st: _State, e: _Eq) -> List[_Info]:
             continue
         axes, o_axes = (b, ob) if lab.axis in b else (c, oc)
         o_axis = o_axes[axes.index(lab.axis)]
+        if other is not None and other.axis == o_axis and axes is b:
+            lab, other = _align_heads(st, lab, other)
         if other is None or other.axis != o_axis or not _same_layout([lab, other]):
             st.poison(lab, f"{e.where} multiplies the channels with another activation whose "
                            "matching axis has no (or differently laid out) channels")
@@ -803,7 +830,7 @@ def _dot_activations(st: _State, e: _Eq) -> List[_Info]:
         st.couple(lab, [other])
         done = True
         if axes is b:
-            out_lab = lab.moved(axes.index(lab.axis))
+            out_lab = labs[i].moved(axes.index(lab.axis))
         else:
             st.sites.append(Site(e.idx, i, lab))
     return [_Info(True, out_lab)]

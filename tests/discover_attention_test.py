@@ -219,3 +219,35 @@ def test_pruner_searches_heads_and_ffn_neurons():
         lambda p, s, x, train=False: (small_apply({"params": p, "batch_stats": s}, x), s),
         small_vars["params"], small_vars["batch_stats"], (SEQ, D))
     assert int(pruner.cost.macs(keep)) - small_macs == 2 * SEQ * SEQ * (D // 4) * 2
+
+
+def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads():
+    """4 query heads over 2 key / value heads (k, v repeated twice, by hand): a channel of the
+    head group is one key / value head with its 2 query heads."""
+    q_heads, kv_heads, hd = 4, 2, D // 4
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"q": jax.random.normal(k[0], (D, q_heads * hd)),
+              "kv": jax.random.normal(k[1], (D, 2 * kv_heads * hd)),
+              "out": jax.random.normal(k[2], (q_heads * hd, D)),
+              "head": jax.random.normal(k[3], (D, 2))}
+
+    def apply_fn(p, x):
+        b, s, _ = x.shape
+        q = (x @ p["q"]).reshape(b, s, q_heads, hd)
+        key, value = (t.reshape(b, s, kv_heads, hd) for t in jnp.split(x @ p["kv"], 2, -1))
+        key, value = (jnp.repeat(t, q_heads // kv_heads, axis=2) for t in (key, value))
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, key), axis=-1)
+        x = x + jnp.einsum("bhqk,bkhd->bqhd", w, value).reshape(b, s, -1) @ p["out"]
+        return x.mean(1) @ p["head"]
+
+    x = jax.random.normal(jax.random.key(1), (3, SEQ, D))
+    found = discover.discover_groups(apply_fn, params, x)
+    assert [g.size for g in found.groups] == [kv_heads], found
+    group = found.groups[0]
+    assert {("/".join(m.path), m.role, m.inner) for m in group.members} == {
+        ("q", "producer", 2 * hd), ("kv", "producer", hd), ("out", "consumer", 2 * hd)}
+    keep = {group.name: np.array([False, True])}
+    masked = discover.mask_activations(apply_fn)(params, x, {group.name: jnp.array([0.0, 1.0])})
+    small_fn, small_vars = surgery.compact(apply_fn, params, found, keep)
+    np.testing.assert_allclose(small_fn(small_vars, x), masked, atol=2e-5)
+    assert small_vars["q"].shape == (D, 2 * hd) and small_vars["kv"].shape == (D, 2 * hd)
