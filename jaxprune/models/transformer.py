@@ -23,7 +23,7 @@ from flax import nnx
 from jaxprune import text
 
 # Architecture defaults (overridable as `widths`; `vocab` comes from the dataset's tokenizer).
-DEFAULTS = {"vocab": 16384, "embed": 128, "heads": 4, "ffn": 256, "layers": 2}
+DEFAULTS = {"vocab": 16384, "embed": 64, "heads": 4, "ffn": 128, "layers": 2}
 DROPOUT = 0.1
 
 
@@ -33,11 +33,11 @@ def _dropout(key, x, rate: float):
 
 
 def _batch_key(tokens):
-    """A PRNG key that depends on every token id and its position (for dropout)."""
-    positions = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.uint32)
-    mixed = (tokens.astype(jnp.uint32) * jnp.uint32(2654435761)) ^ (positions * jnp.uint32(40503))
-    return jax.random.fold_in(jax.random.key(0), jnp.sum(mixed * (jnp.arange(
-        1, tokens.shape[0] + 1, dtype=jnp.uint32)[:, None] * jnp.uint32(97))))
+    """A PRNG key that depends on every token id, its position and its row (for dropout)."""
+    rows, cols = tokens.shape
+    weights = (jnp.arange(1, rows + 1, dtype=jnp.uint32)[:, None] * jnp.uint32(2654435761)
+               + jnp.arange(1, cols + 1, dtype=jnp.uint32)[None, :] * jnp.uint32(40503))
+    return jax.random.fold_in(jax.random.key(0), jnp.sum(tokens.astype(jnp.uint32) * weights))
 
 
 class Block(nnx.Module):
