@@ -25,13 +25,12 @@ from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
-from jaxprune import files as files_lib
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
+from jaxprune import modelio
 from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
-from jaxprune import structure as structure_lib
 from jaxprune import train as train_lib
 from jaxprune.search import loop as loop_lib
 from jaxprune.search import budget as budget_lib
@@ -456,10 +455,10 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
         compact_model = models_lib.compact_model(
             m._replace(params=state.params, batch_stats=state.batch_stats), channel_keep)
         params, batch_stats = compact_model.params, compact_model.batch_stats
-        save_compact(ctx, method, compact_model, params, batch_stats)
+        save_model(ctx, method, compact_model, params, batch_stats)
         return measure_row(ctx, method, model=compact_model, params=params,
                            batch_stats=batch_stats, train_seconds=seconds, extra=extra)
-    save_compact(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
+    save_model(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
     return measure_row(ctx, method, model=m, params=state.params, batch_stats=state.batch_stats,
                        masks=state.masks, train_seconds=seconds, extra=extra)
 
@@ -536,171 +535,15 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode()) % (2 ** 31)
 
 
-def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
-    """Saves the final (compact) model so a notebook can restore it with `restore_model`.
-
-    A rerun writes a changed model as a new step and removes the old one only after it (an
-    unchanged one is not rewritten), so a kill at any moment leaves a readable model."""
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(ctx.workdir, "models", method), max_to_keep=1,
-        fingerprint={"model": model.spec.name, "dataset": ctx.dataset.name,
-                     "num_classes": int(ctx.dataset.num_classes),
-                     "input_shape": list(ctx.dataset.input_shape),
-                     "widths": [list(w) for w in model.spec.widths]})
-    tree = {"params": params, "batch_stats": batch_stats}
-    if masks is not None:
-        tree["masks"] = masks
-    changed = checkpointer.save_replacing(tree, {"method": method,
-                                                 "spec": _spec_json(model.spec)})
-    # What running the model needs besides its params (normalisation, input, precision), in one
-    # file beside them; `_attach_rows` adds the result row at the end of the run (an unchanged
-    # model keeps the row it has).
-    path = os.path.join(ctx.workdir, "models", method, MODEL_INFO)
-    row = None
-    if not changed:
-        try:
-            row = ckpt_lib.load_json(path).get("row")
-        except (OSError, ValueError, AttributeError):
-            row = None
-    ds = ctx.dataset
-    ckpt_lib.save_json(path, {
-        "method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
-        "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-        "input": "uint8 pixels 0..255, NHWC; normalised as (x - mean) / std per channel",
-        "mean": np.asarray(ds.mean, np.float32).tolist(),
-        "std": np.asarray(ds.std, np.float32).tolist(),
-        "precision": str(ctx.config.train.precision), "masked": masks is not None,
-        "row": row, "config": ctx.config.to_dict()})
+# Documented as `pipeline.restore_model` / `pipeline.load_predictor` (README, notebooks); they
+# live in `modelio`, with the rest of model I/O.
+restore_model, load_predictor = modelio.restore_model, modelio.load_predictor
 
 
-MODEL_INFO = "model.json"  # models/<method>/model.json: see save_compact
-
-
-def _spec_json(spec) -> dict:
-    return {"name": spec.name, "num_classes": int(spec.num_classes),
-            "input_shape": list(spec.input_shape), "widths": [list(w) for w in spec.widths]}
-
-
-def save_dense_params(path: str, params, batch_stats) -> None:
-    """Writes a model's variables to an .npz of flat `params/conv1/kernel`, `batch_stats/...`
-    leaves: the portable form of a trained dense model (`experiments/gpu/pack.py` writes it
-    after a GPU run; `load_dense_params` and the benchmarks' `--dense_params` read it)."""
-    flat = {"/".join((top,) + tuple(p)): np.asarray(v)
-            for top, tree in (("params", params), ("batch_stats", batch_stats or {}))
-            for p, v in structure_lib._flatten(jax.device_get(tree)).items()}
-    with files_lib.atomic_open(path, "wb") as f:
-        np.savez_compressed(f, **flat)
-
-
-def load_dense_params(path: str, model) -> tuple:
-    """(params, batch_stats) of `model` (a zoo or discovered model: its `.params` and
-    `.batch_stats` give the expected shapes) from a `save_dense_params` file."""
-    if not os.path.isfile(path):
-        raise errors.NotFoundError(f"dense params {path!r}: no such file. Give the .npz that "
-                                   "experiments/gpu/pack.py wrote (dense_params.npz).")
-    with np.load(path) as z:
-        flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files}
-    trees = structure_lib._unflatten(flat)
-    got = {top: trees.get(top, {}) for top in ("params", "batch_stats")}
-    want = {"params": model.params, "batch_stats": model.batch_stats or {}}
-    for top in got:
-        if jax.tree.map(jnp.shape, got[top]) != jax.tree.map(jnp.shape, want[top]):
-            raise errors.ConfigError(
-                f"dense params {path!r}: its {top} do not match the configured model's "
-                "(another model or width?); give the file of this model.config.")
-    return got["params"], got["batch_stats"]
-
-
-def restore_model(workdir: str, method: str = "unpruned"):
-    """One call for notebooks: the saved model of `method` → (FunctionalModel, params, batch_stats).
-
-    `method` is a row of results.json ('unpruned', 'threshold', 'reinforce', …).
-    """
-    directory = os.path.join(workdir, "models", method)
-    if not os.path.isdir(directory):
-        have = sorted(os.listdir(os.path.join(workdir, "models"))) \
-            if os.path.isdir(os.path.join(workdir, "models")) else []
-        raise errors.NotFoundError(
-            f"No saved model {method!r} in {directory}. Saved models: {have or 'none'}; "
-            "run the pipeline on this workdir first.")
-    # Read-only: keeps every step; a damaged newest step falls back to the previous good one.
-    checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=None, fingerprint=None,
-                                         fallback=True)
-    if checkpointer.latest_step() is None:
-        raise errors.NotFoundError(
-            f"The saved model {method!r} in {directory} never finished saving (its run was "
-            "stopped); run the pipeline on this workdir again to save it.")
-    tree, meta = checkpointer.restore()
-    spec = meta["spec"]
-    spec = models_lib.ModelSpec(name=spec["name"], num_classes=int(spec["num_classes"]),
-                                input_shape=tuple(spec["input_shape"]),
-                                widths=tuple((k, int(v)) for k, v in spec["widths"]))
-    model = models_lib.model_from_spec(spec, tree["params"], tree["batch_stats"])
-    return model, model.params, model.batch_stats
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictor:
-    """A saved model ready to run: `predictor(images_uint8) -> logits` (float32 [N, classes]).
-
-    Needs no dataset or config: the normalisation, input shape and precision come from
-    `models/<method>/model.json` (`info`, which also holds the spec, the config and the
-    method's result row). `apply(params, batch_stats, images)` is the pure function behind it
-    (for `jax.jit` / `jax.export`)."""
-    model: Any  # models.FunctionalModel
-    params: Any
-    batch_stats: Any
-    info: dict
-    batch_size: int = 256
-
-    @property
-    def input_shape(self) -> tuple:
-        return tuple(self.info["input_shape"])
-
-    def apply(self, params, batch_stats, images) -> jax.Array:
-        """uint8 (or float pixel-valued) NHWC images → float32 logits, as the evaluation does."""
-        forward = train_lib.mixed_apply(self.model.apply, str(self.info.get("precision", "fp32")))
-        x = data_lib.normalize(images, np.asarray(self.info["mean"], np.float32),
-                               np.asarray(self.info["std"], np.float32))
-        return forward(params, batch_stats, x, train=False)[0]
-
-    @functools.cached_property
-    def _compiled(self):
-        return jax.jit(self.apply)
-
-    def __call__(self, images) -> np.ndarray:
-        images = np.asarray(images)
-        if images.shape == self.input_shape:  # one image
-            return self(images[None])[0]
-        if images.shape[1:] != self.input_shape:
-            raise ValueError(f"images of shape {images.shape}: the model takes "
-                             f"[N, {', '.join(map(str, self.input_shape))}] pixels (0..255).")
-        n, b = images.shape[0], self.batch_size
-        out = []
-        for start in range(0, n, b):  # fixed-size batches: compiled once
-            chunk = images[start:start + b]
-            pad = b - chunk.shape[0]
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self._compiled(self.params, self.batch_stats, chunk))[:b - pad])
-        return np.concatenate(out) if out else np.zeros((0, int(self.info["num_classes"])),
-                                                        np.float32)
-
-
-def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256) -> Predictor:
-    """The saved model of `method` as a `Predictor`: `load_predictor(workdir, 'evolution')(images)`
-    gives the logits the evaluation computes, from uint8 images alone."""
-    model, params, batch_stats = restore_model(workdir, method)
-    path = os.path.join(workdir, "models", method, MODEL_INFO)
-    try:
-        info = ckpt_lib.load_json(path)
-    except (OSError, ValueError) as e:
-        raise errors.NotFoundError(
-            f"The saved model {method!r} has no readable {path} (saved by an older version, or "
-            "damaged); run the pipeline on this workdir again to write it (finished phases are "
-            "restored, not redone).") from e
-    return Predictor(model=model, params=params, batch_stats=batch_stats, info=info,
-                     batch_size=int(batch_size))
+def save_model(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
+    """`modelio.save_model` of this run's workdir, dataset and config."""
+    modelio.save_model(ctx.workdir, method, model, params, batch_stats, dataset=ctx.dataset,
+                       config=ctx.config, masks=masks)
 
 
 def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner, val: Optional[tuple] = None,
@@ -913,7 +756,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
     rows = []
     with _timed(ctx, "dense"):
         dense_state, dense_row = dense_phase(ctx)
-        save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
+        save_model(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
     rows.append(dense_row)
     handset = config_checks.methods(config.prune.methods)
     searches = config_checks.methods(config.search.methods)
@@ -950,7 +793,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
         report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
     _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
     merged = report_lib.read_results(workdir)
-    _attach_rows(workdir, merged)
+    modelio.attach_rows(workdir, merged)
     # TensorBoard: the flattened config as hparams (metrics: each method's test accuracy), the
     # table as text, the plots as images.
     ctx.writer.write_summary(
@@ -960,18 +803,6 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
                 for name in ("search_pareto", "keep_ratios")})
     ctx.writer.close()
     return rows
-
-
-def _attach_rows(workdir: str, rows) -> None:
-    """Writes each method's result row into its saved model's `model.json`."""
-    for row in rows:
-        path = os.path.join(workdir, "models", str(row["method"]), MODEL_INFO)
-        try:
-            info = ckpt_lib.load_json(path)
-        except (OSError, ValueError):
-            continue  # no saved model (or an older one without the file)
-        if isinstance(info, dict) and info.get("row") != report_lib.strict_json(dict(row)):
-            ckpt_lib.save_json(path, dict(info, row=row))
 
 
 @contextlib.contextmanager

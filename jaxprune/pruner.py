@@ -413,7 +413,7 @@ class Pruner:
     def compact(self, keep, params=None, batch_stats=None):
         """`(compact_apply, compact_variables)`: the model with the channels dropped at `keep`
         removed (default: the dense variables). `compact_apply(compact_variables, x) -> logits`
-        equals the masked model's output; `surgery.save` / `surgery.load` store and restore it.
+        equals the masked model's output; `modelio.save_compact` / `modelio.load_compact` store and restore it.
 
         Needs discovered groups (`groups=None`); a zoo model compacts with
         `models.compact_model`."""

@@ -37,20 +37,20 @@ def test_run_script_packs_a_smoke_run(tmp_path):
 
 def test_run_script_runs_a_benchmark_from_saved_dense_params(tmp_path):
     """`run.sh OUT benchmarks/search_quality.py ...` (the GPU search study) on the quick start,
-    starting from a dense model saved by `pipeline.save_dense_params` (pack.py's format)."""
-    from jaxprune import errors, pipeline
+    starting from a dense model saved by `modelio.save_dense_params` (pack.py's format)."""
+    from jaxprune import errors, modelio, pipeline
 
     config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"))
     ctx = pipeline.make_context(config, str(tmp_path / "dense"), progress=False)
     state, row = pipeline.dense_phase(ctx)
     npz = str(tmp_path / "dense_params.npz")
-    pipeline.save_dense_params(npz, state.params, state.batch_stats)
-    params, batch_stats = pipeline.load_dense_params(npz, ctx.model)
+    modelio.save_dense_params(npz, state.params, state.batch_stats)
+    params, batch_stats = modelio.load_dense_params(npz, ctx.model)
     np.testing.assert_array_equal(params["conv1"]["kernel"], state.params["conv1"]["kernel"])
     with pytest.raises(errors.ConfigError, match="do not match"):
-        pipeline.load_dense_params(npz, ctx.model._replace(params={"conv1": params["conv1"]}))
+        modelio.load_dense_params(npz, ctx.model._replace(params={"conv1": params["conv1"]}))
     with pytest.raises(errors.NotFoundError, match="no such file"):
-        pipeline.load_dense_params(str(tmp_path / "missing.npz"), ctx.model)
+        modelio.load_dense_params(str(tmp_path / "missing.npz"), ctx.model)
 
     out = tmp_path / "out"
     env = dict(os.environ, WORKDIR=str(tmp_path / "work"), PORTABLE="", PYTHON=sys.executable)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxprune import data, pipeline, train
+from jaxprune import data, modelio, pipeline, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -53,7 +53,7 @@ def test_saved_model_carries_what_it_needs(cli_run):
     workdir, _, _ = cli_run
     rows = {r["method"]: r for r in json.load(open(os.path.join(workdir, "results.json")))}
     for method in ("unpruned", "threshold", "random"):
-        info = json.load(open(os.path.join(workdir, "models", method, pipeline.MODEL_INFO)))
+        info = json.load(open(os.path.join(workdir, "models", method, modelio.MODEL_INFO)))
         assert info["method"] == method and info["row"] == rows[method]
         assert info["input_shape"] == [8, 8, 1] and info["num_classes"] == 10
         assert len(info["mean"]) == len(info["std"]) == 1 and info["std"][0] > 0
