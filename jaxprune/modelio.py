@@ -34,6 +34,7 @@ from jaxprune import files as files_lib
 from jaxprune import models as models_lib
 from jaxprune import report as report_lib
 from jaxprune import structure as structure_lib
+from jaxprune import text as text_lib
 from jaxprune import train as train_lib
 
 
@@ -75,14 +76,27 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
     ckpt_lib.save_json(path, {
         "method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
         "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-        "input": "uint8 pixels 0..255, NHWC; normalised as (x - mean) / std per channel",
-        "mean": np.asarray(ds.mean, np.float32).tolist(),
-        "std": np.asarray(ds.std, np.float32).tolist(),
+        **_input_info(ds, os.path.dirname(path)),
         "precision": str(config.train.precision), "masked": masks is not None,
         "row": row, "config": config.to_dict()})
 
 
 MODEL_INFO = "model.json"  # models/<method>/model.json: see save_model
+TOKENIZER = "tokenizer.json"  # beside model.json, for a model of text (`input.kind == "text"`)
+
+
+def _input_info(ds, directory: str) -> dict:
+    """model.json's record of what the model takes: images with their normalisation, or (a
+    token dataset) raw text, with the dataset's tokenizer written beside model.json."""
+    if ds.kind == "tokens":
+        text_lib.save(text_lib.from_json(ds.tokenizer), os.path.join(directory, TOKENIZER))
+        return {"input": {"kind": "text", "tokenizer": TOKENIZER,
+                          "seq_len": int(ds.input_shape[0]), "pad_id": text_lib.PAD_ID,
+                          "note": "a list of str; each becomes [CLS] + its word ids, truncated "
+                                  "to seq_len ids and padded with pad_id"}}
+    return {"input": "uint8 pixels 0..255, NHWC; normalised as (x - mean) / std per channel",
+            "mean": np.asarray(ds.mean, np.float32).tolist(),
+            "std": np.asarray(ds.std, np.float32).tolist()}
 
 
 def _spec_json(spec) -> dict:
@@ -150,7 +164,9 @@ def restore_model(workdir: str, method: str = "unpruned"):
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-    """A saved model ready to run: `predictor(images_uint8) -> logits` (float32 [N, classes]).
+    """A saved model ready to run: `predictor(images_uint8) -> logits` (float32 [N, classes]),
+    or, for a model of text, `predictor(list_of_str) -> logits` (tokenized by the tokenizer
+    saved beside the model; one str gives one row of logits).
 
     Needs no dataset or config: the normalisation, input shape and precision come from
     `models/<method>/model.json` (`info`, which also holds the spec, the config and the
@@ -161,6 +177,7 @@ class Predictor:
     batch_stats: Any
     info: dict
     batch_size: int = 256
+    tokenizer: Any = None  # a model of text: its tokenizer (`jaxprune.text`), from model.json
 
     @property
     def input_shape(self) -> tuple:
@@ -169,8 +186,8 @@ class Predictor:
     def apply(self, params, batch_stats, images) -> jax.Array:
         """uint8 (or float pixel-valued) NHWC images → float32 logits, as the evaluation does."""
         forward = train_lib.mixed_apply(self.model.apply, str(self.info.get("precision", "fp32")))
-        x = data_lib.normalize(images, np.asarray(self.info["mean"], np.float32),
-                               np.asarray(self.info["std"], np.float32))
+        x = data_lib.normalize(images, *data_lib.pixel_stats(self.info.get("mean"),
+                                                             self.info.get("std")))
         return forward(params, batch_stats, x, train=False)[0]
 
     @functools.cached_property
@@ -178,6 +195,10 @@ class Predictor:
         return jax.jit(self.apply)
 
     def __call__(self, images) -> np.ndarray:
+        if self.tokenizer is not None:
+            if isinstance(images, str):  # one sentence
+                return self([images])[0]
+            images = text_lib.encode(self.tokenizer, images, int(self.input_shape[0]))
         images = np.asarray(images)
         if images.shape == self.input_shape:  # one image
             return self(images[None])[0]
@@ -208,8 +229,19 @@ def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256
             f"The saved model {method!r} has no readable {path} (saved by an older version, or "
             "damaged); run the pipeline on this workdir again to write it (finished phases are "
             "restored, not redone).") from e
+    entry = info.get("input")
+    tokenizer = None
+    if isinstance(entry, dict) and entry.get("kind") == "text":
+        tokenizer_path = os.path.join(os.path.dirname(path), entry["tokenizer"])
+        try:
+            tokenizer = text_lib.load(tokenizer_path)
+        except (OSError, ValueError) as e:
+            raise errors.NotFoundError(
+                f"The saved model {method!r} of text has no readable tokenizer ({e}); run the "
+                "pipeline on this workdir again to write it (finished phases are restored, not "
+                "redone).") from e
     return Predictor(model=model, params=params, batch_stats=batch_stats, info=info,
-                     batch_size=int(batch_size))
+                     batch_size=int(batch_size), tokenizer=tokenizer)
 
 
 def attach_rows(workdir: str, rows) -> None:

@@ -139,10 +139,11 @@ def test_predictor_on_raw_text_gives_the_evaluated_logits(smoke_workdir):
     assert odd.shape == (3, 2) and np.isfinite(odd).all()
     np.testing.assert_allclose(predict(["funny " * 100]), predict(["funny " * 15]), atol=1e-5)
     assert predict([]).shape == (0, 2)
+    np.testing.assert_array_equal(predict(sentences[0]), logits[0])  # one str: one row
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("one sentence", "list of strings"),
+    (b"bytes", "list of strings"),
     ([b"bytes"], "not a str"),
     (np.zeros((2, 16), np.uint8), "not a str|list of strings"),
     ([1, 2], "not a str"),
