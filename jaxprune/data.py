@@ -39,9 +39,6 @@ TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist")
 TEXT_DATASETS = {"sst2": ("glue/sst2", "validation")}
 DATASETS = TFDS_DATASETS + ("digits",) + tuple(TEXT_DATASETS)
 NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "digits": 10, "sst2": 2}
-# What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the device) or
-# 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they are).
-KINDS = ("image", "tokens")
 TEXT_DEFAULTS = {"seq_len": 64, "vocab_size": 16384}  # data.seq_len / data.vocab_size
 
 # The validation split (and any train/test subset) comes from this fixed seed, not from
@@ -77,6 +74,8 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
     mean: Optional[np.ndarray]
     std: Optional[np.ndarray]
+    # What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the device)
+    # or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they are).
     kind: str = "image"
     tokenizer: Optional[str] = None  # kind 'tokens': the tokenizer's JSON
 
@@ -118,9 +117,12 @@ def _import_tfds(name: str):
     return tfds
 
 
-def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, **kwargs):
+def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, *,
+               splits=("train", "test"), **kwargs):
+    """`tfds.load` of the builder `name` ('cifar10', 'glue/sst2'), or a DataNotFoundError that
+    says how to prepare it."""
     try:
-        return tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download,
+        return tfds.load(name, split=list(splits), data_dir=data_dir, download=download,
                          **kwargs)
     except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
         where = os.path.abspath(data_dir) if data_dir else \
@@ -151,17 +153,7 @@ def _load_tfds_text(name: str, data_dir: Optional[str], download: bool = False):
     str, in TFDS's order."""
     tfds = _import_tfds(name)
     builder, test_split = TEXT_DATASETS[name]
-    try:
-        splits = tfds.load(builder, split=["train", test_split], data_dir=data_dir,
-                           download=download)
-    except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
-        where = os.path.abspath(data_dir) if data_dir else \
-            f"{tfds.core.constants.DATA_DIR} (TFDS's default; TFDS_DATA_DIR is not set)"
-        raise DataNotFoundError(
-            f"Dataset {builder!r} was not found in {where} (data.download={download}). Point "
-            f"TFDS_DATA_DIR=... or --config.data.data_dir=... at the folder that holds "
-            f"{builder}/, or pass --config.data.download=True where there is network "
-            f"(TFDS error: {e})") from e
+    splits = _tfds_load(tfds, builder, data_dir, download, splits=("train", test_split))
     out = []
     for ds in splits:
         sentences, labels = [], []

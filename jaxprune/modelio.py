@@ -217,29 +217,28 @@ class Predictor:
                                                         np.float32)
 
 
-def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256) -> Predictor:
-    """The saved model of `method` as a `Predictor`: `load_predictor(workdir, 'evolution')(images)`
-    gives the logits the evaluation computes, from uint8 images alone."""
-    model, params, batch_stats = restore_model(workdir, method)
-    path = os.path.join(workdir, "models", method, MODEL_INFO)
+def _read_saved(method: str, path: str, read: Callable):
+    """`read(path)` of a file saved beside a model, or a NotFoundError saying how to rewrite it."""
     try:
-        info = ckpt_lib.load_json(path)
+        return read(path)
     except (OSError, ValueError) as e:
         raise errors.NotFoundError(
             f"The saved model {method!r} has no readable {path} (saved by an older version, or "
             "damaged); run the pipeline on this workdir again to write it (finished phases are "
             "restored, not redone).") from e
+
+
+def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256) -> Predictor:
+    """The saved model of `method` as a `Predictor`: `load_predictor(workdir, 'evolution')(images)`
+    gives the logits the evaluation computes, from uint8 images alone."""
+    model, params, batch_stats = restore_model(workdir, method)
+    path = os.path.join(workdir, "models", method, MODEL_INFO)
+    info = _read_saved(method, path, ckpt_lib.load_json)
     entry = info.get("input")
     tokenizer = None
     if isinstance(entry, dict) and entry.get("kind") == "text":
-        tokenizer_path = os.path.join(os.path.dirname(path), entry["tokenizer"])
-        try:
-            tokenizer = text_lib.load(tokenizer_path)
-        except (OSError, ValueError) as e:
-            raise errors.NotFoundError(
-                f"The saved model {method!r} of text has no readable tokenizer ({e}); run the "
-                "pipeline on this workdir again to write it (finished phases are restored, not "
-                "redone).") from e
+        tokenizer = _read_saved(method, os.path.join(os.path.dirname(path), entry["tokenizer"]),
+                                text_lib.load)
     return Predictor(model=model, params=params, batch_stats=batch_stats, info=info,
                      batch_size=int(batch_size), tokenizer=tokenizer)
 
