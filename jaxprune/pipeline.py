@@ -50,6 +50,7 @@ class Context:
     writer: report_lib.MetricWriter
     keys: dict
     progress: bool = True  # False: quiet (no log lines, no table)
+    continue_older: bool = False  # checkpoints of another version: see check_workdir
     bars: Optional[bool] = None  # progress bars; None: only on a terminal
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
@@ -114,16 +115,22 @@ class Context:
         fingerprint = {**self.fingerprint, **config_checks.phase_settings(self.config, phase),
                        **(extra or {})}
         return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints", phase),
-                                     max_to_keep=2, fingerprint=fingerprint, fallback=True)
+                                     max_to_keep=2, fingerprint=fingerprint, fallback=True,
+                                     before=config_checks.NEUTRAL,
+                                     continue_older=self.continue_older)
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup
 
 
-def write_run_info(config, workdir: str) -> None:
+def write_run_info(config, workdir: str, continued: Optional[dict] = None,
+                   continue_older: bool = False) -> None:
     """Writes the resolved config and the package versions into the workdir: `run_info.json`
     holds the latest start and, under `starts`, every start; `config.txt` the latest config.
+    `continued`: {phase: {key: value}} of settings that the phase's checkpoints (made by
+    another version) did not record and that this start took at these values;
+    `continue_older`: this start continues such checkpoints (so will the next ones).
     Called only once the config and the workdir's checkpoints have passed their checks."""
     import importlib.metadata as md
     import socket
@@ -141,6 +148,10 @@ def write_run_info(config, workdir: str) -> None:
             "devices": [str(d) for d in devices], "platform": devices[0].platform,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
             "host": socket.gethostname(), "argv": list(sys.argv)}
+    if continued:
+        info["continued_older"] = continued
+    if continue_older:
+        info["continue_older"] = True
     path = os.path.join(workdir, "run_info.json")
     try:
         old = ckpt_lib.load_json(path)
@@ -171,13 +182,30 @@ def _prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def check_workdir(config, workdir: str) -> None:
+def _continued_before(workdir: str) -> bool:
+    """Whether an earlier start on `workdir` continued checkpoints of another version."""
+    try:
+        info = ckpt_lib.load_json(os.path.join(workdir, "run_info.json"))
+    except (OSError, ValueError):
+        return False
+    starts = info.get("starts") if isinstance(info, dict) else None
+    return any(isinstance(s, dict) and (s.get("continued_older") or s.get("continue_older"))
+               for s in starts or [])
+
+
+def check_workdir(config, workdir: str, continue_older: bool = False) -> dict:
     """Refuses, before anything is written, a workdir whose checkpoints were made with other
     settings (by the first config key that differs), or whose fingerprint is missing. Only the
-    phases of this config's methods count: dropping a method from the list is not a change."""
+    phases of this config's methods count: dropping a method from the list is not a change.
+
+    Checkpoints of another version of jaxprune, which did not record a key this one has: a key
+    of `config_checks.NEUTRAL` matches at its neutral value (what versions before it did); any
+    other is refused with the flag that continues them (`continue_older`: at the current
+    values). Returns {phase: {key: value}} of the keys matched so (for run_info.json)."""
     root = os.path.join(workdir, "checkpoints")
+    continued = {}
     if not os.path.isdir(root):
-        return
+        return continued
     methods = set(config_checks.methods(config.prune.methods)) | set(
         config_checks.methods(config.search.methods))
     for name in sorted(os.listdir(root)):
@@ -186,9 +214,14 @@ def check_workdir(config, workdir: str) -> None:
         kind, _, rest = name.partition("_")
         if name != "dense" and rest.split("_")[0] not in methods:
             continue
+        assumed = {}
         ckpt_lib.check_fingerprint(os.path.join(root, name),
                                    config_checks.phase_settings(config, name),
-                                   keys=config_checks.is_setting)
+                                   keys=config_checks.is_setting, before=config_checks.NEUTRAL,
+                                   continue_older=continue_older, assumed=assumed)
+        if assumed:
+            continued[name] = assumed
+    return continued
 
 
 def _load_data(data_config):
@@ -222,11 +255,15 @@ def _unreadable_data(data_config, e) -> str:
             f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or truncated: {fix}.")
 
 
-def make_context(config, workdir: str, progress: bool = True) -> Context:
+def make_context(config, workdir: str, progress: bool = True,
+                 continue_older: bool = False) -> Context:
     config_checks.validate_config(config)
     workdir = _prepare_workdir(workdir)
     try:
-        check_workdir(config, workdir)
+        # Continued once (--continue_older), a workdir stays so: rerunning the same command
+        # resumes it.
+        continue_older = bool(continue_older) or _continued_before(workdir)
+        continued = check_workdir(config, workdir, continue_older)
         train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
         dataset = _load_data(config.data)
         root = jax.random.key(int(config.seed))
@@ -236,13 +273,13 @@ def make_context(config, workdir: str, progress: bool = True) -> Context:
                                      input_shape=tuple(dataset.input_shape), key=keys["init"],
                                      widths=_data_widths(config, dataset))
         _check_model_fits(config, model)
-        write_run_info(config, workdir)  # only once every check has passed
+        write_run_info(config, workdir, continued, continue_older)  # once every check passed
     except BaseException:
         ckpt_lib.unlock_workdir(workdir)  # a notebook kernel lives on
         raise
     writer = report_lib.MetricWriter(workdir)
     return Context(config=config, workdir=workdir, dataset=dataset, model=model, writer=writer,
-                   keys=keys, progress=progress)
+                   keys=keys, progress=progress, continue_older=bool(continue_older))
 
 
 def _data_widths(config, dataset) -> Optional[dict]:
@@ -737,13 +774,16 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
 # The whole run
 
 
-def run(config, workdir: str, progress: bool = True, bars: Optional[bool] = None) -> list:
+def run(config, workdir: str, progress: bool = True, bars: Optional[bool] = None,
+        continue_older: bool = False) -> list:
     """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows.
 
     progress: False prints nothing (no per-epoch lines, no table; errors still raise).
     bars: progress bars on (True) or off (False); None: only when stderr is a terminal, so a
-      redirected log gets plain lines. (Training bars follow `train.fit`: terminal only.)"""
-    ctx = make_context(config, workdir, progress=progress)
+      redirected log gets plain lines. (Training bars follow `train.fit`: terminal only.)
+    continue_older: continue checkpoints made by another version of jaxprune that did not
+      record every setting this one has, at the current values (see `check_workdir`)."""
+    ctx = make_context(config, workdir, progress=progress, continue_older=continue_older)
     ctx.bars = bars
     try:
         return _run_phases(ctx, config, workdir)
