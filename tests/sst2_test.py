@@ -10,6 +10,7 @@ import pytest
 
 from jaxprune import data
 from jaxprune import errors
+from jaxprune import modelio
 from jaxprune import pipeline
 from jaxprune import text
 
@@ -121,7 +122,25 @@ def test_smoke_run_reports_the_unpruned_transformer(smoke_workdir):
     assert [r["method"] for r in rows] == ["unpruned"]
     row = rows[0]
     assert 0.0 <= row["accuracy"] <= 1.0 and row["macs"] > 0 and row["params"] > 0
-    assert os.path.isfile(os.path.join(workdir, "models", "unpruned", "tokenizer.json"))
+    saved = os.path.join(workdir, "models", "unpruned")
+    assert os.path.isfile(os.path.join(saved, "tokenizer.json"))
+    info = modelio.read_model_info(workdir, "unpruned")
+    assert info["input"]["kind"] == "text" and info["input"]["seq_len"] == 16
+    assert "mean" not in info and "std" not in info
+
+
+def test_damaged_tokenizer_is_named(smoke_workdir, tmp_path):
+    import shutil
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(smoke_workdir[0], workdir)
+    path = os.path.join(workdir, "models", "unpruned", "tokenizer.json")
+    with open(path, "a") as f:
+        f.write(" ")
+    with pytest.raises(errors.ModelFileError, match="tokenizer.json fails its sha256"):
+        pipeline.load_predictor(workdir, "unpruned")
+    os.remove(path)
+    with pytest.raises(errors.ModelFileError, match="tokenizer.json is missing"):
+        pipeline.load_predictor(workdir, "unpruned")
 
 
 def test_predictor_on_raw_text_gives_the_evaluated_logits(smoke_workdir):
@@ -145,13 +164,16 @@ def test_predictor_on_raw_text_gives_the_evaluated_logits(smoke_workdir):
 @pytest.mark.parametrize("bad, match", [
     (b"bytes", "list of strings"),
     ([b"bytes"], "not a str"),
-    (np.zeros((2, 16), np.uint8), "not a str|list of strings"),
+    (np.zeros((2, 16), np.int32), "token ids or images"),
+    (np.array(["ok", 3], dtype=object), "item 1 is a int"),
     ([1, 2], "not a str"),
 ])
 def test_predictor_refuses_non_text(smoke_workdir, bad, match):
     predict = pipeline.load_predictor(smoke_workdir[0], "unpruned")
-    with pytest.raises((TypeError, ValueError), match=match):
+    with pytest.raises(errors.InputError, match=match):
         predict(bad)
+    with pytest.raises(errors.InputError, match="value_range"):
+        predict(["fine"], value_range=(0, 255))
 
 
 @pytest.mark.slow
