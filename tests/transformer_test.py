@@ -114,3 +114,34 @@ def test_bad_shapes_are_refused(kwargs, match):
 def test_image_model_refuses_token_shape():
     with pytest.raises(ValueError, match=r"\(H, W, C\)"):
         models.get_model("lenet5", num_classes=2, input_shape=(16,), key=jax.random.key(0))
+
+
+def _discovered(model):
+    from jaxprune import discover
+    apply_fn = lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0]  # noqa: E731
+    variables = {"params": model.params, "batch_stats": model.batch_stats}
+    x = _tokens([[2, 5, 6, 7], [2]], 12)
+    return apply_fn, variables, x, discover.discover_groups(apply_fn, variables, x)
+
+
+def test_discovery_finds_the_ffn_neurons_and_compacts_them():
+    from jaxprune import discover, surgery
+    apply_fn, variables, x, found = _discovered(_model())
+    ffn = {g.name: g for g in found.groups if g.size == WIDTHS["ffn"]}
+    assert sorted(ffn) == ["params/block0/ffn1", "params/block1/ffn1"]
+    assert "embedding lookup" in found.unprunable["params/embed/embedding"]
+    keep = {name: np.arange(g.size) % 3 != 0 for name, g in ffn.items()}
+    masked = discover.mask_activations(apply_fn)(
+        variables, x, {k: v.astype(np.float32) for k, v in keep.items()})
+    small_fn, small_vars = surgery.compact(apply_fn, variables, found, keep)
+    np.testing.assert_allclose(small_fn(small_vars, x), masked, atol=2e-5)
+    assert np.abs(apply_fn(variables, x) - masked).max() > 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason="discovery does not yet follow the padding mask "
+                   "(nnx attention's select_n with a mask computed from the input), so the "
+                   "heads are reported unprunable; remove this marker when it does")
+def test_discovery_finds_the_heads_despite_the_padding_mask():
+    _, _, _, found = _discovered(_model())
+    heads = [g for g in found.groups if g.size == WIDTHS["heads"]]
+    assert len(heads) == WIDTHS["layers"], found.unprunable
