@@ -18,7 +18,7 @@ sentences are truncated (at 64, none of SST-2's: the longest validation sentence
 and punctuation marks, the longest train phrase 57).
 
 Model: `transformer` (jaxprune/models/transformer.py): token + position embeddings, 2 pre-LN
-blocks of 4-head self-attention (d_model 64) and a 128-unit ReLU FFN, dropout 0.2, mean over
+blocks of 4-head self-attention (d_model 64) and a 128-unit ReLU FFN, dropout 0.1, mean over
 the non-pad tokens, classifier. Dense MACs at seq_len 64 are reported in the results row.
 
 Pruning: none yet (`prune.methods` and `search.methods` empty in every variant). The zoo declares
@@ -86,7 +86,7 @@ def get_config(arg=None):
     config.train.l1_target = "weights"
     config.train.checkpoint_every = 500
     config.train.precision = "fp32"
-    config.train.label_smoothing = 0.1
+    config.train.label_smoothing = 0.0
     config.train.compile_cache_dir = config_dict.placeholder(str)
 
     config.prune = ml_collections.ConfigDict()

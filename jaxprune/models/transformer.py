@@ -24,7 +24,7 @@ from jaxprune import text
 
 # Architecture defaults (overridable as `widths`; `vocab` comes from the dataset's tokenizer).
 DEFAULTS = {"vocab": 16384, "embed": 64, "heads": 4, "ffn": 128, "layers": 2}
-DROPOUT = 0.2
+DROPOUT = 0.1
 
 
 def _dropout(key, x, rate: float):
