@@ -2,7 +2,7 @@
 
     small_fn, small_vars = compact(apply_fn, variables, discovery, keep)
     small_fn(small_vars, x)  ==  mask_activations(apply_fn)(variables, x, keep as masks)
-    save(directory, small_fn, small_vars, x);  small_fn, small_vars = load(directory)
+    modelio.save_compact(directory, small_fn, small_vars, x)   # jaxprune.save_compact
 
 Every member of a group (`discover.Member`) is sliced on its axis: producers' output axes,
 per-channel leaves, consumers' input axes (with the offsets of concatenations and the
@@ -15,19 +15,12 @@ plain functions often would, but nothing relies on it). Limits: the groups must 
 the same `apply_fn` and variable shapes; the program is re-traced per input shape (cached);
 gradients through inlined `custom_jvp` / `custom_vjp` calls use the primal's rules.
 
-`save` writes the compact params and the compact program (`jax.export`, serialized with a
-symbolic batch size, so it needs neither `apply_fn` nor this package to run) beside them:
-
-    directory/variables.npz   the leaves, in tree-flatten order
-    directory/program.bin     `jax.export.Exported.serialize()` of the compact function
-    directory/meta.json       the kept channels per group, input shape, jax version
+Saving the compact program and variables (`jax.export`) is `modelio.save_compact`.
 
 This module never imports Flax.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -85,6 +78,22 @@ def slice_variables(variables, groups, keep):
     return jax.tree.unflatten(treedef, new)
 
 
+def _scaled(index, old, new):
+    """A slice bound on an axis whose channels were cut in proportion (equal parts)."""
+    return tuple(i * n // o for i, o, n in zip(index, old, new))
+
+
+# {slicing primitive: fn(params, old input shape, new input shape, new output shapes) ->
+# the params that name shapes}: the slices discovery follows take equal parts of an axis.
+_SLICES = {
+    "slice": lambda p, old, new, outs: dict(
+        start_indices=_scaled(p["start_indices"], old, new),
+        limit_indices=_scaled(p["limit_indices"], old, new)),
+    "dynamic_slice": lambda p, old, new, outs: dict(slice_sizes=outs[0]),
+    "split": lambda p, old, new, outs: dict(sizes=tuple(o[p["axis"]] for o in outs)),
+}
+
+
 def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
     """{eqn index: params} with new shapes, and {eqn index: fn} for depthwise convs."""
     prog, info = an.program, an.info
@@ -95,7 +104,7 @@ def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
         if x.data:
             lab = x.label
             if lab is not None:
-                gone = sum(removed.get(an.uf.find(g), 0) for g, _, _ in lab.segs)
+                gone = sum(an.removed(g, removed) for g, _, _ in lab.segs)
                 shape[lab.axis] = lab.outer * (lab.period - gone) * lab.inner
         else:
             for k, amap in x.srcs:
@@ -111,6 +120,13 @@ def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
                 shape = new_shape(eqn.outs[0])
                 if shape != tuple(prog.avals[eqn.outs[0]].shape):
                     overrides[e_idx] = {**eqn.params, key: shape}
+        if eqn.prim.name in _SLICES and not isinstance(eqn.ins[0], dlib._Lit):
+            old_in, new_in = tuple(prog.avals[eqn.ins[0]].shape), new_shape(eqn.ins[0])
+            outs = [new_shape(o) for o in eqn.outs]
+            if new_in != old_in or any(o != tuple(prog.avals[v].shape)
+                                       for o, v in zip(outs, eqn.outs)):
+                overrides[e_idx] = {**eqn.params,
+                                    **_SLICES[eqn.prim.name](eqn.params, old_in, new_in, outs)}
         if e_idx in an.depthwise:
             feature = eqn.params["dimension_numbers"].lhs_spec[1]
             dynamic[e_idx] = lambda ins, p, f=feature: {**p, "feature_group_count":
@@ -172,41 +188,13 @@ def compact(apply_fn: Callable, variables, groups, keep) -> Tuple[Callable, Any]
     return compact_apply_fn, small
 
 
-def save(directory: str, compact_apply_fn: Callable, compact_variables, example_input, *,
-         batch_polymorphic: bool = True) -> None:
-    """Writes the compact variables and the exported compact program into `directory`.
-
-    The program is exported with `jax.export` for the input shape of `example_input` (a
-    single array, batch axis first); with `batch_polymorphic` the batch size is symbolic.
-    """
-    os.makedirs(directory, exist_ok=True)
-    shape = tuple(np.shape(example_input))
-    dtype = jnp.result_type(example_input)
-    if batch_polymorphic:
-        dims = ", ".join(["b"] + [str(d) for d in shape[1:]])
-        x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), dtype)
-    else:
-        x_spec = jax.ShapeDtypeStruct(shape, dtype)
-    exported = jax.export.export(jax.jit(compact_apply_fn))(dlib._abstract(compact_variables),
-                                                            x_spec)
-    with open(os.path.join(directory, "program.bin"), "wb") as f:
-        f.write(exported.serialize())
-    leaves = [np.asarray(x) for x in jax.tree.leaves(compact_variables)]
-    np.savez(os.path.join(directory, "variables.npz"),
-             **{f"leaf{i:05d}": x for i, x in enumerate(leaves)})
-    meta = dict(widths=getattr(compact_apply_fn, "widths", None), input_shape=list(shape[1:]),
-                batch_polymorphic=batch_polymorphic, jax_version=jax.__version__)
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+def save(*args, **kwargs):
+    """Moved to `modelio.save_compact` (`jaxprune.save_compact`); kept for older scripts."""
+    from jaxprune import modelio
+    return modelio.save_compact(*args, **kwargs)
 
 
-def load(directory: str) -> Tuple[Callable, Any]:
-    """`(apply_fn, variables)` of a model written by `save`; `apply_fn(variables, x)`."""
-    with open(os.path.join(directory, "program.bin"), "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    with np.load(os.path.join(directory, "variables.npz")) as z:
-        leaves = [jnp.asarray(z[k]) for k in sorted(z.files)]
-    args_tree = exported.in_tree.children()[0]           # ((variables, x), {}) -> (variables, x)
-    var_tree = args_tree.children()[0]
-    variables = jax.tree.unflatten(var_tree, leaves)
-    return exported.call, variables
+def load(*args, **kwargs):
+    """Moved to `modelio.load_compact` (`jaxprune.load_compact`); kept for older scripts."""
+    from jaxprune import modelio
+    return modelio.load_compact(*args, **kwargs)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import discover, masks, models, structure, surgery
+from jaxprune import discover, masks, modelio, models, structure, surgery
 
 
 def _zoo(name, input_shape, widths=None, abstract=False):
@@ -118,8 +118,9 @@ def test_hookless_masks_vmap_over_candidates():
         masked_fn(variables, x, {"nope": jnp.ones((3,))})
 
 
-@pytest.mark.parametrize("name, input_shape", [("lenet5", (8, 8, 1)), ("vgg16", (8, 8, 3)),
-                                               ("resnet20", (8, 8, 3)), ("mlp", (8, 8, 1))])
+@pytest.mark.parametrize("name, input_shape", [  # VGG-16 and ResNet-20: ~40 CPU s each
+    ("lenet5", (8, 8, 1)), pytest.param("vgg16", (8, 8, 3), marks=pytest.mark.slow),
+    pytest.param("resnet20", (8, 8, 3), marks=pytest.mark.slow), ("mlp", (8, 8, 1))])
 def test_zoo_compaction_matches_masked_model_and_structure_compact(name, input_shape):
     model, variables, apply_fn = _zoo(name, input_shape, _distinct_widths(name, input_shape))
     x = jax.random.normal(jax.random.key(1), (4,) + input_shape)
@@ -370,8 +371,8 @@ def test_save_and_load_compact_model(tmp_path):
     found = discover.discover_groups(apply_fn, variables, x)
     keep = _random_keep(found.groups, seed=2)
     small_fn, small = surgery.compact(apply_fn, variables, found, keep)
-    surgery.save(str(tmp_path), small_fn, small, x)
-    loaded_fn, loaded = surgery.load(str(tmp_path))
+    modelio.save_compact(str(tmp_path), small_fn, small, x)
+    loaded_fn, loaded = modelio.load_compact(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, loaded, small)
     x3 = jnp.concatenate([x, x[:1]])  # the exported batch size is symbolic
     np.testing.assert_allclose(loaded_fn(loaded, x3), small_fn(small, x3), atol=1e-6)
@@ -402,9 +403,10 @@ def _conv_model(middle):
 
 @pytest.mark.parametrize("middle, reason", [
     (lambda y, p, conv: conv(jax.nn.softmax(y, axis=-1), p["c2"]), "reduces over the channel"),
-    (lambda y, p, conv: conv(jnp.concatenate([y[..., :2], y[..., 2:]], -1), p["c2"]),
-     "acts on the channel axis"),
-    (lambda y, p, conv: conv(y, p["c2g"], groups=2)[..., :5], "grouped conv"),
+    (lambda y, p, conv: conv(jnp.concatenate([y[..., :3], y[..., 3:]], -1), p["c2"]),
+     "acts on the channel axis"),  # (equal parts are followed: discover_attention_test)
+    (lambda y, p, conv: conv(jnp.take(y, jnp.array([0, 2, 1, 3]), axis=-1), p["c2"]),
+     "which discovery does not follow"),  # a gather (grouped convs: discover_conv_test)
     (lambda y, p, conv: conv(y + jnp.arange(4.0)[None, None, None], p["c2"]), "constant that varies"),
 ])
 def test_unfollowed_ops_make_groups_unprunable(middle, reason):
