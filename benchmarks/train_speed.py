@@ -46,6 +46,12 @@ What did not help (not adopted):
   copies (per-op time of the transposes 2011 -> 546 ms/step, of all ops 4909 -> 3610 ms/step
   under load ~17), but end to end 0.96x and 1.01x main's step (4-step blocks x 5 and x 9,
   load 15-18): the saved work is hidden by the load, or lost to the conditionals' copies.
+* One XLA thread (`XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
+  intra_op_parallelism_threads=1"`): 22.7 img/s, 1.93x PyTorch, against 23.1 img/s, 1.96x with
+  the default two threads (separate runs, 4-step blocks x 5, load 18-20 in both). With the
+  cores oversubscribed this much, a second thread buys nothing; whether two one-thread worker
+  processes beat one two-thread process must be measured on an idle machine (here each extra
+  process just takes a larger share of the other users' CPU).
 * From the issue: `--xla_cpu_use_onednn=true` and the YNN fusion flags (no gain), a
   patches + `dot_general` conv (4-9x slower), a weight gradient as nine shifted einsums
   (0.9-5x slower).
