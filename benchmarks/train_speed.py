@@ -40,9 +40,9 @@ runnable threads per core). Every number is from one run; ratios are interleaved
 What did not help (not adopted):
 * `lax.optimization_barrier` on the conv input or the cotangent, in a `custom_vjp` conv
   (forward or backward rule): XLA:CPU drops the barrier before fusion (no `opt-barrier` left in
-  the compiled HLO), the HLO is unchanged; 0.82x and 0.86x main's step (load 14, noise).
+  the compiled HLO), the HLO is unchanged, so its 0.82x and 0.86x of main's step (load 14) measure the noise.
 * Materialising each conv input through a `lax.cond` on a runtime predicate in the
-  `custom_vjp` forward rule (a conditional is a fusion boundary): the transposes become pure
+  `custom_vjp` forward rule (a timing prototype, /tmp only) (a conditional is a fusion boundary): the transposes become pure
   copies (per-op time of the transposes 2011 -> 546 ms/step, of all ops 4909 -> 3610 ms/step
   under load ~17), but end to end 0.96x and 1.01x main's step (4-step blocks x 5 and x 9,
   load 15-18): the saved work is hidden by the load, or lost to the conditionals' copies.
