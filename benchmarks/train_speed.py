@@ -42,11 +42,11 @@ What did not help (not adopted):
   (forward or backward rule): XLA:CPU drops the barrier before fusion (no `opt-barrier` left in
   the compiled HLO), the HLO is unchanged, so its 0.82x and 0.86x of main's step (load 14) measure the noise.
 * Materialising each conv input through a `lax.cond` on a runtime predicate in the
-  `custom_vjp` forward rule (a timing prototype, /tmp only) (a conditional is a fusion boundary): the transposes become pure
-  copies (per-op time of the transposes 2011 -> 546 ms/step, of all ops 4909 -> 3610 ms/step
-  under load ~17), but end to end 0.96x, 1.01x and 0.98x main's step (4-step blocks x 5, x 9;
-  3-step blocks x 11;
-  load 15-18): the saved work is hidden by the load, or lost to the conditionals' copies.
+  `custom_vjp` forward rule (a conditional is a fusion boundary; a timing prototype, not kept):
+  the transposes become pure copies (per-op time of the transposes 2011 -> 546 ms/step, of all
+  ops 4909 -> 3610 ms/step under load ~17), but end to end 0.96x, 1.01x and 0.98x main's step
+  (4-step blocks x 5 and x 9, 3-step blocks x 11; load 13-18): the saved work is hidden by the
+  load, or lost to the conditionals' copies.
 * One XLA thread (`XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
   intra_op_parallelism_threads=1"`): 22.7 img/s, 1.93x PyTorch, against 23.1 img/s, 1.96x with
   the default two threads (separate runs, 4-step blocks x 5, load 18-20 in both). With the
