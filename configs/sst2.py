@@ -30,15 +30,17 @@ Variants:
   '' / gpu  The cpu recipe with more epochs on one accelerator (not run yet; no prediction
             beyond the cpu result).
   cpu       The unpruned model on a 2-core CPU: 3 epochs of batch 64, AdamW (weight decay 0.01)
-            at peak 1e-3 after half an epoch of warm-up, cosine. Measured in
-            experiments/2026-12-03_sst2_cpu (see its README for the wall time and accuracy).
+            at peak 1e-3 after half an epoch of warm-up, cosine. Measured
+            (experiments/2026-12-03_sst2_cpu): 82.45 % on GLUE validation after 24 min of
+            training on the shared CPU (the issue's goal, 83 %, not reached; dropout 0.2 with
+            label smoothing 0.1 gave 81.77 %).
   smoke     tests, seconds (64 training phrases, seq_len 16).
 
 Hardware: `cpu` a 2-core CPU (shared); `gpu` one accelerator.
 Wall time: `cpu` about 25 min on the shared 2-core CPU (3 epochs of 1,021 steps); `smoke`
 seconds; `gpu` not measured.
-Expected result: `cpu` about 82-83 % on GLUE validation (measured, see above; 872 sentences,
-so one run's standard error is about 1.3 points); `gpu` no prediction.
+Expected result: `cpu` 82.45 % on GLUE validation (measured, see above; 872 sentences, so one
+run's standard error is about 1.3 points); `gpu` no prediction.
 """
 import ml_collections
 from ml_collections import config_dict
