@@ -1,8 +1,8 @@
 """Test environment (set before JAX is imported anywhere), the two tiers, and xdist defaults.
 
 Tiers: `python -m pytest -q` runs the default tier; `-m slow` runs the slow tier alone (the tests
-marked `@pytest.mark.slow`: CLI runs in subprocesses, fault injection, notebooks, the GPU script,
-multi-process, real data) and `--runslow` runs both.
+marked `@pytest.mark.slow`: fault injection, a resumed CLI rerun, notebooks, the GPU script,
+multi-process, real data, the costliest model sizes) and `--runslow` runs both.
 """
 import fcntl
 import json

@@ -26,6 +26,7 @@ def test_redirected_log_has_plain_lines_and_no_bars(smoke_run):
     assert_table_shows(text, smoke_run.rows)  # the printed table is the saved one
 
 
+@pytest.mark.slow  # a cold CLI process that restores every phase: ~35 CPU s
 def test_rerun_resumes_redoes_nothing_and_quiet_prints_nothing(smoke_run, copy_run):
     """The same command again on a finished workdir (a copy of the shared run), with `--quiet`:
     every phase is restored (no checkpoint step added), the table is the same, nothing printed."""

@@ -173,8 +173,10 @@ def _run_on_dense(dense_workdir, tmp_path, methods="threshold", searches="", **s
 @pytest.mark.parametrize("prune", [
     dict(schedule="gradual"), dict(schedule="imp", imp_rounds=2),
     dict(schedule="gradual", granularity="unstructured", scope="global", target="params"),
-    dict(criterion="taylor"), dict(criterion="snip", granularity="unstructured"),
-    dict(criterion="random", sparsity=0.5)],
+    # the criteria through the pipeline (~12-15 CPU s each; criteria_test checks their scores)
+    pytest.param(dict(criterion="taylor"), marks=pytest.mark.slow),
+    pytest.param(dict(criterion="snip", granularity="unstructured"), marks=pytest.mark.slow),
+    pytest.param(dict(criterion="random", sparsity=0.5), marks=pytest.mark.slow)],
     ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
 def test_every_schedule_and_criterion_prunes_to_the_budget(dense_workdir, tmp_path, prune):
     _, (dense, row), workdir = _run_on_dense(dense_workdir, tmp_path, **prune)
