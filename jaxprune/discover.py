@@ -34,7 +34,7 @@ unprunable group. Each primitive family is one rule in `_RULES`.
 
 A group is marked unprunable, with the reason, when it feeds a model output (the logits);
 when it goes through a primitive discovery does not follow (reductions over the channel
-axis, slicing, gathers, grouped convs, scans, ...); or when it is combined with a value
+axis, slices into unequal parts, gathers, scans, ...); or when it is combined with a value
 whose channel axis discovery cannot slice (the model input, a constant that varies over
 channels). Those groups are reported, never dropped silently.
 
