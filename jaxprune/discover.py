@@ -140,8 +140,7 @@ class Discovery(NamedTuple):
         return self.groups + self.blocked
 
     def channel_groups(self, params_key: Optional[str] = "params",
-                       stats_key: Optional[str] = "batch_stats", *,
-                       skip: bool = False) -> Tuple[ChannelGroup, ...]:
+                       stats_key: Optional[str] = "batch_stats") -> Tuple[ChannelGroup, ...]:
         """The prunable groups as `structure.ChannelGroup`s (paths relative to the subtrees).
 
         With `params_key` set, variables are `{params_key: params, stats_key: stats}` and
@@ -152,12 +151,10 @@ class Discovery(NamedTuple):
           ValueError naming the group and member a ChannelGroup cannot express (a channel
           axis that is not the last axis of a producer / -2 of a consumer, a concatenation
           offset, a channel-major flatten). Use this module's masks and `surgery.compact`.
-          With `skip`, such groups are left out instead (`inexpressible` names them).
+          `inexpressible` names such groups; `params_groups` gives every group on params.
         """
         out = []
         for g in self.groups:
-            if skip and g.name in self.inexpressible(params_key, stats_key):
-                continue
             producers, consumers, stats = [], [], []
             for m in g.members:
                 path, under = m.path, None
