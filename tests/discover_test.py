@@ -118,8 +118,9 @@ def test_hookless_masks_vmap_over_candidates():
         masked_fn(variables, x, {"nope": jnp.ones((3,))})
 
 
-@pytest.mark.parametrize("name, input_shape", [("lenet5", (8, 8, 1)), ("vgg16", (8, 8, 3)),
-                                               ("resnet20", (8, 8, 3)), ("mlp", (8, 8, 1))])
+@pytest.mark.parametrize("name, input_shape", [  # VGG-16 and ResNet-20: ~40 CPU s each
+    ("lenet5", (8, 8, 1)), pytest.param("vgg16", (8, 8, 3), marks=pytest.mark.slow),
+    pytest.param("resnet20", (8, 8, 3), marks=pytest.mark.slow), ("mlp", (8, 8, 1))])
 def test_zoo_compaction_matches_masked_model_and_structure_compact(name, input_shape):
     model, variables, apply_fn = _zoo(name, input_shape, _distinct_widths(name, input_shape))
     x = jax.random.normal(jax.random.key(1), (4,) + input_shape)

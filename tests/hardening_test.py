@@ -208,3 +208,10 @@ def test_library_records_go_to_the_log_file_only(tmp_path):
     log = open(tmp_path / main.LOG_FILE).read()
     assert "save failed" in log and "RESOURCE_EXHAUSTED" in log and "Traceback" in log
     assert "Restoring step 2 failed" in log and "Event loop is closed" in log
+
+
+def test_load_config_says_get_config_returned_none(tmp_path):
+    path = tmp_path / "none.py"
+    path.write_text("def get_config(arg=None):\n    return None\n")
+    with pytest.raises(errors.ConfigError, match="get_config\\(\\) returned NoneType"):
+        pipeline.load_config(str(path))
