@@ -70,6 +70,8 @@ def test_short_keeps_the_start_and_the_cause_of_a_library_message():
     text = errors.short(ValueError(message))
     assert text.startswith("ValueError: DATA_LOSS: Error opening") and len(text) <= 300
     assert text.endswith("CRC-32C checksum verification failed") and "\n" not in text
+    indexed = errors.short(ValueError("DATA_LOSS: checksum failed [tensorstore_spec[1]='{}']"))
+    assert indexed == "ValueError: DATA_LOSS: checksum failed"
 
 
 # ----------------------------------------------------------------------------------------------
