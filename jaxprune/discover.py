@@ -34,7 +34,7 @@ unprunable group. Each primitive family is one rule in `_RULES`.
 
 A group is marked unprunable, with the reason, when it feeds a model output (the logits);
 when it goes through a primitive discovery does not follow (reductions over the channel
-axis, slicing, gathers, grouped convs, scans, ...); or when it is combined with a value
+axis, slices into unequal parts, gathers, scans, ...); or when it is combined with a value
 whose channel axis discovery cannot slice (the model input, a constant that varies over
 channels). Those groups are reported, never dropped silently.
 
@@ -140,8 +140,7 @@ class Discovery(NamedTuple):
         return self.groups + self.blocked
 
     def channel_groups(self, params_key: Optional[str] = "params",
-                       stats_key: Optional[str] = "batch_stats", *,
-                       skip: bool = False) -> Tuple[ChannelGroup, ...]:
+                       stats_key: Optional[str] = "batch_stats") -> Tuple[ChannelGroup, ...]:
         """The prunable groups as `structure.ChannelGroup`s (paths relative to the subtrees).
 
         With `params_key` set, variables are `{params_key: params, stats_key: stats}` and
@@ -152,12 +151,10 @@ class Discovery(NamedTuple):
           ValueError naming the group and member a ChannelGroup cannot express (a channel
           axis that is not the last axis of a producer / -2 of a consumer, a concatenation
           offset, a channel-major flatten). Use this module's masks and `surgery.compact`.
-          With `skip`, such groups are left out instead (`inexpressible` names them).
+          `inexpressible` names such groups; `params_groups` gives every group on params.
         """
         out = []
         for g in self.groups:
-            if skip and g.name in self.inexpressible(params_key, stats_key):
-                continue
             producers, consumers, stats = [], [], []
             for m in g.members:
                 path, under = m.path, None
@@ -470,6 +467,7 @@ class _State:
         self.sites: List[Site] = []
         self.depthwise = set()
         self.refined: Dict[int, Tuple[int, int, int]] = {}  # root -> (coarser gid, outer, inner)
+        self.made_by: Dict[int, int] = {}  # value id -> index of the equation that makes it
         n_vars = len(prog.var_paths)
         for k, i in enumerate(prog.invars):
             shape = self.avals[i].shape
@@ -554,6 +552,24 @@ class _State:
             segs.append((self.uf.find(old[0]), st_ // inner, n))
         return Label(axis, tuple(segs), lab.period // (outer * inner))
 
+    def tie(self, r, label: Label) -> None:
+        """Labels a value broadcast along the channel axis (a padding mask or a constant
+        combined with the attention scores) and the elementwise ops between it and its
+        broadcast, so that compaction gives the broadcast the new channel count."""
+        if isinstance(r, _Lit) or self.avals[r].shape[label.axis] == 1:
+            return
+        self.info[r] = self.info[r]._replace(label=label)
+        eqn = self.prog.eqns[self.made_by[r]] if r in self.made_by else None
+        if eqn is not None and eqn.prim.name == "broadcast_in_dim" \
+                and label.axis in eqn.params["broadcast_dimensions"]:
+            self.tie(eqn.ins[0],
+                     label.moved(list(eqn.params["broadcast_dimensions"]).index(label.axis)))
+        elif eqn is not None and (eqn.prim.name in _UNARY or eqn.prim.name in _NARY):
+            for x in eqn.ins:
+                if not isinstance(x, _Lit) and len(self.avals[x].shape) == len(
+                        self.avals[r].shape):
+                    self.tie(x, label)
+
     def nondata_generic(self, ins, out_shape) -> _Info:
         srcs = frozenset((k, (-1,) * len(out_shape)) for x in ins for k, _ in self.get(x).srcs)
         return _Info(False, None, srcs, tuple(d != 1 for d in out_shape))
@@ -601,8 +617,11 @@ def _rule_nary(st: _State, e: _Eq) -> List[_Info]:
         ref = labels[0]
         st.couple(ref, labels[1:])
         a = ref.axis
-        for x, s in zip(e.ins, e.in_shapes):
+        for r, x, s in zip(e.eqn.ins, e.ins, e.in_shapes):
             if x.label is not None or len(s) != rank or s[a] == 1:
+                continue
+            if x.vary and not x.vary[a]:  # broadcast along the channels
+                st.tie(r, ref)
                 continue
             if x.data:
                 st.poison(ref, f"{e.where} combines the channels with a value discovery "
@@ -615,8 +634,13 @@ def _rule_nary(st: _State, e: _Eq) -> List[_Info]:
             for k, leaf_axis in mapped:
                 st.join(ref, k, leaf_axis, "param")
         return [_Info(True, ref)]
-    if e.any_data:
-        return [_Info(True)]
+    if e.any_data:  # where the result varies (a padding mask broadcast over the heads)
+        vary = [False] * rank
+        for x, s in zip(e.ins, e.in_shapes):
+            if len(s) == rank:
+                xv = x.vary or tuple(d != 1 for d in s)
+                vary = [v or (xv[a] and s[a] == oshape[a] != 1) for a, v in enumerate(vary)]
+        return [_Info(True, None, frozenset(), tuple(vary))]
     srcs, vary = set(), [False] * rank
     for x, s in zip(e.ins, e.in_shapes):
         if len(s) != rank:
@@ -697,7 +721,9 @@ def _rule_broadcast(st: _State, e: _Eq) -> List[_Info]:
         if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
             st.poison(lab, f"{e.where} broadcasts the channel axis")
             lab = None
-        return [_Info(True, None if lab is None else lab.moved(bd[lab.axis]))]
+        keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
+        vary = tuple(a in keep and (not x.vary or x.vary[keep[a]]) for a in range(len(s_out)))
+        return [_Info(True, None if lab is None else lab.moved(bd[lab.axis]), frozenset(), vary)]
     keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
     srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1 for a in range(len(s_out))))
                      for k, m in x.srcs)
@@ -1134,6 +1160,7 @@ def _analyse(prog: Program) -> Analysis:
         out = _RULES.get(name, _rule_default)(st, e)
         for o, x in zip(eqn.outs, out):
             st.info[o] = x
+            st.made_by[o] = e_idx
     for r in prog.outvars:
         if not isinstance(r, _Lit):
             st.poison(st.info[r].label, "feeds a model output (the logits)")

@@ -17,8 +17,10 @@ it. Units are channel groups (`granularity='channel'`), prunable param leaves
 
 Channel groups come from `discover.discover_groups` when `groups` is not given: any model that
 `jax.make_jaxpr` can trace, no `channel_masks` argument needed (the batched evaluation masks the
-activations of the traced program, `discover.hookless_apply`). Pass the zoo's `groups` and its
-hooked apply to use the hand-written declarations instead.
+activations of the traced program, `discover.hookless_apply`). Attention heads, FFN neurons and
+grouped-conv groups, which a `structure.ChannelGroup` cannot express, are scored, masked and
+costed through their discovered members (a head group's keep ratio is the fraction of heads
+kept). Pass the zoo's `groups` and its hooked apply to use the hand-written declarations instead.
 
 `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)` is the functional
 convention of `models.FunctionalModel` (`batch_stats` may be `{}`); `functional(module)` makes it

@@ -101,7 +101,7 @@ def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
     def new_shape(vid):
         shape = list(prog.avals[vid].shape)
         x = info[vid]
-        if x.data:
+        if x.data or x.label is not None:
             lab = x.label
             if lab is not None:
                 gone = sum(an.removed(g, removed) for g, _, _ in lab.segs)
