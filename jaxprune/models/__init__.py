@@ -9,9 +9,13 @@ inside, which costs Python time at trace time only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from jaxprune import discover
 from jaxprune import structure
 from jaxprune.models.base import FunctionalModel, ModelSpec, resolve_widths
 from jaxprune.models.lenet import MLP, LeNet5
@@ -19,7 +23,7 @@ from jaxprune.models.resnet import ResNet18, ResNet20, ResNet56
 from jaxprune.models.vgg import VGG16
 
 __all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "compact_model",
-           "model_from_spec"]
+           "model_from_spec", "discovery", "channel_groups", "with_widths"]
 
 # name -> NNX module class with `default_widths(input_shape)`, `channel_groups()`, UNPRUNABLE
 # and `__call__(x, *, train, channel_masks=None)`.
@@ -138,3 +142,75 @@ def compact_model(model: FunctionalModel, keep) -> FunctionalModel:
                                                     model.groups, keep)
     spec = model.spec._replace(widths=tuple(widths.items()))
     return model_from_spec(spec, params, batch_stats)
+
+
+# Width of every argument in the probe build of `_width_names`: distinct, and far from any
+# other axis size of the zoo (input channels, classes), so a leaf's axis names its argument.
+_PROBE_WIDTH = 4099
+_DISCOVERED: dict = {}  # ModelSpec -> discover.Discovery named by width arguments
+
+
+def discovery(model: FunctionalModel) -> discover.Discovery:
+    """The model's channel groups as `discover.discover_groups` finds them in its program,
+    each named after the width argument that sets its size (`spec.widths`: 'conv2',
+    'stage1.block0.conv1', ...) and in their order. Traced once per `spec` (shapes only).
+
+    Raises:
+      ValueError when a prunable group is not set by exactly one width argument (a model whose
+      program couples two arguments could not be rebuilt at the kept widths).
+    """
+    spec = model.spec
+    if spec not in _DISCOVERED:
+        shapes = jax.eval_shape(lambda: {"params": model.params,
+                                         "batch_stats": model.batch_stats})
+        x = jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32)
+        found = discover.discover_groups(
+            lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0],
+            shapes, x)
+        names = _width_names(spec, found)
+        order = {name: i for i, (name, _) in enumerate(spec.widths)}
+        groups = sorted((dataclasses.replace(g, name=names[g.name]) for g in found.groups),
+                        key=lambda g: order[g.name])
+        _DISCOVERED[spec] = found._replace(groups=tuple(groups))
+    return _DISCOVERED[spec]
+
+
+def _width_names(spec: ModelSpec, found: discover.Discovery) -> dict:
+    """{discovered group name: width argument}: the argument whose size a group's producers
+    take in a probe build where every argument has its own width."""
+    names = [name for name, _ in spec.widths]
+    probe = _build(spec.name, spec.num_classes, spec.input_shape,
+                   {name: _PROBE_WIDTH + i for i, name in enumerate(names)}, jax.random.key(0),
+                   abstract=True)
+    shapes = dict(structure.leaves_with_paths(
+        {"params": probe.params, "batch_stats": probe.batch_stats})[0])
+    out = {}
+    for g in found.groups:
+        hit = {shapes[m.path].shape[m.axis] - _PROBE_WIDTH for m in g.members
+               if m.role != "consumer"}
+        if len(hit) != 1 or not 0 <= min(hit) < len(names):
+            raise ValueError(f"{spec.name}: channel group {g.name!r} is not sized by one width "
+                             f"argument ({sorted(names)}), so its kept widths cannot be built")
+        out[g.name] = names[hit.pop()]
+    if sorted(out.values()) != sorted(names):
+        raise ValueError(f"{spec.name}: width arguments {sorted(set(names) - set(out.values()))} "
+                         f"size no prunable channel group of the traced model")
+    return out
+
+
+def channel_groups(model: FunctionalModel) -> tuple:
+    """`discovery(model)` as `structure.ChannelGroup`s (param masks, scores, costs)."""
+    return discovery(model).channel_groups()
+
+
+def with_widths(model: FunctionalModel, widths: dict, params, batch_stats) -> FunctionalModel:
+    """The model rebuilt at other widths ({width argument: channels}; those not named keep
+    theirs) carrying `params` / `batch_stats` of those shapes, e.g. the variables that
+    `surgery.slice_variables` cut from it: a narrower Flax module to restore and fine-tune.
+
+    Raises:
+      ValueError naming an unknown width argument, or when the variables do not fit.
+    """
+    resolved = resolve_widths(model.spec.name, dict(model.spec.widths), widths)
+    return model_from_spec(model.spec._replace(widths=tuple(resolved.items())), params,
+                           batch_stats)
