@@ -136,8 +136,7 @@ def test_discovered_groups_are_the_published_layout(name, input_shape, spatial):
 
 
 def test_with_widths_rebuilds_the_narrower_module():
-    model = models.get_model("lenet5", num_classes=5, input_shape=(8, 8, 1),
-                             key=jax.random.key(0))
+    model = _abstract("lenet5", (8, 8, 1), None)
     small = _abstract("lenet5", (8, 8, 1), {"conv2": 5, "fc1": 7})
     params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), small.params)
     narrow = models.with_widths(model, {"conv2": 5, "fc1": 7}, params, {})

@@ -1,9 +1,13 @@
-"""Model zoo (Flax NNX, used functionally) and its channel-group declarations.
+"""Model zoo: plain Flax NNX modules, used functionally.
 
     model = get_model("resnet20", num_classes=10, input_shape=(32, 32, 3), key=key)
     logits, batch_stats = model.apply(model.params, model.batch_stats, x, train=True)
-    small = compact_model(model, keep)   # physically remove channels: {group: bool[size]}
+    discovery(model).groups        # channel groups found in its program, named by its widths
+    small = with_widths(model, {"stage1": 8}, params, batch_stats)   # a narrower module
 
+The modules hold no pruning code: their channel groups come from `discover.discover_groups`
+(`discovery` names each after the width argument that sizes it), and a compacted model is the
+same module built at the kept widths around the variables `surgery.slice_variables` cut.
 `apply` is pure; wrap it (or the step that calls it) in `jax.jit`. It merges the NNX graph
 inside, which costs Python time at trace time only.
 """
@@ -22,11 +26,11 @@ from jaxprune.models.lenet import MLP, LeNet5
 from jaxprune.models.resnet import ResNet18, ResNet20, ResNet56
 from jaxprune.models.vgg import VGG16
 
-__all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "compact_model",
-           "model_from_spec", "discovery", "channel_groups", "with_widths"]
+__all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "model_from_spec",
+           "discovery", "channel_groups", "with_widths"]
 
-# name -> NNX module class with `default_widths(input_shape)`, `channel_groups()`, UNPRUNABLE
-# and `__call__(x, *, train, channel_masks=None)`.
+# name -> NNX module class with `default_widths(input_shape)` (its width arguments), UNPRUNABLE
+# and `__call__(x, *, train)`.
 MODELS = {
     "lenet5": LeNet5,
     "mlp": MLP,
@@ -37,19 +41,14 @@ MODELS = {
 }
 
 
-def _make_apply(graphdef, input_shape: tuple, group_names: frozenset):
+def _make_apply(graphdef, input_shape: tuple):
     """The pure apply closure for one architecture (graphdef is static)."""
 
-    def apply(params, batch_stats, x, *, train: bool, channel_masks=None):
+    def apply(params, batch_stats, x, *, train: bool):
         if tuple(x.shape[1:]) != input_shape:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (batch, *{input_shape})")
-        if channel_masks is not None:
-            unknown = sorted(set(channel_masks) - group_names)
-            if unknown:
-                raise ValueError(f"channel_masks has unknown group(s) {unknown}; "
-                                 f"allowed: {sorted(group_names)}")
         module = nnx.merge(graphdef, nnx.State(params), nnx.State(batch_stats))
-        logits = module(x, train=train, channel_masks=channel_masks)
+        logits = module(x, train=train)
         if not train:
             return logits, batch_stats
         return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
@@ -85,11 +84,9 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
         module = _make(cls, num_classes, input_shape, widths_items, key)
     graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-    groups = tuple(module.channel_groups())
     spec = ModelSpec(name, num_classes, input_shape, widths_items)
-    apply = _make_apply(graphdef, input_shape, frozenset(g.name for g in groups))
-    return FunctionalModel(apply=apply, params=params, batch_stats=batch_stats, groups=groups,
-                           spec=spec, unprunable=tuple(cls.UNPRUNABLE))
+    return FunctionalModel(apply=_make_apply(graphdef, input_shape), params=params,
+                           batch_stats=batch_stats, spec=spec, unprunable=tuple(cls.UNPRUNABLE))
 
 
 def get_model(name: str, *, num_classes: int, input_shape, key, widths=None) -> FunctionalModel:
@@ -100,11 +97,11 @@ def get_model(name: str, *, num_classes: int, input_shape, key, widths=None) -> 
       num_classes: classifier outputs.
       input_shape: (H, W, C) of one example.
       key: PRNG key for the parameter initialisation.
-      widths: optional {group name: channels} overriding the default widths (used to build
-        compacted models); groups not named keep their default width.
+      widths: optional {width argument: channels} overriding the default widths (used to build
+        compacted models); arguments not named keep their default width.
 
     Raises:
-      ValueError for an unknown name (listing the known ones), unknown width groups or
+      ValueError for an unknown name (listing the known ones), unknown width arguments or
       non-positive widths (naming them), or a bad input_shape.
     """
     return _build(name, num_classes, input_shape, widths, key, abstract=False)
@@ -125,23 +122,6 @@ def model_from_spec(spec: ModelSpec, params, batch_stats) -> FunctionalModel:
         if want_shapes != got_shapes:
             raise ValueError(f"{spec.name}: {what} do not match the architecture of {spec}")
     return model._replace(params=params, batch_stats=batch_stats)
-
-
-def compact_model(model: FunctionalModel, keep) -> FunctionalModel:
-    """The physically smaller model that computes what `model` computes with channels masked.
-
-    Args:
-      model: a `FunctionalModel` (its params / batch_stats are the ones compacted).
-      keep: {group name: bool[size]} for every group of `model.groups` (concrete arrays).
-
-    Returns:
-      A `FunctionalModel` built with the kept widths (`spec.widths` updated) carrying the
-      sliced params and batch stats (see `structure.compact`).
-    """
-    params, batch_stats, widths = structure.compact(model.params, model.batch_stats,
-                                                    model.groups, keep)
-    spec = model.spec._replace(widths=tuple(widths.items()))
-    return model_from_spec(spec, params, batch_stats)
 
 
 # Width of every argument in the probe build of `_width_names`: distinct, and far from any
