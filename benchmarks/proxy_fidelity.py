@@ -87,13 +87,13 @@ def rank_correlations(proxy, truth, n_boot: int, seed: int) -> dict:
 
 def load_dense(args, config):
     """(context, params, batch_stats): the pipeline's context and the dense variables."""
-    from jaxprune import pipeline
+    from jaxprune import modelio, pipeline
 
     ctx = pipeline.make_context(config, args.workdir, progress=True)
     if args.dense is None:
         state, _ = pipeline.dense_phase(ctx)
         return ctx, state.params, state.batch_stats
-    params, batch_stats = pipeline.load_dense_params(args.dense, ctx.model)
+    params, batch_stats = modelio.load_dense_params(args.dense, ctx.model)
     return ctx, params, batch_stats
 
 

@@ -194,7 +194,7 @@ def run_study(args, config) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune import pipeline
+    from jaxprune import modelio, pipeline
     from jaxprune.search import controllers as controllers_lib
     from jaxprune.search import loop as loop_lib
 
@@ -209,7 +209,7 @@ def run_study(args, config) -> dict:
     ctx = pipeline.make_context(config, args.workdir, progress=progress)
     t0 = time.perf_counter()
     if args.dense_params:
-        params, batch_stats = pipeline.load_dense_params(args.dense_params, ctx.model)
+        params, batch_stats = modelio.load_dense_params(args.dense_params, ctx.model)
         dense_state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
         dense_row = pipeline.eval_fn(ctx, ctx.model.apply)(params, batch_stats, "test")
     else:

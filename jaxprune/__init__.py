@@ -9,17 +9,16 @@ _LAZY = {
     "Pruner": "pruner", "train_model": "pruner", "functional": "pruner", "linen_apply": "pruner",
     # channel groups and masks from the jaxpr, compaction, saving the compact model
     "discover_groups": "discover", "mask_activations": "discover", "Discovery": "discover",
-    "compact": "surgery", "save_compact": "surgery", "load_compact": "surgery",
-    # the driver's saved models
-    "restore_model": "pipeline", "load_predictor": "pipeline",
+    "compact": "surgery",
+    # model I/O: compact exports of any model, the driver's saved models and their predictors
+    "save_compact": "modelio", "load_compact": "modelio",
+    "restore_model": "modelio", "load_predictor": "modelio",
 }
-_RENAMED = {"save_compact": "save", "load_compact": "load"}
 __all__ = sorted(_LAZY)
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
-        return getattr(importlib.import_module(f"jaxprune.{_LAZY[name]}"),
-                       _RENAMED.get(name, name))
+        return getattr(importlib.import_module(f"jaxprune.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'jaxprune' has no attribute {name!r}")

@@ -114,12 +114,20 @@ def _step_folders(directory: str) -> list[int]:
     return sorted(int(n) for n in os.listdir(directory) if _STEP_DIR.match(n))
 
 
-def check_fingerprint(directory: str, fingerprint: dict, keys=None) -> bool:
+def check_fingerprint(directory: str, fingerprint: dict, keys=None, *,
+                      before: Optional[dict] = None, continue_older: bool = False,
+                      assumed: Optional[dict] = None) -> bool:
     """Compares `directory/fingerprint.json` with `fingerprint`; returns whether one is stored.
 
     `keys`: a predicate on field names; only those fields are compared (None: all). Raises
     `CheckpointMismatchError` naming every field that differs, or when the directory holds
     steps but no (readable) fingerprint, since then it is unknown which run wrote them.
+
+    Fields that one side lacks come from another version of jaxprune (a key added or removed
+    since). `before` ({field: value}) gives the value that versions before a field existed
+    behaved as: a stored fingerprint without it matches that value. Any other such field is
+    refused with the flag that continues anyway: with `continue_older`, they match at the
+    current values. `assumed` (a dict), when given, receives every field matched this way.
     """
     directory = os.path.abspath(os.fspath(directory))
     path = os.path.join(directory, FINGERPRINT_FILE)
@@ -135,23 +143,51 @@ def check_fingerprint(directory: str, fingerprint: dict, keys=None) -> bool:
         stored = load_json(path)
     except (OSError, ValueError) as e:
         raise CheckpointMismatchError(
-            f"{path} cannot be read ({e}), so it is unknown which run wrote the checkpoints in "
-            f"{directory}. Use another --workdir, or fix or delete that directory "
+            f"{path} cannot be read ({errors.short(e)}), so it is unknown which run wrote the "
+            f"checkpoints in {directory}. Use another --workdir, or fix or delete that directory "
             "yourself; nothing was deleted.") from e
     stored = stored if isinstance(stored, dict) else {"<fingerprint>": stored}
     new = _to_json(dict(fingerprint))
+    before = _to_json(dict(before or {}))
     names = sorted(k for k in set(stored) | set(new) if keys is None or keys(k))
-    diffs = []
+    diffs, unrecorded, older = [], [], {}
     for k in names:
         old_v, new_v = stored.get(k, _ABSENT), new.get(k, _ABSENT)
-        if old_v != new_v:
+        if old_v == new_v:
+            continue
+        if old_v is _ABSENT and k in before:
+            if new_v == before[k]:
+                older[k] = new_v
+            else:
+                diffs.append(f"`{k}` did not exist when they were made (as {k}={before[k]!r}), "
+                             f"now {_shown(new_v)}: add --config.{k}={before[k]!r} to continue "
+                             "them")
+        elif old_v is _ABSENT or new_v is _ABSENT:
+            if continue_older:
+                older[k] = None if new_v is _ABSENT else new_v
+            else:
+                state = f"now {_shown(new_v)}" if old_v is _ABSENT else \
+                    f"was {_shown(old_v)}, unknown now"
+                unrecorded.append(f"`{k}` ({state})")
+        else:
             diffs.append(f"`{k}` was {_shown(old_v)}, now {_shown(new_v)}")
     if len(diffs) > 8:
         diffs = diffs[:8] + [f"and {len(diffs) - 8} more"]
     if diffs:
         raise CheckpointMismatchError(
             f"Checkpoints in {directory} were made with other settings: " + "; ".join(diffs)
+            + (f"; another version recorded {', '.join(unrecorded[:4])} differently"
+               if unrecorded else "")
             + ". Use another --workdir, or restore the value(s); nothing was deleted.")
+    if unrecorded:
+        raise CheckpointMismatchError(
+            f"Checkpoints in {directory} were made by another version of jaxprune, which did "
+            f"not record the same settings: {', '.join(unrecorded[:6])}"
+            + (f" and {len(unrecorded) - 6} more" if len(unrecorded) > 6 else "")
+            + ". Rerun with --continue_older to continue them with the current values (noted "
+            "in run_info.json), or use another --workdir; nothing was deleted.")
+    if assumed is not None:
+        assumed.update(older)
     return True
 
 
@@ -240,11 +276,14 @@ class Checkpointer:
         `CheckpointMismatchError`. None skips the check (e.g. for read-only use).
       async_save: write in a background thread (the default); `wait()` blocks until done.
       fallback: the default of `restore(fallback=...)`.
+      before, continue_older: how fields that a stored fingerprint lacks (written by another
+        version) are matched; see `check_fingerprint`.
     """
 
     def __init__(self, directory: str, *, max_to_keep: Optional[int] = 2,
                  fingerprint: Optional[dict] = None, async_save: bool = True,
-                 fallback: bool = False):
+                 fallback: bool = False, before: Optional[dict] = None,
+                 continue_older: bool = False):
         if max_to_keep is not None and (isinstance(max_to_keep, bool) or int(max_to_keep) < 1):
             raise ValueError(f"max_to_keep={max_to_keep!r}: use a positive int or None (keep all).")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -255,6 +294,7 @@ class Checkpointer:
         self._bad_steps: set[int] = set()
         self._pending_aside: set[int] = set()
         self._fingerprint_written = False
+        self._older = {"before": before, "continue_older": bool(continue_older)}
         if self.fingerprint is not None:
             self._check_fingerprint()
         os.makedirs(self.directory, exist_ok=True)
@@ -277,7 +317,8 @@ class Checkpointer:
     # -- fingerprint ---------------------------------------------------------------------------
 
     def _check_fingerprint(self) -> None:
-        self._fingerprint_written = check_fingerprint(self.directory, self.fingerprint)
+        self._fingerprint_written = check_fingerprint(self.directory, self.fingerprint,
+                                                      **self._older)
 
     def _write_fingerprint(self) -> None:
         if self._fingerprint_written or self.fingerprint is None:
@@ -326,14 +367,21 @@ class Checkpointer:
         return None
 
     def _corrupt_error(self, step: int, problem: str) -> CorruptCheckpointError:
+        """The error for a damaged `step`; the steps it suggests are never known-damaged ones
+        (raise it again after trying others, so it names what they turned out to be)."""
+        failed = sorted(self._bad_steps - {step})
         others = [s for s in self.all_steps() if s != step and s not in self._bad_steps]
-        return CorruptCheckpointError(
+        error = CorruptCheckpointError(
             f"Checkpoint step {step} in {self._step_dir(step)} cannot be read: {problem}. It was "
             "probably cut short (a killed run or a full disk) or altered. "
-            + (f"Readable steps may be {others}: restore with fallback=True to use the newest of "
-               "them, or " if others else "There is no other step to fall back to; ")
+            + (f"Steps {failed} failed too. " if failed else "")
+            + (f"Steps not yet found damaged: {others}; restore with fallback=True to use the "
+               "newest readable one, or " if others else
+               "There is no other step to fall back to; ")
             + "move or delete that step folder yourself (nothing was deleted), or use another "
             "--workdir.")
+        error.step, error.problem = step, problem
+        return error
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -372,13 +420,16 @@ class Checkpointer:
                                      _META: ocp.args.JsonSave(meta)})
         return bool(self._manager.save(step, args=args, force=force))
 
-    def save_replacing(self, state: Any, meta: Optional[dict] = None) -> bool:
+    def save_replacing(self, state: Any, meta: Optional[dict] = None, *, force: bool = False,
+                       on_saved=None) -> bool:
         """Makes `state` the newest step without a moment with no readable step: it is saved as a
-        new step and waited for; only then `max_to_keep` removes older ones. Skipped (returns
-        False) when the newest step already holds exactly this state and meta and reads back."""
+        new step and waited for; then `on_saved(step)` is called (e.g. to describe the new step
+        in a file beside it); only then `max_to_keep` removes older ones. Skipped (returns False)
+        when the newest step already holds exactly this state and meta and reads back, unless
+        `force`."""
         self.wait()
         steps = self.all_steps()
-        if steps:
+        if steps and not force:
             last = steps[-1]
             try:
                 stored = load_json(os.path.join(self._step_dir(last), _META, "metadata"))
@@ -391,7 +442,11 @@ class Checkpointer:
                     return False
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
-        saved = self.save((steps[-1] + 1) if steps else 0, state, meta, force=True)
+        step = (steps[-1] + 1) if steps else 0
+        saved = self.save(step, state, meta, force=True)
+        if saved and on_saved is not None:
+            self._manager.wait_until_finished()  # on disk, the older steps not yet removed
+            on_saved(step)
         self.wait()
         return saved
 
@@ -457,8 +512,11 @@ class Checkpointer:
     def __enter__(self) -> "Checkpointer":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # stopped (an error, Ctrl-C): release orbax, remove nothing (`max_to_keep` waits)
+            self._manager.close()
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -503,15 +561,17 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 self._bad_steps.add(s)
                 first_error = first_error or e
-                if fallback:
-                    logging.warning("%s Trying an older step.", e)
+                if fallback and s != candidates[-1]:
+                    logging.warning("Checkpoint step %d of %s cannot be read (%s); trying an "
+                                    "older step.", s, self.directory, e.problem)
                 continue
             if s != step:
                 logging.warning("Restored step %d of %s instead of damaged step %d (left on disk).",
                                 s, self.directory, step)
             self.last_restored_step = s
             return state, meta
-        raise first_error
+        # Built again now that every step tried is known: its hint names no damaged step.
+        raise self._corrupt_error(first_error.step, first_error.problem) from first_error.__cause__
 
     def _restore_step(self, step: int, like: Any) -> tuple[Any, dict]:
         problem = self._check_step(step)
@@ -524,11 +584,15 @@ class Checkpointer:
             out = self._manager.restore(step, args=ocp.args.Composite(**{
                 _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
         except Exception as e:  # orbax/tensorstore raise many types; sort them out below
+            # Their messages run to thousands of characters (TensorStore specs): the log gets
+            # them whole, the error their first line.
+            errors.details.info("Restoring step %d of %s failed:", step, self.directory,
+                                exc_info=True)
             if like is not None and self._readable_without_template(step):
                 raise TemplateMismatchError(
                     f"Checkpoint step {step} in {self.directory} does not match the state "
-                    f"template `like`: {e}") from e
-            raise self._corrupt_error(step, f"{type(e).__name__}: {e}") from e
+                    f"template `like`: {errors.short(e)}") from e
+            raise self._corrupt_error(step, errors.short(e)) from e
         if _STATE not in out or _META not in out or out[_META] is None:
             raise self._corrupt_error(step, "an item came back empty")
         meta = dict(out[_META])

@@ -350,8 +350,11 @@ NOT_RESULT = frozenset({
     "train.eval_batch_size", "train.checkpoint_every", "train.compile_cache_dir",
     "data.data_dir", "data.cache", "data.portable_path", "data.download",
     "prune.methods", "search.methods", "search.chunk_size"})
-# Optional keys that change nothing at this value: left out of fingerprints there, so a workdir
-# made before the key existed still matches.
+# Optional keys that change nothing at this value, which is what the versions before the key
+# existed did: left out of fingerprints there, so a workdir made before the key existed still
+# matches (`checkpoint.check_fingerprint(before=NEUTRAL)` names this value when it differs).
+# A key added to a phase's settings belongs here with its neutral value, so that older workdirs
+# stay resumable without --continue_older.
 NEUTRAL = {"search.seed_keeps": ""}
 # The winner's selection after a search (`pipeline.select_winner`) changes the fine-tune, not
 # the search.

@@ -75,7 +75,11 @@ class Dataset(NamedTuple):
 
 
 def _resolve_data_dir(data_dir: Optional[str]) -> Optional[str]:
-    return data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    """`data_dir`, else $TFDS_DATA_DIR, else None (TFDS's default), made absolute against the
+    current folder once, here: a relative `TFDS_DATA_DIR=../shared/...` names the folder it names
+    from where the command was started, whatever folder is current later."""
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+    return os.path.abspath(data_dir) if data_dir else None
 
 
 def _import_tfds(name: str):

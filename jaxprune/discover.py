@@ -403,367 +403,420 @@ class Analysis(NamedTuple):
     depthwise: frozenset                   # eqn indices of depthwise convs on labelled inputs
 
 
-def _analyse(prog: Program) -> Analysis:
-    avals = prog.avals
-    info: List[Optional[_Info]] = [None] * len(avals)
-    uf = _UnionFind()
-    sizes: List[int] = []
-    members: List[Tuple[int, Member]] = []
-    reasons: List[Tuple[int, str]] = []
-    sites: List[Site] = []
-    depthwise = set()
-    n_vars = len(prog.var_paths)
-    for k, i in enumerate(prog.invars):
-        shape = avals[i].shape
-        if k < n_vars:
-            info[i] = _Info(False, None, frozenset({(k, tuple(range(len(shape))))}),
-                            tuple(d != 1 for d in shape))
-        else:
-            info[i] = _Info(True)
-    for i, c in prog.consts.items():
-        info[i] = _Info(False, None, frozenset(), tuple(d != 1 for d in np.shape(c)))
+class _State:
+    """The analysis in progress: value infos, groups (union-find), members, reasons, sites.
 
-    def shape_of(r):
-        return tuple(np.shape(r.value)) if isinstance(r, _Lit) else tuple(avals[r].shape)
+    Rules (one per primitive family, `_RULES`) read the infos of an equation's inputs and
+    return the infos of its outputs, recording groups, members, reasons and mask sites here.
+    """
 
-    def get(r) -> _Info:
+    def __init__(self, prog: Program):
+        self.prog = prog
+        self.avals = prog.avals
+        self.info: List[Optional[_Info]] = [None] * len(prog.avals)
+        self.uf = _UnionFind()
+        self.sizes: List[int] = []
+        self.members: List[Tuple[int, Member]] = []
+        self.reasons: List[Tuple[int, str]] = []
+        self.sites: List[Site] = []
+        self.depthwise = set()
+        n_vars = len(prog.var_paths)
+        for k, i in enumerate(prog.invars):
+            shape = self.avals[i].shape
+            if k < n_vars:
+                self.info[i] = _Info(False, None, frozenset({(k, tuple(range(len(shape))))}),
+                                     tuple(d != 1 for d in shape))
+            else:
+                self.info[i] = _Info(True)
+        for i, c in prog.consts.items():
+            self.info[i] = _Info(False, None, frozenset(), tuple(d != 1 for d in np.shape(c)))
+
+    def shape_of(self, r) -> tuple:
+        return tuple(np.shape(r.value)) if isinstance(r, _Lit) else tuple(self.avals[r].shape)
+
+    def get(self, r) -> _Info:
         if isinstance(r, _Lit):
             return _Info(False, None, frozenset(), tuple(d != 1 for d in np.shape(r.value)))
-        return info[r]
+        return self.info[r]
 
-    def poison(label: Optional[Label], reason: str):
+    def poison(self, label: Optional[Label], reason: str) -> None:
         if label is not None:
             for gid, _, _ in label.segs:
-                reasons.append((gid, reason))
+                self.reasons.append((gid, reason))
 
-    def new_group(size: int) -> int:
-        sizes.append(size)
-        return uf.add()
+    def new_group(self, size: int) -> int:
+        self.sizes.append(size)
+        return self.uf.add()
 
-    def join(label: Label, path_idx: int, leaf_axis: int, role: str):
-        for gid, start, size in label.segs:
-            members.append((gid, Member(prog.var_paths[path_idx], leaf_axis, role, start,
-                                        label.period, label.outer, label.inner,
-                                        len(avals[prog.invars[path_idx]].shape))))
+    def new_label(self, axis: int, size: int) -> Label:
+        """A label on `axis` for a new group of `size` channels."""
+        return Label(axis, ((self.new_group(size), 0, size),), size)
 
-    def nondata_generic(ins, out_shape):
-        srcs = frozenset((k, (-1,) * len(out_shape)) for x in ins for k, _ in get(x).srcs)
+    def join(self, label: Label, path_idx: int, leaf_axis: int, role: str) -> None:
+        ndim = len(self.avals[self.prog.invars[path_idx]].shape)
+        for gid, start, _ in label.segs:
+            self.members.append((gid, Member(self.prog.var_paths[path_idx], leaf_axis, role,
+                                             start, label.period, label.outer, label.inner,
+                                             ndim)))
+
+    def couple(self, ref: Label, others: Sequence[Label]) -> None:
+        """Merges the groups of labels laid out like `ref` (segment by segment)."""
+        for lb in others:
+            for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
+                self.uf.union(g1, g2)
+
+    def nondata_generic(self, ins, out_shape) -> _Info:
+        srcs = frozenset((k, (-1,) * len(out_shape)) for x in ins for k, _ in self.get(x).srcs)
         return _Info(False, None, srcs, tuple(d != 1 for d in out_shape))
 
-    for e_idx, eqn in enumerate(prog.eqns):
-        name = eqn.prim.name
-        ins = [get(r) for r in eqn.ins]
-        in_shapes = [shape_of(r) for r in eqn.ins]
-        out_shapes = [tuple(avals[o].shape) for o in eqn.outs]
-        labels = [x.label for x in ins if x.label is not None]
-        any_data = any(x.data for x in ins)
-        out: Optional[List[_Info]] = None
-        where = f"{name} (equation {e_idx})"
 
-        if name in _UNARY and len(eqn.outs) == len(eqn.ins):
-            out = list(ins)
-        elif name in _NARY:
-            oshape = out_shapes[0]
-            rank = len(oshape)
+class _Eq(NamedTuple):
+    """One equation as a rule sees it."""
+
+    idx: int
+    eqn: _Eqn
+    name: str
+    ins: List[_Info]
+    in_shapes: List[tuple]
+    out_shapes: List[tuple]
+    labels: List[Label]
+    any_data: bool
+    where: str
+
+
+def _same_layout(labels: Sequence[Label]) -> bool:
+    """Whether labels index their axes alike (segment offsets, period, outer, inner)."""
+    ref = labels[0]
+    key = (ref.period, ref.outer, ref.inner, [s[1:] for s in ref.segs])
+    return all((lb.period, lb.outer, lb.inner, [s[1:] for s in lb.segs]) == key
+               for lb in labels)
+
+
+def _rule_unary(st: _State, e: _Eq) -> List[_Info]:
+    if len(e.eqn.outs) != len(e.eqn.ins):
+        return _rule_default(st, e)
+    return list(e.ins)
+
+
+def _rule_nary(st: _State, e: _Eq) -> List[_Info]:
+    """Elementwise ops: labels must agree (and are coupled); per-channel params join them."""
+    oshape = e.out_shapes[0]
+    rank = len(oshape)
+    if e.labels:
+        labels = e.labels
+        if len({lb.axis for lb in labels}) != 1 or not _same_layout(labels):
+            for lb in labels:
+                st.poison(lb, f"{e.where} combines values whose channels are laid out "
+                              "differently")
+            return [_Info(True)]
+        ref = labels[0]
+        st.couple(ref, labels[1:])
+        a = ref.axis
+        for x, s in zip(e.ins, e.in_shapes):
+            if x.label is not None or len(s) != rank or s[a] == 1:
+                continue
+            if x.data:
+                st.poison(ref, f"{e.where} combines the channels with a value discovery "
+                               "cannot follow (the model input, or an unsupported op)")
+                continue
+            mapped = [(k, m[a]) for k, m in x.srcs if m[a] >= 0]
+            if x.vary[a] and not mapped:
+                st.poison(ref, f"{e.where} combines the channels with a constant that "
+                               "varies over them")
+            for k, leaf_axis in mapped:
+                st.join(ref, k, leaf_axis, "param")
+        return [_Info(True, ref)]
+    if e.any_data:
+        return [_Info(True)]
+    srcs, vary = set(), [False] * rank
+    for x, s in zip(e.ins, e.in_shapes):
+        if len(s) != rank:
+            continue
+        for k, m in x.srcs:
+            srcs.add((k, tuple(m[a] if s[a] == oshape[a] else -1 for a in range(rank))))
+        vary = [v or (xv and s[a] == oshape[a]) for a, (v, xv) in enumerate(zip(vary, x.vary))]
+    return [_Info(False, None, frozenset(srcs), tuple(vary))]
+
+
+def _reshaped_label(lab: Label, blocks, s_in, s_out) -> Optional[Label]:
+    """The label after a reshape, or None when discovery does not follow it."""
+    blk = None if blocks is None else next((b for b in blocks if lab.axis in b[0]), None)
+    if blk is None:
+        return None
+    bi, bo = blk
+    if len(bi) == 1 and len(bo) == 1:
+        return lab.moved(bo[0])
+    if len(bo) == 1:  # a flatten: the axes before / after become outer / inner factors
+        pos = bi.index(lab.axis)
+        om = math.prod(s_in[a] for a in bi[:pos])
+        im = math.prod(s_in[a] for a in bi[pos + 1:])
+        return lab._replace(axis=bo[0], outer=lab.outer * om, inner=lab.inner * im)
+    if len(bi) == 1:  # an unflatten of an earlier flatten
+        sz = [s_out[a] for a in bo]
+        for k in range(len(bo)):
+            if (math.prod(sz[:k]) == lab.outer and sz[k] == lab.period
+                    and math.prod(sz[k + 1:]) == lab.inner):
+                return lab._replace(axis=bo[k], outer=1, inner=1)
+    return None
+
+
+def _rule_reshape(st: _State, e: _Eq) -> List[_Info]:
+    x, s_in, s_out = e.ins[0], e.in_shapes[0], e.out_shapes[0]
+    blocks = _reshape_blocks(s_in, s_out)
+    if x.data:
+        lab = x.label
+        if lab is None:
+            return [_Info(True)]
+        new = _reshaped_label(lab, blocks, s_in, s_out)
+        if new is None:
+            st.poison(lab, f"{e.where} reshapes the channel axis in a way discovery "
+                           f"does not follow ({s_in} -> {s_out})")
+        return [_Info(True, new)]
+    amap = {}
+    vary = [False] * len(s_out)
+    for bi, bo in (blocks or []):
+        if len(bi) == 1 and len(bo) == 1:
+            amap[bo[0]] = bi[0]
+        for b in bo:
+            vary[b] = any(x.vary[a] for a in bi)
+    if blocks is None:
+        vary = [d != 1 for d in s_out]
+    srcs = frozenset((k, tuple(m[amap[a]] if a in amap else -1 for a in range(len(s_out))))
+                     for k, m in x.srcs)
+    return [_Info(False, None, srcs, tuple(vary))]
+
+
+def _rule_broadcast(st: _State, e: _Eq) -> List[_Info]:
+    x, s_in, s_out = e.ins[0], e.in_shapes[0], e.out_shapes[0]
+    bd = e.eqn.params["broadcast_dimensions"]
+    if x.data:
+        lab = x.label
+        if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
+            st.poison(lab, f"{e.where} broadcasts the channel axis")
             lab = None
-            if labels:
-                axes = {lb.axis for lb in labels}
-                ref = labels[0]
-                if len(axes) != 1 or any((lb.period, lb.outer, lb.inner, [s[1:] for s in lb.segs])
-                                         != (ref.period, ref.outer, ref.inner,
-                                             [s[1:] for s in ref.segs]) for lb in labels):
-                    for lb in labels:
-                        poison(lb, f"{where} combines values whose channels are laid out "
-                                   "differently")
-                else:
-                    for lb in labels[1:]:
-                        for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
-                            uf.union(g1, g2)
-                    lab = ref
-                    a = ref.axis
-                    for x, s in zip(ins, in_shapes):
-                        if x.label is not None or len(s) != rank or s[a] == 1:
-                            continue
-                        if x.data:
-                            poison(ref, f"{where} combines the channels with a value discovery "
-                                        "cannot follow (the model input, or an unsupported op)")
-                            continue
-                        mapped = [(k, m[a]) for k, m in x.srcs if m[a] >= 0]
-                        if x.vary[a] and not mapped:
-                            poison(ref, f"{where} combines the channels with a constant that "
-                                        "varies over them")
-                        for k, leaf_axis in mapped:
-                            join(ref, k, leaf_axis, "param")
-                out = [_Info(True, lab)]
-            elif any_data:
-                out = [_Info(True)]
-            else:
-                srcs, vary = set(), [False] * rank
-                for x, s in zip(ins, in_shapes):
-                    if len(s) != rank:
-                        continue
-                    for k, m in x.srcs:
-                        srcs.add((k, tuple(m[a] if s[a] == oshape[a] else -1
-                                           for a in range(rank))))
-                    vary = [v or (xv and s[a] == oshape[a])
-                            for a, (v, xv) in enumerate(zip(vary, x.vary))]
-                out = [_Info(False, None, frozenset(srcs), tuple(vary))]
-        elif name == "reshape" or name == "squeeze" or name == "expand_dims":
-            x, s_in, s_out = ins[0], in_shapes[0], out_shapes[0]
-            blocks = _reshape_blocks(s_in, s_out)
-            if x.data:
-                lab = x.label
-                if lab is not None:
-                    new = None
-                    blk = None if blocks is None else next(
-                        (b for b in blocks if lab.axis in b[0]), None)
-                    if blk is not None:
-                        bi, bo = blk
-                        if len(bi) == 1 and len(bo) == 1:
-                            new = lab.moved(bo[0])
-                        elif len(bo) == 1:
-                            pos = bi.index(lab.axis)
-                            om = math.prod(s_in[a] for a in bi[:pos])
-                            im = math.prod(s_in[a] for a in bi[pos + 1:])
-                            new = lab._replace(axis=bo[0], outer=lab.outer * om,
-                                               inner=lab.inner * im)
-                        elif len(bi) == 1:
-                            sz = [s_out[a] for a in bo]
-                            for k in range(len(bo)):
-                                if (math.prod(sz[:k]) == lab.outer and sz[k] == lab.period
-                                        and math.prod(sz[k + 1:]) == lab.inner):
-                                    new = lab._replace(axis=bo[k], outer=1, inner=1)
-                    if new is None:
-                        poison(lab, f"{where} reshapes the channel axis in a way discovery "
-                                    f"does not follow ({s_in} -> {s_out})")
-                    out = [_Info(True, new)]
-                else:
-                    out = [_Info(True)]
-            else:
-                amap = {}
-                vary = [False] * len(s_out)
-                for bi, bo in (blocks or []):
-                    if len(bi) == 1 and len(bo) == 1:
-                        amap[bo[0]] = bi[0]
-                    for b in bo:
-                        vary[b] = any(x.vary[a] for a in bi)
-                if blocks is None:
-                    vary = [d != 1 for d in s_out]
-                srcs = frozenset((k, tuple(m[amap[a]] if a in amap else -1
-                                           for a in range(len(s_out)))) for k, m in x.srcs)
-                out = [_Info(False, None, srcs, tuple(vary))]
-        elif name == "broadcast_in_dim":
-            x, s_in, s_out = ins[0], in_shapes[0], out_shapes[0]
-            bd = eqn.params["broadcast_dimensions"]
-            if x.data:
-                lab = x.label
-                if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
-                    poison(lab, f"{where} broadcasts the channel axis")
-                    lab = None
-                out = [_Info(True, None if lab is None else lab.moved(bd[lab.axis]))]
-            else:
-                keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
-                srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1
-                                           for a in range(len(s_out)))) for k, m in x.srcs)
-                vary = tuple(a in keep and x.vary[keep[a]] for a in range(len(s_out)))
-                out = [_Info(False, None, srcs, vary)]
-        elif name == "transpose":
-            x, perm = ins[0], eqn.params["permutation"]
-            if x.data:
-                lab = x.label
-                out = [_Info(True, None if lab is None else lab.moved(perm.index(lab.axis)))]
-            else:
-                out = [_Info(False, None,
-                             frozenset((k, tuple(m[p] for p in perm)) for k, m in x.srcs),
-                             tuple(x.vary[p] for p in perm))]
-        elif name in _REDUCE:
-            x, axes = ins[0], tuple(eqn.params["axes"])
-            s_in = in_shapes[0]
-            remaining = [a for a in range(len(s_in)) if a not in axes]
-            if x.data:
-                lab = x.label
-                if lab is not None and lab.axis in axes:
-                    poison(lab, f"{where} reduces over the channel axis")
-                    lab = None
-                out = [_Info(True, None if lab is None else lab.moved(remaining.index(lab.axis)))]
-            else:
-                out = [_Info(False, None,
-                             frozenset((k, tuple(m[a] for a in remaining)) for k, m in x.srcs),
-                             tuple(x.vary[a] for a in remaining))]
-        elif name == "concatenate":
-            dim = eqn.params["dimension"]
-            if labels and any(lb.axis == dim for lb in labels):
-                segs, offset, ok = [], 0, True
-                for x, s in zip(ins, in_shapes):
-                    if x.label is not None:
-                        if x.label.axis != dim or not x.label.plain:
-                            ok = False
-                        segs += [(g, st + offset, sz) for g, st, sz in x.label.segs]
-                    offset += s[dim]
-                if ok:
-                    out = [_Info(True, Label(dim, tuple(segs), offset))]
-                else:
-                    for lb in labels:
-                        poison(lb, f"{where} concatenates channels laid out differently")
-                    out = [_Info(True)]
-            elif labels:
-                ref = labels[0]
-                if len(labels) != len(ins) or any(
-                        lb.segs and (lb.period, lb.outer, lb.inner, [s[1:] for s in lb.segs])
-                        != (ref.period, ref.outer, ref.inner, [s[1:] for s in ref.segs])
-                        or lb.axis != ref.axis for lb in labels):
-                    for lb in labels:
-                        poison(lb, f"{where} concatenates channels with values laid out "
-                                   "differently")
-                    out = [_Info(True)]
-                else:
-                    for lb in labels[1:]:
-                        for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
-                            uf.union(g1, g2)
-                    out = [_Info(True, ref)]
-            elif any_data:
-                out = [_Info(True)]
-            else:
-                out = [nondata_generic(eqn.ins, out_shapes[0])]
-        elif name == "dot_general" or name == "conv_general_dilated":
-            out = [_Info(True)]
-            x_info, k_info = ins
-            x_idx = 0
-            if not x_info.data and k_info.data:
-                x_info, k_info, x_idx = k_info, x_info, 1
-            oshape = out_shapes[0]
-            if not x_info.data:
-                out = [nondata_generic(eqn.ins, oshape)]
-            elif k_info.data or not k_info.srcs:
-                for lb in labels:
-                    poison(lb, f"{where} multiplies the channels with another activation")
-            elif name == "dot_general":
-                (lc, rc), (lb_, rb) = eqn.params["dimension_numbers"]
-                xc, kc, xb, kb = (lc, rc, lb_, rb) if x_idx == 0 else (rc, lc, rb, lb_)
-                xs, ks = in_shapes[x_idx], in_shapes[1 - x_idx]
-                x_free = [a for a in range(len(xs)) if a not in xc and a not in xb]
-                k_free = [a for a in range(len(ks)) if a not in kc and a not in kb]
-                # output axes: batch, lhs free, rhs free
-                pos_x = {a: len(xb) + i for i, a in enumerate(x_free)}
-                pos_k = {a: len(xb) + len(x_free) + i for i, a in enumerate(k_free)}
-                if x_idx == 1:
-                    pos_k = {a: len(xb) + i for i, a in enumerate(k_free)}
-                    pos_x = {a: len(xb) + len(k_free) + i for i, a in enumerate(x_free)}
-                lab = x_info.label
-                new_lab = None
-                if lab is not None:
-                    if lab.axis in xc:
-                        ka = kc[list(xc).index(lab.axis)]
-                        mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
-                        if not mapped:
-                            poison(lab, f"{where} contracts the channels with a kernel that is "
-                                        "not a param leaf axis")
-                        for k, leaf_axis in mapped:
-                            join(lab, k, leaf_axis, "consumer")
-                        sites.append(Site(e_idx, x_idx, lab))
-                    elif lab.axis in pos_x:
-                        new_lab = lab.moved(pos_x[lab.axis])
-                    else:
-                        poison(lab, f"{where} uses the channel axis as a batch dimension")
-                kfree = [a for a in k_free if ks[a] != 1]
-                if len(kfree) == 1:
-                    ka = kfree[0]
-                    mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
-                    if mapped:
-                        if new_lab is not None:
-                            poison(new_lab, f"{where} keeps the channels on a free axis")
-                        gid = new_group(ks[ka])
-                        new_lab = Label(pos_k[ka], ((gid, 0, ks[ka]),), ks[ka])
-                        for k, leaf_axis in mapped:
-                            join(new_lab, k, leaf_axis, "producer")
-                out = [_Info(True, new_lab)]
-            else:  # conv_general_dilated
-                dn = eqn.params["dimension_numbers"]
-                lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
-                fgc = eqn.params["feature_group_count"]
-                bgc = eqn.params["batch_group_count"]
-                xs, ks = in_shapes
-                in_ch, out_ch = xs[lhs_spec[1]], oshape[out_spec[1]]
-                lab = x_info.label
-                if x_idx != 0 or bgc != 1:
-                    poison(lab, f"{where} is a conv discovery does not follow "
-                                f"(batch_group_count={bgc})")
-                    out = [_Info(True)]
-                else:
-                    new_lab = None
-                    k_out = [(k, m[rhs_spec[0]]) for k, m in k_info.srcs if m[rhs_spec[0]] >= 0]
-                    k_in = [(k, m[rhs_spec[1]]) for k, m in k_info.srcs if m[rhs_spec[1]] >= 0]
-                    if lab is not None and (lab.axis != lhs_spec[1] or not lab.plain):
-                        poison(lab, f"{where} convolves over the channel axis")
-                        lab = None
-                    if fgc == 1:
-                        if lab is not None:
-                            if not k_in:
-                                poison(lab, f"{where} contracts the channels with a kernel that "
-                                            "is not a param leaf axis")
-                            for k, leaf_axis in k_in:
-                                join(lab, k, leaf_axis, "consumer")
-                            sites.append(Site(e_idx, 0, lab))
-                        if k_out:
-                            gid = new_group(out_ch)
-                            new_lab = Label(out_spec[1], ((gid, 0, out_ch),), out_ch)
-                            for k, leaf_axis in k_out:
-                                join(new_lab, k, leaf_axis, "producer")
-                    elif fgc == in_ch == out_ch and lab is not None:
-                        # depthwise: output channel c reads input channel c only.
-                        new_lab = lab.moved(out_spec[1])
-                        for k, leaf_axis in k_out:
-                            join(lab, k, leaf_axis, "param")
-                        depthwise.add(e_idx)
-                    else:
-                        poison(lab, f"{where} is a grouped conv (feature_group_count={fgc}, "
-                                    f"{in_ch} -> {out_ch} channels) discovery does not follow")
-                        if k_out and fgc == in_ch == out_ch:
-                            gid = new_group(out_ch)
-                            new_lab = Label(out_spec[1], ((gid, 0, out_ch),), out_ch)
-                            for k, leaf_axis in k_out:
-                                join(new_lab, k, leaf_axis, "param")
-                            poison(new_lab, f"{where} is a depthwise conv of a value whose "
-                                            "channels cannot be pruned")
-                    out = [_Info(True, new_lab)]
+        return [_Info(True, None if lab is None else lab.moved(bd[lab.axis]))]
+    keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
+    srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1 for a in range(len(s_out))))
+                     for k, m in x.srcs)
+    vary = tuple(a in keep and x.vary[keep[a]] for a in range(len(s_out)))
+    return [_Info(False, None, srcs, vary)]
+
+
+def _rule_transpose(st: _State, e: _Eq) -> List[_Info]:
+    x, perm = e.ins[0], e.eqn.params["permutation"]
+    if x.data:
+        lab = x.label
+        return [_Info(True, None if lab is None else lab.moved(perm.index(lab.axis)))]
+    return [_Info(False, None, frozenset((k, tuple(m[p] for p in perm)) for k, m in x.srcs),
+                  tuple(x.vary[p] for p in perm))]
+
+
+def _rule_reduce(st: _State, e: _Eq) -> List[_Info]:
+    x, axes = e.ins[0], tuple(e.eqn.params["axes"])
+    remaining = [a for a in range(len(e.in_shapes[0])) if a not in axes]
+    if x.data:
+        lab = x.label
+        if lab is not None and lab.axis in axes:
+            st.poison(lab, f"{e.where} reduces over the channel axis")
+            lab = None
+        return [_Info(True, None if lab is None else lab.moved(remaining.index(lab.axis)))]
+    return [_Info(False, None, frozenset((k, tuple(m[a] for a in remaining)) for k, m in x.srcs),
+                  tuple(x.vary[a] for a in remaining))]
+
+
+def _rule_concatenate(st: _State, e: _Eq) -> List[_Info]:
+    dim = e.eqn.params["dimension"]
+    labels = e.labels
+    if labels and any(lb.axis == dim for lb in labels):
+        segs, offset, ok = [], 0, True
+        for x, s in zip(e.ins, e.in_shapes):
+            if x.label is not None:
+                if x.label.axis != dim or not x.label.plain:
+                    ok = False
+                segs += [(g, st_ + offset, sz) for g, st_, sz in x.label.segs]
+            offset += s[dim]
+        if ok:
+            return [_Info(True, Label(dim, tuple(segs), offset))]
+        for lb in labels:
+            st.poison(lb, f"{e.where} concatenates channels laid out differently")
+        return [_Info(True)]
+    if labels:
+        ref = labels[0]
+        if len(labels) != len(e.ins) or any(lb.axis != ref.axis for lb in labels) or not \
+                _same_layout([lb for lb in labels if lb.segs] or [ref]):
+            for lb in labels:
+                st.poison(lb, f"{e.where} concatenates channels with values laid out "
+                              "differently")
+            return [_Info(True)]
+        st.couple(ref, labels[1:])
+        return [_Info(True, ref)]
+    if e.any_data:
+        return [_Info(True)]
+    return [st.nondata_generic(e.eqn.ins, e.out_shapes[0])]
+
+
+def _operands(st: _State, e: _Eq):
+    """(activation info, kernel info, activation operand index) of a dot / conv, or None
+    (after poisoning) when it is not an activation times a param kernel."""
+    x_info, k_info = e.ins
+    x_idx = 0
+    if not x_info.data and k_info.data:
+        x_info, k_info, x_idx = k_info, x_info, 1
+    if k_info.data or not k_info.srcs:
+        for lb in e.labels:
+            st.poison(lb, f"{e.where} multiplies the channels with another activation")
+        return None
+    return x_info, k_info, x_idx
+
+
+def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
+    if not e.any_data:
+        return [st.nondata_generic(e.eqn.ins, e.out_shapes[0])]
+    ops = _operands(st, e)
+    if ops is None:
+        return [_Info(True)]
+    x_info, k_info, x_idx = ops
+    (lc, rc), (lb_, rb) = e.eqn.params["dimension_numbers"]
+    xc, kc, xb, kb = (lc, rc, lb_, rb) if x_idx == 0 else (rc, lc, rb, lb_)
+    xs, ks = e.in_shapes[x_idx], e.in_shapes[1 - x_idx]
+    x_free = [a for a in range(len(xs)) if a not in xc and a not in xb]
+    k_free = [a for a in range(len(ks)) if a not in kc and a not in kb]
+    # output axes: batch, lhs free, rhs free
+    first, second = (x_free, k_free) if x_idx == 0 else (k_free, x_free)
+    pos = {a: len(xb) + i for i, a in enumerate(first)}
+    pos2 = {a: len(xb) + len(first) + i for i, a in enumerate(second)}
+    pos_x, pos_k = (pos, pos2) if x_idx == 0 else (pos2, pos)
+    lab = x_info.label
+    new_lab = None
+    if lab is not None:
+        if lab.axis in xc:
+            ka = kc[list(xc).index(lab.axis)]
+            mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+            if not mapped:
+                st.poison(lab, f"{e.where} contracts the channels with a kernel that is "
+                               "not a param leaf axis")
+            for k, leaf_axis in mapped:
+                st.join(lab, k, leaf_axis, "consumer")
+            st.sites.append(Site(e.idx, x_idx, lab))
+        elif lab.axis in pos_x:
+            new_lab = lab.moved(pos_x[lab.axis])
         else:
-            touched = (_touched_axes(eqn, in_shapes[0], out_shapes[0])
-                       if len(eqn.ins) >= 1 and len(eqn.outs) == 1
-                       and len(in_shapes[0]) == len(out_shapes[0]) else None)
-            if touched is not None and ins[0].data:
-                lab = ins[0].label
-                for x in ins[1:]:
-                    poison(x.label, f"{where} takes the channels as an index operand")
-                if lab is not None and lab.axis in touched:
-                    poison(lab, f"{where} acts on the channel axis")
-                    lab = None
-                out = [_Info(True, lab)]
-            elif touched is not None and not any_data:
-                x = ins[0]
-                vary = tuple(v or a in touched for a, v in enumerate(x.vary))
-                srcs = frozenset((k, tuple(-1 if a in touched else m[a]
-                                           for a in range(len(m)))) for k, m in x.srcs)
-                out = [_Info(False, None, srcs, vary)]
-            else:
-                for lb in labels:
-                    poison(lb, f"the channels go through {where}, which discovery does not "
-                               "follow")
-                if any_data:
-                    out = [_Info(True) for _ in eqn.outs]
-                else:
-                    out = [nondata_generic(eqn.ins, s) for s in out_shapes]
-        for o, x in zip(eqn.outs, out):
-            info[o] = x
+            st.poison(lab, f"{e.where} uses the channel axis as a batch dimension")
+    kfree = [a for a in k_free if ks[a] != 1]
+    if len(kfree) == 1:
+        ka = kfree[0]
+        mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+        if mapped:
+            if new_lab is not None:
+                st.poison(new_lab, f"{e.where} keeps the channels on a free axis")
+            new_lab = st.new_label(pos_k[ka], ks[ka])
+            for k, leaf_axis in mapped:
+                st.join(new_lab, k, leaf_axis, "producer")
+    return [_Info(True, new_lab)]
 
-    for r in prog.outvars:
-        if not isinstance(r, _Lit):
-            poison(info[r].label, "feeds a model output (the logits)")
 
-    # Names: the first producer's leaf path (without a trailing 'kernel').
+def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
+    if not e.any_data:
+        return [st.nondata_generic(e.eqn.ins, e.out_shapes[0])]
+    ops = _operands(st, e)
+    if ops is None:
+        return [_Info(True)]
+    x_info, k_info, x_idx = ops
+    dn = e.eqn.params["dimension_numbers"]
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    fgc = e.eqn.params["feature_group_count"]
+    bgc = e.eqn.params["batch_group_count"]
+    xs = e.in_shapes[0]
+    in_ch, out_ch = xs[lhs_spec[1]], e.out_shapes[0][out_spec[1]]
+    lab = x_info.label
+    if x_idx != 0 or bgc != 1:
+        st.poison(lab, f"{e.where} is a conv discovery does not follow "
+                       f"(batch_group_count={bgc})")
+        return [_Info(True)]
+    new_lab = None
+    k_out = [(k, m[rhs_spec[0]]) for k, m in k_info.srcs if m[rhs_spec[0]] >= 0]
+    k_in = [(k, m[rhs_spec[1]]) for k, m in k_info.srcs if m[rhs_spec[1]] >= 0]
+    if lab is not None and (lab.axis != lhs_spec[1] or not lab.plain):
+        st.poison(lab, f"{e.where} convolves over the channel axis")
+        lab = None
+    if fgc == 1:
+        if lab is not None:
+            if not k_in:
+                st.poison(lab, f"{e.where} contracts the channels with a kernel that "
+                               "is not a param leaf axis")
+            for k, leaf_axis in k_in:
+                st.join(lab, k, leaf_axis, "consumer")
+            st.sites.append(Site(e.idx, 0, lab))
+        if k_out:
+            new_lab = st.new_label(out_spec[1], out_ch)
+            for k, leaf_axis in k_out:
+                st.join(new_lab, k, leaf_axis, "producer")
+    elif fgc == in_ch == out_ch and lab is not None:
+        # depthwise: output channel c reads input channel c only.
+        new_lab = lab.moved(out_spec[1])
+        for k, leaf_axis in k_out:
+            st.join(lab, k, leaf_axis, "param")
+        st.depthwise.add(e.idx)
+    else:
+        st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}, "
+                       f"{in_ch} -> {out_ch} channels) discovery does not follow")
+        if k_out and fgc == in_ch == out_ch:
+            new_lab = st.new_label(out_spec[1], out_ch)
+            for k, leaf_axis in k_out:
+                st.join(new_lab, k, leaf_axis, "param")
+            st.poison(new_lab, f"{e.where} is a depthwise conv of a value whose "
+                               "channels cannot be pruned")
+    return [_Info(True, new_lab)]
+
+
+def _rule_default(st: _State, e: _Eq) -> List[_Info]:
+    """Rank-preserving structural ops (pooling, slicing, padding, ...) that leave the channel
+    axis alone pass labels on; anything else poisons the labels it sees."""
+    eqn = e.eqn
+    touched = (_touched_axes(eqn, e.in_shapes[0], e.out_shapes[0])
+               if len(eqn.ins) >= 1 and len(eqn.outs) == 1
+               and len(e.in_shapes[0]) == len(e.out_shapes[0]) else None)
+    if touched is not None and e.ins[0].data:
+        lab = e.ins[0].label
+        for x in e.ins[1:]:
+            st.poison(x.label, f"{e.where} takes the channels as an index operand")
+        if lab is not None and lab.axis in touched:
+            st.poison(lab, f"{e.where} acts on the channel axis")
+            lab = None
+        return [_Info(True, lab)]
+    if touched is not None and not e.any_data:
+        x = e.ins[0]
+        vary = tuple(v or a in touched for a, v in enumerate(x.vary))
+        srcs = frozenset((k, tuple(-1 if a in touched else m[a] for a in range(len(m))))
+                         for k, m in x.srcs)
+        return [_Info(False, None, srcs, vary)]
+    for lb in e.labels:
+        st.poison(lb, f"the channels go through {e.where}, which discovery does not follow")
+    if e.any_data:
+        return [_Info(True) for _ in eqn.outs]
+    return [st.nondata_generic(eqn.ins, s) for s in e.out_shapes]
+
+
+# {primitive name: rule}. A rule maps the infos of an equation's inputs to its outputs'.
+_RULES: Dict[str, Callable[[_State, _Eq], List[_Info]]] = {
+    **{n: _rule_unary for n in _UNARY},
+    **{n: _rule_nary for n in _NARY},
+    **{n: _rule_reduce for n in _REDUCE},
+    "reshape": _rule_reshape, "squeeze": _rule_reshape, "expand_dims": _rule_reshape,
+    "broadcast_in_dim": _rule_broadcast,
+    "transpose": _rule_transpose,
+    "concatenate": _rule_concatenate,
+    "dot_general": _rule_dot_general,
+    "conv_general_dilated": _rule_conv,
+}
+
+
+def _group_names(st: _State) -> Dict[int, str]:
+    """{root group id: name}: the first producer's leaf path (without a trailing 'kernel')."""
     names: Dict[int, str] = {}
     taken = set()
-    for gid, m in members:
-        root = uf.find(gid)
+    for gid, m in st.members:
+        root = st.uf.find(gid)
         if root in names or m.role != "producer":
             continue
         path = m.path[:-1] if len(m.path) > 1 and m.path[-1] in ("kernel", "w", "weight") \
@@ -775,8 +828,28 @@ def _analyse(prog: Program) -> Analysis:
             name = f"{base}#{n}"
         taken.add(name)
         names[root] = name
-    return Analysis(prog, tuple(info), uf, tuple(sizes), tuple(members), tuple(reasons),
-                    tuple(sites), names, frozenset(depthwise))
+    return names
+
+
+def _analyse(prog: Program) -> Analysis:
+    """Labels every value of `prog` by applying each equation's rule (`_RULES`) in order."""
+    st = _State(prog)
+    for e_idx, eqn in enumerate(prog.eqns):
+        ins = [st.get(r) for r in eqn.ins]
+        name = eqn.prim.name
+        e = _Eq(e_idx, eqn, name, ins, [st.shape_of(r) for r in eqn.ins],
+                [tuple(st.avals[o].shape) for o in eqn.outs],
+                [x.label for x in ins if x.label is not None], any(x.data for x in ins),
+                f"{name} (equation {e_idx})")
+        out = _RULES.get(name, _rule_default)(st, e)
+        for o, x in zip(eqn.outs, out):
+            st.info[o] = x
+    for r in prog.outvars:
+        if not isinstance(r, _Lit):
+            st.poison(st.info[r].label, "feeds a model output (the logits)")
+    return Analysis(prog, tuple(st.info), st.uf, tuple(st.sizes), tuple(st.members),
+                    tuple(st.reasons), tuple(st.sites), _group_names(st),
+                    frozenset(st.depthwise))
 
 
 def _groups(an: Analysis) -> Tuple[Group, ...]:

@@ -6,10 +6,14 @@ workdir again resumes: finished phases are skipped, an interrupted one continues
 
 Bad input (config, data, workdir, checkpoints, a diverging recipe, a full disk) ends with one
 line, `jaxprune: error: <problem and fix>`, and exit status 2; Ctrl-C ends with a line saying how
-to resume and status 130. Anything else is a bug and keeps its traceback.
+to resume and status 130. Anything else is a bug and keeps its traceback. Every log record,
+the libraries' tracebacks included, goes to `<workdir>/jaxprune.log`; the terminal shows only
+jaxprune's own lines. `--continue_older` continues a workdir whose checkpoints were made by
+another version of jaxprune that did not record every setting this one has.
 """
 import difflib
 import errno
+import logging as logging_std
 import os
 import re
 import signal
@@ -30,6 +34,10 @@ _QUIET = flags.DEFINE_bool("quiet", False, "Print nothing but errors: no log lin
 _PROGRESS = flags.DEFINE_bool("progress", None, "Progress bars on (--progress) or off "
                               "(--noprogress); default: only when stderr is a terminal, so a "
                               "redirected log gets plain lines.")
+_CONTINUE_OLDER = flags.DEFINE_bool(
+    "continue_older", False, "Continue a workdir whose checkpoints were made by another version "
+    "of jaxprune that did not record every setting this one has: those settings are taken at "
+    "this config's values (noted in run_info.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 USAGE_STATUS, INTERRUPTED_STATUS = 2, 130
@@ -128,10 +136,15 @@ def parse_flags(argv):
         if not os.path.isfile(file):
             fail(f"--config={path}: there is no file {file}; configs live in the repository's "
                  "configs/ (e.g. --config=configs/quickstart.py).")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # config_flags' warnings: their cause is said below
     try:
         return flags.FLAGS(argv)
     except flags.IllegalFlagValueError as e:
         message = str(e)
+        if path is not None and "other than None" in message:
+            fail(f"--config={path}: get_config() returned None; it must return a ConfigDict "
+                 "(a missing `return config`?).")
         if "Error whilst parsing config file" in message:
             lines = [l.strip() for l in message.splitlines() if l.strip()]
             fail(f"--config={path}: the config file fails to load: {lines[-1]}. Fix that file "
@@ -139,10 +152,65 @@ def parse_flags(argv):
         fail(message.splitlines()[0] + ".")
     except flags.Error as e:
         fail(str(e).splitlines()[0] + " (see --helpshort).")
-    except AttributeError as e:  # config_flags: an override of a key the config lacks
-        fail(_unknown_override(argv) or f"--config override: {str(e).strip(chr(39))}")
-    except Exception as e:  # noqa: BLE001 - a config file that raises while it is loaded
-        fail(f"--config={path}: the config file fails to load: {type(e).__name__}: {e}.")
+    except Exception as e:  # noqa: BLE001 - an override of a key the config lacks (config_flags
+        # raises KeyError for a section, AttributeError for a field), or a config file that
+        # raises while it is loaded
+        fail(_unknown_override(argv) or f"--config={path}: the config file fails to load: "
+             f"{type(e).__name__}: {str(e).strip(chr(39))}.")
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+LOG_FILE = "jaxprune.log"  # in the workdir: every log record, tracebacks included
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _LogFile(logging_std.FileHandler):
+    """`workdir/jaxprune.log`, opened at the first record (after the workdir exists); a failing
+    write (a full disk) is dropped instead of printing its own traceback."""
+
+    def handleError(self, record):
+        del record
+
+
+class _TerminalFilter(logging_std.Filter):
+    """What the terminal shows of the log: jaxprune's own records, without tracebacks. The
+    libraries' records (orbax's background-thread tracebacks on a full disk run to hundreds of
+    lines) and `errors.details` go to the log file only; the error itself is one line."""
+
+    def filter(self, record):
+        if record.name.startswith("jaxprune.details") or \
+                not os.path.abspath(record.pathname).startswith(_PACKAGE + os.sep):
+            return False
+        record.exc_info, record.exc_text = None, None  # the log file (first) has it whole
+        return True
+
+
+def _route_logs(workdir) -> None:
+    """Every record to `workdir/jaxprune.log`; only jaxprune's own, one line each, to stderr."""
+    root = logging_std.getLogger()
+    for handler in root.handlers:
+        handler.addFilter(_TerminalFilter())
+    if workdir and str(workdir).strip():
+        handler = _LogFile(os.path.join(os.fspath(workdir), LOG_FILE), delay=True)
+        handler.setLevel(logging_std.INFO)
+        handler.setFormatter(logging_std.Formatter(
+            "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+        root.handlers.insert(0, handler)  # before the terminal's filter trims a record
+    from jaxprune import errors  # light: no JAX
+    errors.details.setLevel(logging_std.INFO)
+    main_hook = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        """Native threads of TensorStore print Python errors through `sys.excepthook` (after a
+        failed save: 'Event loop is closed', many times): to the log file. The main thread's
+        (a bug's traceback) stays on the terminal."""
+        if threading.current_thread() is threading.main_thread():
+            main_hook(kind, value, tb)
+        else:
+            errors.details.info("Error in a library thread:", exc_info=(kind, value, tb))
+
+    sys.excepthook = excepthook
 
 
 def _disk_full(e: BaseException) -> bool:
@@ -163,6 +231,7 @@ def main(argv):
              "or --workdir= flag.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _route_logs(_WORKDIR.value)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (nohup &)
         signal.signal(signal.SIGINT, _on_sigint)
     workdir = _WORKDIR.value
@@ -174,8 +243,10 @@ def main(argv):
         except Exception as e:  # noqa: BLE001 - config_flags defers some load failures to here
             fail(f"--config: the config file fails to load: {e}.")
         if config is None:
-            fail("--config gave no config; use e.g. --config=configs/quickstart.py.")
-        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value)
+            fail("--config gave no config: its get_config() returned None; it must return a "
+                 "ConfigDict.")
+        older = {"continue_older": True} if _CONTINUE_OLDER.value else {}
+        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value, **older)
         _STOPPING.set()  # finished: a Ctrl-C that came too late to stop it is not re-sent
     except KeyboardInterrupt:
         _interrupted()

@@ -25,13 +25,12 @@ from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
-from jaxprune import files as files_lib
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
+from jaxprune import modelio
 from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
-from jaxprune import structure as structure_lib
 from jaxprune import surgery
 from jaxprune import train as train_lib
 from jaxprune.search import loop as loop_lib
@@ -52,6 +51,7 @@ class Context:
     writer: report_lib.MetricWriter
     keys: dict
     progress: bool = True  # False: quiet (no log lines, no table)
+    continue_older: bool = False  # checkpoints of another version: see check_workdir
     bars: Optional[bool] = None  # progress bars; None: only on a terminal
     _eval_fns: dict = dataclasses.field(default_factory=dict)  # apply_fn -> evaluate (compiled once)
     _train_fns: dict = dataclasses.field(default_factory=dict)  # (apply_fn, masks fn) -> train_fn
@@ -116,16 +116,22 @@ class Context:
         fingerprint = {**self.fingerprint, **config_checks.phase_settings(self.config, phase),
                        **(extra or {})}
         return ckpt_lib.Checkpointer(os.path.join(self.workdir, "checkpoints", phase),
-                                     max_to_keep=2, fingerprint=fingerprint, fallback=True)
+                                     max_to_keep=2, fingerprint=fingerprint, fallback=True,
+                                     before=config_checks.NEUTRAL,
+                                     continue_older=self.continue_older)
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup
 
 
-def write_run_info(config, workdir: str) -> None:
+def write_run_info(config, workdir: str, continued: Optional[dict] = None,
+                   continue_older: bool = False) -> None:
     """Writes the resolved config and the package versions into the workdir: `run_info.json`
     holds the latest start and, under `starts`, every start; `config.txt` the latest config.
+    `continued`: {phase: {key: value}} of settings that the phase's checkpoints (made by
+    another version) did not record and that this start took at these values;
+    `continue_older`: this start continues such checkpoints (so will the next ones).
     Called only once the config and the workdir's checkpoints have passed their checks."""
     import importlib.metadata as md
     import socket
@@ -143,6 +149,10 @@ def write_run_info(config, workdir: str) -> None:
             "devices": [str(d) for d in devices], "platform": devices[0].platform,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid": os.getpid(),
             "host": socket.gethostname(), "argv": list(sys.argv)}
+    if continued:
+        info["continued_older"] = continued
+    if continue_older:
+        info["continue_older"] = True
     path = os.path.join(workdir, "run_info.json")
     try:
         old = ckpt_lib.load_json(path)
@@ -173,13 +183,30 @@ def _prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def check_workdir(config, workdir: str) -> None:
+def _continued_before(workdir: str) -> bool:
+    """Whether an earlier start on `workdir` continued checkpoints of another version."""
+    try:
+        info = ckpt_lib.load_json(os.path.join(workdir, "run_info.json"))
+    except (OSError, ValueError):
+        return False
+    starts = info.get("starts") if isinstance(info, dict) else None
+    return any(isinstance(s, dict) and (s.get("continued_older") or s.get("continue_older"))
+               for s in starts or [])
+
+
+def check_workdir(config, workdir: str, continue_older: bool = False) -> dict:
     """Refuses, before anything is written, a workdir whose checkpoints were made with other
     settings (by the first config key that differs), or whose fingerprint is missing. Only the
-    phases of this config's methods count: dropping a method from the list is not a change."""
+    phases of this config's methods count: dropping a method from the list is not a change.
+
+    Checkpoints of another version of jaxprune, which did not record a key this one has: a key
+    of `config_checks.NEUTRAL` matches at its neutral value (what versions before it did); any
+    other is refused with the flag that continues them (`continue_older`: at the current
+    values). Returns {phase: {key: value}} of the keys matched so (for run_info.json)."""
     root = os.path.join(workdir, "checkpoints")
+    continued = {}
     if not os.path.isdir(root):
-        return
+        return continued
     methods = set(config_checks.methods(config.prune.methods)) | set(
         config_checks.methods(config.search.methods))
     for name in sorted(os.listdir(root)):
@@ -188,9 +215,14 @@ def check_workdir(config, workdir: str) -> None:
         kind, _, rest = name.partition("_")
         if name != "dense" and rest.split("_")[0] not in methods:
             continue
+        assumed = {}
         ckpt_lib.check_fingerprint(os.path.join(root, name),
                                    config_checks.phase_settings(config, name),
-                                   keys=config_checks.is_setting)
+                                   keys=config_checks.is_setting, before=config_checks.NEUTRAL,
+                                   continue_older=continue_older, assumed=assumed)
+        if assumed:
+            continued[name] = assumed
+    return continued
 
 
 def _load_data(data_config):
@@ -224,11 +256,15 @@ def _unreadable_data(data_config, e) -> str:
             f"{str(e).splitlines()[0] if str(e) else ''}); it is damaged or truncated: {fix}.")
 
 
-def make_context(config, workdir: str, progress: bool = True) -> Context:
+def make_context(config, workdir: str, progress: bool = True,
+                 continue_older: bool = False) -> Context:
     config_checks.validate_config(config)
     workdir = _prepare_workdir(workdir)
     try:
-        check_workdir(config, workdir)
+        # Continued once (--continue_older), a workdir stays so: rerunning the same command
+        # resumes it.
+        continue_older = bool(continue_older) or _continued_before(workdir)
+        continued = check_workdir(config, workdir, continue_older)
         train_lib.enable_compile_cache(config.train.get("compile_cache_dir"))
         dataset = _load_data(config.data)
         root = jax.random.key(int(config.seed))
@@ -237,13 +273,13 @@ def make_context(config, workdir: str, progress: bool = True) -> Context:
         model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
                                      input_shape=tuple(dataset.input_shape), key=keys["init"])
         _check_model_fits(config, model)
-        write_run_info(config, workdir)  # only once every check has passed
+        write_run_info(config, workdir, continued, continue_older)  # once every check passed
     except BaseException:
         ckpt_lib.unlock_workdir(workdir)  # a notebook kernel lives on
         raise
     writer = report_lib.MetricWriter(workdir)
     return Context(config=config, workdir=workdir, dataset=dataset, model=model, writer=writer,
-                   keys=keys, progress=progress)
+                   keys=keys, progress=progress, continue_older=bool(continue_older))
 
 
 def _check_model_fits(config, model) -> None:
@@ -447,10 +483,10 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
         compact_model = models_lib.with_widths(m, extra["kept_channels"], small["params"],
                                                small["batch_stats"])
         params, batch_stats = compact_model.params, compact_model.batch_stats
-        save_compact(ctx, method, compact_model, params, batch_stats)
+        save_model(ctx, method, compact_model, params, batch_stats)
         return measure_row(ctx, method, model=compact_model, params=params,
                            batch_stats=batch_stats, train_seconds=seconds, extra=extra)
-    save_compact(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
+    save_model(ctx, method, m, state.params, state.batch_stats, masks=state.masks)
     return measure_row(ctx, method, model=m, params=state.params, batch_stats=state.batch_stats,
                        masks=state.masks, train_seconds=seconds, extra=extra)
 
@@ -527,171 +563,15 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode()) % (2 ** 31)
 
 
-def save_compact(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
-    """Saves the final (compact) model so a notebook can restore it with `restore_model`.
-
-    A rerun writes a changed model as a new step and removes the old one only after it (an
-    unchanged one is not rewritten), so a kill at any moment leaves a readable model."""
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(ctx.workdir, "models", method), max_to_keep=1,
-        fingerprint={"model": model.spec.name, "dataset": ctx.dataset.name,
-                     "num_classes": int(ctx.dataset.num_classes),
-                     "input_shape": list(ctx.dataset.input_shape),
-                     "widths": [list(w) for w in model.spec.widths]})
-    tree = {"params": params, "batch_stats": batch_stats}
-    if masks is not None:
-        tree["masks"] = masks
-    changed = checkpointer.save_replacing(tree, {"method": method,
-                                                 "spec": _spec_json(model.spec)})
-    # What running the model needs besides its params (normalisation, input, precision), in one
-    # file beside them; `_attach_rows` adds the result row at the end of the run (an unchanged
-    # model keeps the row it has).
-    path = os.path.join(ctx.workdir, "models", method, MODEL_INFO)
-    row = None
-    if not changed:
-        try:
-            row = ckpt_lib.load_json(path).get("row")
-        except (OSError, ValueError, AttributeError):
-            row = None
-    ds = ctx.dataset
-    ckpt_lib.save_json(path, {
-        "method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
-        "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-        "input": "uint8 pixels 0..255, NHWC; normalised as (x - mean) / std per channel",
-        "mean": np.asarray(ds.mean, np.float32).tolist(),
-        "std": np.asarray(ds.std, np.float32).tolist(),
-        "precision": str(ctx.config.train.precision), "masked": masks is not None,
-        "row": row, "config": ctx.config.to_dict()})
+# Documented as `pipeline.restore_model` / `pipeline.load_predictor` (README, notebooks); they
+# live in `modelio`, with the rest of model I/O.
+restore_model, load_predictor = modelio.restore_model, modelio.load_predictor
 
 
-MODEL_INFO = "model.json"  # models/<method>/model.json: see save_compact
-
-
-def _spec_json(spec) -> dict:
-    return {"name": spec.name, "num_classes": int(spec.num_classes),
-            "input_shape": list(spec.input_shape), "widths": [list(w) for w in spec.widths]}
-
-
-def save_dense_params(path: str, params, batch_stats) -> None:
-    """Writes a model's variables to an .npz of flat `params/conv1/kernel`, `batch_stats/...`
-    leaves: the portable form of a trained dense model (`experiments/gpu/pack.py` writes it
-    after a GPU run; `load_dense_params` and the benchmarks' `--dense_params` read it)."""
-    flat = {"/".join((top,) + tuple(p)): np.asarray(v)
-            for top, tree in (("params", params), ("batch_stats", batch_stats or {}))
-            for p, v in structure_lib._flatten(jax.device_get(tree)).items()}
-    with files_lib.atomic_open(path, "wb") as f:
-        np.savez_compressed(f, **flat)
-
-
-def load_dense_params(path: str, model) -> tuple:
-    """(params, batch_stats) of `model` (a zoo or discovered model: its `.params` and
-    `.batch_stats` give the expected shapes) from a `save_dense_params` file."""
-    if not os.path.isfile(path):
-        raise errors.NotFoundError(f"dense params {path!r}: no such file. Give the .npz that "
-                                   "experiments/gpu/pack.py wrote (dense_params.npz).")
-    with np.load(path) as z:
-        flat = {tuple(k.split("/")): jnp.asarray(z[k]) for k in z.files}
-    trees = structure_lib._unflatten(flat)
-    got = {top: trees.get(top, {}) for top in ("params", "batch_stats")}
-    want = {"params": model.params, "batch_stats": model.batch_stats or {}}
-    for top in got:
-        if jax.tree.map(jnp.shape, got[top]) != jax.tree.map(jnp.shape, want[top]):
-            raise errors.ConfigError(
-                f"dense params {path!r}: its {top} do not match the configured model's "
-                "(another model or width?); give the file of this model.config.")
-    return got["params"], got["batch_stats"]
-
-
-def restore_model(workdir: str, method: str = "unpruned"):
-    """One call for notebooks: the saved model of `method` → (FunctionalModel, params, batch_stats).
-
-    `method` is a row of results.json ('unpruned', 'threshold', 'reinforce', …).
-    """
-    directory = os.path.join(workdir, "models", method)
-    if not os.path.isdir(directory):
-        have = sorted(os.listdir(os.path.join(workdir, "models"))) \
-            if os.path.isdir(os.path.join(workdir, "models")) else []
-        raise errors.NotFoundError(
-            f"No saved model {method!r} in {directory}. Saved models: {have or 'none'}; "
-            "run the pipeline on this workdir first.")
-    # Read-only: keeps every step; a damaged newest step falls back to the previous good one.
-    checkpointer = ckpt_lib.Checkpointer(directory, max_to_keep=None, fingerprint=None,
-                                         fallback=True)
-    if checkpointer.latest_step() is None:
-        raise errors.NotFoundError(
-            f"The saved model {method!r} in {directory} never finished saving (its run was "
-            "stopped); run the pipeline on this workdir again to save it.")
-    tree, meta = checkpointer.restore()
-    spec = meta["spec"]
-    spec = models_lib.ModelSpec(name=spec["name"], num_classes=int(spec["num_classes"]),
-                                input_shape=tuple(spec["input_shape"]),
-                                widths=tuple((k, int(v)) for k, v in spec["widths"]))
-    model = models_lib.model_from_spec(spec, tree["params"], tree["batch_stats"])
-    return model, model.params, model.batch_stats
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictor:
-    """A saved model ready to run: `predictor(images_uint8) -> logits` (float32 [N, classes]).
-
-    Needs no dataset or config: the normalisation, input shape and precision come from
-    `models/<method>/model.json` (`info`, which also holds the spec, the config and the
-    method's result row). `apply(params, batch_stats, images)` is the pure function behind it
-    (for `jax.jit` / `jax.export`)."""
-    model: Any  # models.FunctionalModel
-    params: Any
-    batch_stats: Any
-    info: dict
-    batch_size: int = 256
-
-    @property
-    def input_shape(self) -> tuple:
-        return tuple(self.info["input_shape"])
-
-    def apply(self, params, batch_stats, images) -> jax.Array:
-        """uint8 (or float pixel-valued) NHWC images → float32 logits, as the evaluation does."""
-        forward = train_lib.mixed_apply(self.model.apply, str(self.info.get("precision", "fp32")))
-        x = data_lib.normalize(images, np.asarray(self.info["mean"], np.float32),
-                               np.asarray(self.info["std"], np.float32))
-        return forward(params, batch_stats, x, train=False)[0]
-
-    @functools.cached_property
-    def _compiled(self):
-        return jax.jit(self.apply)
-
-    def __call__(self, images) -> np.ndarray:
-        images = np.asarray(images)
-        if images.shape == self.input_shape:  # one image
-            return self(images[None])[0]
-        if images.shape[1:] != self.input_shape:
-            raise ValueError(f"images of shape {images.shape}: the model takes "
-                             f"[N, {', '.join(map(str, self.input_shape))}] pixels (0..255).")
-        n, b = images.shape[0], self.batch_size
-        out = []
-        for start in range(0, n, b):  # fixed-size batches: compiled once
-            chunk = images[start:start + b]
-            pad = b - chunk.shape[0]
-            if pad:
-                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-            out.append(np.asarray(self._compiled(self.params, self.batch_stats, chunk))[:b - pad])
-        return np.concatenate(out) if out else np.zeros((0, int(self.info["num_classes"])),
-                                                        np.float32)
-
-
-def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256) -> Predictor:
-    """The saved model of `method` as a `Predictor`: `load_predictor(workdir, 'evolution')(images)`
-    gives the logits the evaluation computes, from uint8 images alone."""
-    model, params, batch_stats = restore_model(workdir, method)
-    path = os.path.join(workdir, "models", method, MODEL_INFO)
-    try:
-        info = ckpt_lib.load_json(path)
-    except (OSError, ValueError) as e:
-        raise errors.NotFoundError(
-            f"The saved model {method!r} has no readable {path} (saved by an older version, or "
-            "damaged); run the pipeline on this workdir again to write it (finished phases are "
-            "restored, not redone).") from e
-    return Predictor(model=model, params=params, batch_stats=batch_stats, info=info,
-                     batch_size=int(batch_size))
+def save_model(ctx: Context, method: str, model, params, batch_stats, masks=None) -> None:
+    """`modelio.save_model` of this run's workdir, dataset and config."""
+    modelio.save_model(ctx.workdir, method, model, params, batch_stats, dataset=ctx.dataset,
+                       config=ctx.config, masks=masks)
 
 
 def candidate_evaluator(ctx: Context, pruner: pruner_lib.Pruner, val: Optional[tuple] = None,
@@ -885,13 +765,16 @@ def search_phase(ctx: Context, pruner: pruner_lib.Pruner, method: str):
 # The whole run
 
 
-def run(config, workdir: str, progress: bool = True, bars: Optional[bool] = None) -> list:
+def run(config, workdir: str, progress: bool = True, bars: Optional[bool] = None,
+        continue_older: bool = False) -> list:
     """Runs (or resumes) the experiment of `config` in `workdir`; returns the result rows.
 
     progress: False prints nothing (no per-epoch lines, no table; errors still raise).
     bars: progress bars on (True) or off (False); None: only when stderr is a terminal, so a
-      redirected log gets plain lines. (Training bars follow `train.fit`: terminal only.)"""
-    ctx = make_context(config, workdir, progress=progress)
+      redirected log gets plain lines. (Training bars follow `train.fit`: terminal only.)
+    continue_older: continue checkpoints made by another version of jaxprune that did not
+      record every setting this one has, at the current values (see `check_workdir`)."""
+    ctx = make_context(config, workdir, progress=progress, continue_older=continue_older)
     ctx.bars = bars
     try:
         return _run_phases(ctx, config, workdir)
@@ -904,7 +787,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
     rows = []
     with _timed(ctx, "dense"):
         dense_state, dense_row = dense_phase(ctx)
-        save_compact(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
+        save_model(ctx, "unpruned", ctx.model, dense_state.params, dense_state.batch_stats)
     rows.append(dense_row)
     handset = config_checks.methods(config.prune.methods)
     searches = config_checks.methods(config.search.methods)
@@ -941,7 +824,7 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
         report_lib.plot_keep_ratios(os.path.join(workdir, "keep_ratios.png"), pruner.units, winners)
     _write(ctx, rows, final=True, wall=time.perf_counter() - t_start)
     merged = report_lib.read_results(workdir)
-    _attach_rows(workdir, merged)
+    modelio.attach_rows(workdir, merged)
     # TensorBoard: the flattened config as hparams (metrics: each method's test accuracy), the
     # table as text, the plots as images.
     ctx.writer.write_summary(
@@ -951,18 +834,6 @@ def _run_phases(ctx: Context, config, workdir: str) -> list:
                 for name in ("search_pareto", "keep_ratios")})
     ctx.writer.close()
     return rows
-
-
-def _attach_rows(workdir: str, rows) -> None:
-    """Writes each method's result row into its saved model's `model.json`."""
-    for row in rows:
-        path = os.path.join(workdir, "models", str(row["method"]), MODEL_INFO)
-        try:
-            info = ckpt_lib.load_json(path)
-        except (OSError, ValueError):
-            continue  # no saved model (or an older one without the file)
-        if isinstance(info, dict) and info.get("row") != report_lib.strict_json(dict(row)):
-            ckpt_lib.save_json(path, dict(info, row=row))
 
 
 @contextlib.contextmanager

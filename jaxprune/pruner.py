@@ -445,7 +445,8 @@ class Pruner:
     def compact(self, keep, params=None, batch_stats=None):
         """`(compact_apply, compact_variables)`: the model with the channels dropped at `keep`
         removed (default: the dense variables). `compact_apply(compact_variables, x) -> logits`
-        equals the masked model's output; `surgery.save` / `surgery.load` store and restore it."""
+        equals the masked model's output; `modelio.save_compact` /
+        `modelio.load_compact` store and restore it."""
         found = {self._discovered[k]: v for k, v in self.channel_keep(keep).items()}
         return surgery.compact(_eval_logits(self._apply), self._variables(params, batch_stats),
                                self._found, found)

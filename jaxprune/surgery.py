@@ -2,7 +2,7 @@
 
     small_fn, small_vars = compact(apply_fn, variables, discovery, keep)
     small_fn(small_vars, x)  ==  mask_activations(apply_fn)(variables, x, keep as masks)
-    save(directory, small_fn, small_vars, x);  small_fn, small_vars = load(directory)
+    modelio.save_compact(directory, small_fn, small_vars, x)   # jaxprune.save_compact
 
 Every member of a group (`discover.Member`) is sliced on its axis: producers' output axes,
 per-channel leaves, consumers' input axes (with the offsets of concatenations and the
@@ -15,19 +15,12 @@ plain functions often would, but nothing relies on it). Limits: the groups must 
 the same `apply_fn` and variable shapes; the program is re-traced per input shape (cached);
 gradients through inlined `custom_jvp` / `custom_vjp` calls use the primal's rules.
 
-`save` writes the compact params and the compact program (`jax.export`, serialized with a
-symbolic batch size, so it needs neither `apply_fn` nor this package to run) beside them:
-
-    directory/variables.npz   the leaves, in tree-flatten order
-    directory/program.bin     `jax.export.Exported.serialize()` of the compact function
-    directory/meta.json       the kept channels per group, input shape, jax version
+Saving the compact program and variables (`jax.export`) is `modelio.save_compact`.
 
 This module never imports Flax.
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -172,41 +165,13 @@ def compact(apply_fn: Callable, variables, groups, keep) -> Tuple[Callable, Any]
     return compact_apply_fn, small
 
 
-def save(directory: str, compact_apply_fn: Callable, compact_variables, example_input, *,
-         batch_polymorphic: bool = True) -> None:
-    """Writes the compact variables and the exported compact program into `directory`.
-
-    The program is exported with `jax.export` for the input shape of `example_input` (a
-    single array, batch axis first); with `batch_polymorphic` the batch size is symbolic.
-    """
-    os.makedirs(directory, exist_ok=True)
-    shape = tuple(np.shape(example_input))
-    dtype = jnp.result_type(example_input)
-    if batch_polymorphic:
-        dims = ", ".join(["b"] + [str(d) for d in shape[1:]])
-        x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), dtype)
-    else:
-        x_spec = jax.ShapeDtypeStruct(shape, dtype)
-    exported = jax.export.export(jax.jit(compact_apply_fn))(dlib._abstract(compact_variables),
-                                                            x_spec)
-    with open(os.path.join(directory, "program.bin"), "wb") as f:
-        f.write(exported.serialize())
-    leaves = [np.asarray(x) for x in jax.tree.leaves(compact_variables)]
-    np.savez(os.path.join(directory, "variables.npz"),
-             **{f"leaf{i:05d}": x for i, x in enumerate(leaves)})
-    meta = dict(widths=getattr(compact_apply_fn, "widths", None), input_shape=list(shape[1:]),
-                batch_polymorphic=batch_polymorphic, jax_version=jax.__version__)
-    with open(os.path.join(directory, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+def save(*args, **kwargs):
+    """Moved to `modelio.save_compact` (`jaxprune.save_compact`); kept for older scripts."""
+    from jaxprune import modelio
+    return modelio.save_compact(*args, **kwargs)
 
 
-def load(directory: str) -> Tuple[Callable, Any]:
-    """`(apply_fn, variables)` of a model written by `save`; `apply_fn(variables, x)`."""
-    with open(os.path.join(directory, "program.bin"), "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    with np.load(os.path.join(directory, "variables.npz")) as z:
-        leaves = [jnp.asarray(z[k]) for k in sorted(z.files)]
-    args_tree = exported.in_tree.children()[0]           # ((variables, x), {}) -> (variables, x)
-    var_tree = args_tree.children()[0]
-    variables = jax.tree.unflatten(var_tree, leaves)
-    return exported.call, variables
+def load(*args, **kwargs):
+    """Moved to `modelio.load_compact` (`jaxprune.load_compact`); kept for older scripts."""
+    from jaxprune import modelio
+    return modelio.load_compact(*args, **kwargs)

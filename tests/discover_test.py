@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune import discover, masks, models, surgery
+from jaxprune import discover, masks, modelio, models, surgery
 
 
 def _zoo(name, input_shape, widths=None, abstract=False):
@@ -334,8 +334,8 @@ def test_save_and_load_compact_model(tmp_path):
     found = discover.discover_groups(apply_fn, variables, x)
     keep = _random_keep(found.groups, seed=2)
     small_fn, small = surgery.compact(apply_fn, variables, found, keep)
-    surgery.save(str(tmp_path), small_fn, small, x)
-    loaded_fn, loaded = surgery.load(str(tmp_path))
+    modelio.save_compact(str(tmp_path), small_fn, small, x)
+    loaded_fn, loaded = modelio.load_compact(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, loaded, small)
     x3 = jnp.concatenate([x, x[:1]])  # the exported batch size is symbolic
     np.testing.assert_allclose(loaded_fn(loaded, x3), small_fn(small, x3), atol=1e-6)

@@ -13,8 +13,7 @@ import sys
 
 import pytest
 
-from fault_child import steps  # tests/ is on sys.path under pytest
-from jaxprune import pipeline
+from jaxprune import modelio, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -46,11 +45,12 @@ def assert_tables_equal(got, want):
 
 
 def restorable_models(workdir):
-    """Methods with a finished saved model; each must restore (checksums verified)."""
+    """Methods with a finished saved model (its model.json, written once its step is on disk);
+    each must restore (every file's sha256 and every array's checksum verified)."""
     out = set()
     models = os.path.join(workdir, "models")
     for method in sorted(os.listdir(models) if os.path.isdir(models) else []):
-        if steps(os.path.join(models, method)):
+        if os.path.exists(os.path.join(models, method, modelio.MODEL_INFO)):
             pipeline.restore_model(workdir, method)  # raises if the model was lost or damaged
             out.add(method)
     return out

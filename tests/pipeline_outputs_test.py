@@ -1,5 +1,6 @@
-"""What a run leaves behind: saved models that run on their own (`load_predictor`), logs that
-read well when redirected, `--quiet`, TensorBoard hparams/table/plots, configs loaded by name."""
+"""What a run leaves behind (the shared CLI smoke run, `smoke_run` in tests/conftest.py): saved
+models that run on their own (`load_predictor`), logs that read well when redirected, a rerun that
+resumes and `--quiet`, TensorBoard hparams/table/plots, configs loaded by name."""
 import glob
 import json
 import os
@@ -11,49 +12,43 @@ import sys
 import numpy as np
 import pytest
 
-from jaxprune import data, pipeline, train
+from jaxprune import data, modelio, pipeline, train
+from tables import assert_table_shows  # tests/ is on sys.path under pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu")
-METHODS = ["--config.prune.methods=threshold", "--config.search.methods=random"]
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """One CLI smoke run with stdout and stderr redirected to a file, then a `--quiet` rerun."""
-    workdir = str(tmp_path_factory.mktemp("outputs") / "work")
-    command = [sys.executable, "-m", "jaxprune.main", "--config=configs/quickstart.py:smoke",
-               f"--workdir={workdir}", *METHODS]
-    log_path = os.path.join(os.path.dirname(workdir), "run.log")
-    with open(log_path, "wb") as log:
-        done = subprocess.run(command, cwd=REPO, env=ENV, stdout=log, stderr=log, timeout=600)
-    with open(log_path, "rb") as f:
-        log = f.read()
-    assert done.returncode == 0, log.decode()[-3000:]
-    quiet = subprocess.run(command + ["--quiet"], cwd=REPO, env=ENV, capture_output=True,
-                           timeout=600)
-    return workdir, log, quiet
-
-
-def test_redirected_log_has_plain_lines_and_no_bars(cli_run):
-    _, log, _ = cli_run
-    text = log.decode()
+def test_redirected_log_has_plain_lines_and_no_bars(smoke_run):
+    text = smoke_run.log  # the shared CLI run's stdout and stderr, redirected to a file
     assert "\r" not in text  # tqdm redraws with carriage returns
     assert "[dense] epoch 1/1" in text and "[timing] random" in text
-    assert "test acc (%)" in text  # the table
+    assert_table_shows(text, smoke_run.rows)  # the printed table is the saved one
 
 
-def test_quiet_prints_nothing(cli_run):
-    _, _, quiet = cli_run
+def test_rerun_resumes_redoes_nothing_and_quiet_prints_nothing(smoke_run, copy_run):
+    """The same command again on a finished workdir (a copy of the shared run), with `--quiet`:
+    every phase is restored (no checkpoint step added), the table is the same, nothing printed."""
+    checkpoints = os.path.join(copy_run, "checkpoints")
+    before = {d: sorted(os.listdir(os.path.join(checkpoints, d))) for d in os.listdir(checkpoints)}
+    quiet = subprocess.run([sys.executable, "-m", "jaxprune.main", "--config=configs/quickstart.py:smoke",
+                            f"--workdir={copy_run}", "--quiet"], cwd=REPO, env=ENV,
+                           capture_output=True, timeout=600)
     assert quiet.returncode == 0, quiet.stderr.decode()
     assert quiet.stdout.decode() == "" and quiet.stderr.decode() == ""
+    assert {d: sorted(os.listdir(os.path.join(checkpoints, d))) for d in before} == before
+    again = json.load(open(os.path.join(copy_run, "results.json")))
+    assert [r["method"] for r in again] == [r["method"] for r in smoke_run.rows]
+    for a, b in zip(smoke_run.rows, again):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6), a["method"]
+        assert a["macs"] == b["macs"] and a["params"] == b["params"], a["method"]
 
 
-def test_saved_model_carries_what_it_needs(cli_run):
-    workdir, _, _ = cli_run
+def test_saved_model_carries_what_it_needs(smoke_run):
+    workdir = smoke_run.workdir
     rows = {r["method"]: r for r in json.load(open(os.path.join(workdir, "results.json")))}
     for method in ("unpruned", "threshold", "random"):
-        info = json.load(open(os.path.join(workdir, "models", method, pipeline.MODEL_INFO)))
+        info = json.load(open(os.path.join(workdir, "models", method, modelio.MODEL_INFO)))
         assert info["method"] == method and info["row"] == rows[method]
         assert info["input_shape"] == [8, 8, 1] and info["num_classes"] == 10
         assert len(info["mean"]) == len(info["std"]) == 1 and info["std"][0] > 0
@@ -61,8 +56,8 @@ def test_saved_model_carries_what_it_needs(cli_run):
         assert info["spec"]["widths"] == [[k, v] for k, v in info["spec"]["widths"]]
 
 
-def test_predictor_equals_the_evaluation(cli_run):
-    workdir, _, _ = cli_run
+def test_predictor_equals_the_evaluation(smoke_run):
+    workdir = smoke_run.workdir
     rows = {r["method"]: r for r in json.load(open(os.path.join(workdir, "results.json")))}
     config = pipeline.load_config("quickstart:smoke")
     ds = data.load(config.data)
@@ -100,8 +95,8 @@ def _events(path):
     return out
 
 
-def test_tensorboard_has_hparams_table_and_plots(cli_run):
-    workdir, _, _ = cli_run
+def test_tensorboard_has_hparams_table_and_plots(smoke_run):
+    workdir = smoke_run.workdir
     plugins, tags, blob = set(), set(), b""
     for path in glob.glob(os.path.join(workdir, "tensorboard", "**", "events.*"), recursive=True):
         for event in _events(path):
@@ -125,6 +120,7 @@ def test_configs_load_by_name_and_variant():
         pipeline.load_config("no_such_config")
 
 
+@pytest.mark.slow
 def test_installed_package_loads_configs_by_name(tmp_path):
     """`pip install .` (not editable) ships configs/ as jaxprune/configs/."""
     source, target = tmp_path / "src", tmp_path / "site"  # a copy: no build/ left in the tree

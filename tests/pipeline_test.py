@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 
 from jaxprune import checkpoint, pipeline
+from tables import assert_table_shows  # tests/ is on sys.path under pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"method", "accuracy", "params", "macs", "size_mb", "train_seconds", "latency_ms", "sparsity"}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("quick"))
-    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
-    rows = pipeline.run(config, workdir, progress=False)
-    return config, workdir, rows
+# `smoke_run` (tests/conftest.py): one CLI run of the quick-start smoke config, every method.
 
 
 def test_rows_for_every_method_with_all_columns(smoke_run):
-    config, workdir, rows = smoke_run
+    config, workdir, rows = smoke_run.config, smoke_run.workdir, smoke_run.rows
     methods = [r["method"] for r in rows]
     assert methods == ["unpruned", "threshold", "sensitivity", "reinforce", "gan", "evolution",
                        "random", "uniform"]
@@ -38,13 +34,19 @@ def test_rows_for_every_method_with_all_columns(smoke_run):
     log = json.load(open(os.path.join(workdir, "search_evolution.json")))
     assert len(log["candidates"]) == config.search.rounds * config.search.candidates
     assert all(c["macs_fraction"] <= 1 - config.prune.sparsity + 1e-6 for c in log["candidates"])
-    for name in ("results.md", "metrics.jsonl", "run_info.json", "search_pareto.png", "keep_ratios.png"):
-        assert os.path.exists(os.path.join(workdir, name)), name
+    assert_table_shows(open(os.path.join(workdir, "results.md")).read(), saved)
+    metrics = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert {"dense"} <= {m.get("phase") for m in metrics}
+    assert all(np.isfinite(m["loss"]) for m in metrics if m.get("loss") is not None)
+    info = json.load(open(os.path.join(workdir, "run_info.json")))
+    assert info["config"]["prune"]["sparsity"] == config.prune.sparsity and info["starts"]
+    for name in ("search_pareto.png", "keep_ratios.png"):  # their series: report_test
+        assert open(os.path.join(workdir, name), "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_restore_model_reproduces_the_reported_accuracy(smoke_run):
     from jaxprune import data, train
-    config, workdir, rows = smoke_run
+    config, workdir, rows = smoke_run.config, smoke_run.workdir, smoke_run.rows
     ds = data.load(config.data)
     for row in (rows[0], rows[3]):
         model, params, batch_stats = pipeline.restore_model(workdir, row["method"])
@@ -53,21 +55,11 @@ def test_restore_model_reproduces_the_reported_accuracy(smoke_run):
         assert result["accuracy"] == pytest.approx(row["accuracy"], abs=1e-6)
 
 
-def test_rerun_resumes_and_redoes_nothing(smoke_run):
-    config, workdir, rows = smoke_run
-    before = {d: sorted(os.listdir(os.path.join(workdir, "checkpoints", d)))
-              for d in os.listdir(os.path.join(workdir, "checkpoints"))}
-    again = pipeline.run(config, workdir, progress=False)
-    after = {d: sorted(os.listdir(os.path.join(workdir, "checkpoints", d))) for d in before}
-    assert before == after  # no phase trained or searched again
-    for a, b in zip(rows, again):
-        assert a["method"] == b["method"]
-        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-6)
-        assert a["macs"] == b["macs"] and a["params"] == b["params"]
+# A rerun of the finished run resumes and redoes nothing: pipeline_outputs_test (one CLI rerun).
 
 
-def test_workdir_of_another_model_is_refused_and_kept(smoke_run):
-    config, workdir, _ = smoke_run
+def test_workdir_of_another_model_is_refused_and_kept(smoke_run, copy_run):
+    config, workdir = smoke_run.config, copy_run
     other = config.copy_and_resolve_references()
     other.model.name = "mlp"
     listing = sorted(os.listdir(os.path.join(workdir, "checkpoints", "dense")))
@@ -89,8 +81,8 @@ def test_cli_rejects_unknown_key_and_bad_sparsity(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
 
 
-def test_changed_budget_is_refused_not_silently_reused(smoke_run):
-    config, workdir, _ = smoke_run
+def test_changed_budget_is_refused_not_silently_reused(smoke_run, copy_run):
+    config, workdir = smoke_run.config, copy_run
     other = config.copy_and_resolve_references()
     other.prune.sparsity = 0.6
     listing = sorted(os.listdir(os.path.join(workdir, "checkpoints", "finetune_threshold")))
@@ -100,13 +92,9 @@ def test_changed_budget_is_refused_not_silently_reused(smoke_run):
 
 
 @pytest.mark.parametrize("granularity,target", [("channel", "macs"), ("unstructured", "params")])
-def test_global_threshold_meets_the_budget(tmp_path, granularity, target):
-    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
-    with config.unlocked():
-        config.prune.methods, config.search.methods = "threshold", ""
-        config.prune.scope, config.prune.granularity, config.prune.target = "global", granularity, target
-        config.prune.sparsity = 0.6
-    dense, pruned = pipeline.run(config, str(tmp_path), progress=False)
+def test_global_threshold_meets_the_budget(dense_workdir, tmp_path, granularity, target):
+    _, (dense, pruned), _ = _run_on_dense(dense_workdir, tmp_path, scope="global",
+                                          granularity=granularity, target=target, sparsity=0.6)
     assert pruned[target] <= 0.4 * dense[target] + 1
     assert pruned[target] >= 0.3 * dense[target]  # the budget is used, not undershot
     assert len(set(pruned["keep"])) > 1  # one global threshold gives per-unit keeps
@@ -157,15 +145,10 @@ def test_projected_channel_keeps_are_whole_channels(tmp_path, multiple):
 # -- every path the configs allow, on the dense model of one run ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def dense_workdir(tmp_path_factory):
-    """A workdir whose dense phase is done (the prune settings do not change it)."""
-    workdir = str(tmp_path_factory.mktemp("dense"))
-    config = pipeline.load_config(os.path.join(REPO, "configs", "quickstart.py"), "smoke")
-    with config.unlocked():
-        config.prune.methods, config.search.methods = "", ""
-    pipeline.run(config, workdir, progress=False)
-    return workdir
+@pytest.fixture
+def dense_workdir(smoke_run):
+    """A workdir whose dense phase is done (the prune and search settings do not change it)."""
+    return smoke_run.workdir
 
 
 def _run_on_dense(dense_workdir, tmp_path, methods="threshold", searches="", **settings):

@@ -50,13 +50,33 @@ def test_metric_writer_appends_jsonl(tmp_path):
     assert os.listdir(tmp_path / "tensorboard")
 
 
-def test_plots_are_written(tmp_path):
+def test_plots_have_the_right_series(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []  # each figure as the plot function leaves it, before it is closed
+    monkeypatch.setattr(plt, "close", figures.append)
     logs = {"random": {"macs": [1e6, 2e6, 3e6], "accuracy": [0.5, 0.6, 0.55]},
             "reinforce": {"macs": [1.5e6, 2.5e6], "accuracy": [0.58, 0.7]}}
     report.plot_search(str(tmp_path / "p.png"), logs, dense_macs=4e6, budget_macs=2.5e6)
     report.plot_keep_ratios(str(tmp_path / "k.png"), ["a", "b", "c"],
                             {"random": [0.5, 0.6, 0.7], "reinforce": [1.0, 0.3, 0.5]})
-    assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "k.png").stat().st_size > 1000
+    for name in ("p.png", "k.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    search, keeps = (fig.axes[0] for fig in figures)
+    # search: one scatter per method (MACs in M, accuracy in %), the Pareto front, the budget
+    points = {c.get_label(): c.get_offsets() for c in search.collections}
+    np.testing.assert_allclose(points["random"], [[1, 50], [2, 60], [3, 55]])
+    np.testing.assert_allclose(points["reinforce"], [[1.5, 58], [2.5, 70]])
+    lines = {l.get_label(): np.asarray(l.get_xydata()) for l in search.lines}
+    np.testing.assert_allclose(lines["Pareto front"], [[1, 50], [1.5, 58], [2, 60], [2.5, 70]])
+    np.testing.assert_allclose(lines["budget"][:, 0], 2.5)
+    assert "dense 4.00 M" in search.get_xlabel()
+    # keep ratios: one bar per group and method, the winner's keep ratio as its height
+    heights = {}
+    for container in keeps.containers:
+        heights[container.get_label()] = [bar.get_height() for bar in container]
+    assert heights == {"random": [0.5, 0.6, 0.7], "reinforce": [1.0, 0.3, 0.5]}
+    assert [t.get_text() for t in keeps.get_xticklabels()] == ["a", "b", "c"]
 
 
 def test_results_json_is_strict(tmp_path):

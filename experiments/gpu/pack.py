@@ -17,10 +17,10 @@ LIMIT = 15 * 2 ** 20  # bytes per file, under the 16 MiB the device machine retu
 
 
 def dense_params(workdir, path):
-    from jaxprune import pipeline  # imports JAX; only this step needs it
+    from jaxprune import modelio  # imports JAX; only this step needs it
 
-    _, params, batch_stats = pipeline.restore_model(workdir, "unpruned")
-    pipeline.save_dense_params(path, params, batch_stats)
+    _, params, batch_stats = modelio.restore_model(workdir, "unpruned")
+    modelio.save_dense_params(path, params, batch_stats)
 
 
 def _tar(path, workdir, names):
