@@ -6,6 +6,8 @@ after the width argument that sizes them (`models.discovery`). The layouts writt
 one group per residual stream and one per block's inner conv) must be what discovery finds,
 group for group, in the order of the width arguments.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,28 @@ def test_with_widths_rebuilds_the_narrower_module():
         models.with_widths(model, {"conv2": 4}, params, {})
     with pytest.raises(ValueError, match="bogus"):
         models.with_widths(model, {"bogus": 4}, params, {})
+
+
+CAMPAIGN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments", "2026-12-03_resnet20_cpu", "workdir", "checkpoints",
+                        "dense")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(CAMPAIGN), reason="no committed campaign snapshot")
+def test_the_campaign_checkpoint_restores_into_the_hook_free_resnet20():
+    """The ResNet-20 campaign's dense checkpoint (made at 9723022, when the zoo still had
+    declared groups and hooks) restores into the plain module: same param paths and shapes."""
+    from jaxprune import checkpoint, masks, pipeline, train
+    cfg = pipeline.load_config("cifar10", "resnet20_cpu")
+    model = models.get_model("resnet20", num_classes=10, input_shape=(32, 32, 3),
+                             key=jax.random.key(0))
+    state = train.create_state(model.params, model.batch_stats, masks.ones_like(model.params),
+                               train.make_optimizer(cfg.train))
+    restored, _ = checkpoint.Checkpointer(CAMPAIGN, max_to_keep=None, fingerprint=None,
+                                          fallback=True).restore(like=state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert int(restored.step) > 0
+    logits, _ = model.apply(restored.params, restored.batch_stats, jnp.zeros((2, 32, 32, 3)),
+                            train=False)
+    assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
