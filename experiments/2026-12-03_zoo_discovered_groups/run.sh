@@ -2,6 +2,7 @@
 # Before (declared groups + channel_masks hook + structure.compact, commit 9723022) vs after
 # (discovered groups, hookless masks, surgery.slice_variables + models.with_widths): the same
 # benchmark commands, interleaved B A A B so load drift on the shared machine cancels.
+# Sizes are small: the 2-core machine was shared by ~8 other jobs (load 15-18) when it ran.
 # Usage: run.sh BEFORE_CHECKOUT AFTER_CHECKOUT > log
 set -u
 BEFORE=$1; AFTER=$2
@@ -44,10 +45,10 @@ PY
   )
 }
 uptime
-MS="benchmarks/masked_step.py --model=resnet20 --batch=128 --repeats=10"
+MS="benchmarks/masked_step.py --model=resnet20 --batch=32 --repeats=5"
 BL="benchmarks/batched_eval.py --candidates 16,64"
-BR="benchmarks/batched_eval.py --model resnet20 --input_shape 32,32,3 --candidates 16 --val_examples 64 --calib_batches 1 --calib_batch_size 32 --chunk_size 4 --repeats 2"
-CL="benchmarks/compact_latency.py --model resnet20 --batch_size 128 --repeats 10"
+BR="benchmarks/batched_eval.py --model resnet20 --input_shape 32,32,3 --candidates 8 --val_examples 32 --calib_batches 1 --calib_batch_size 16 --eval_batch_size 32 --chunk_size 4 --repeats 2"
+CL="benchmarks/compact_latency.py --model resnet20 --batch_size 32 --repeats 10"
 for order in "before after" "after before"; do
   for side in $order; do
     dir=$BEFORE; [ "$side" = after ] && dir=$AFTER
