@@ -426,7 +426,8 @@ class Checkpointer:
         new step and waited for; then `on_saved(step)` is called (e.g. to describe the new step
         in a file beside it); only then `max_to_keep` removes older ones. Skipped (returns False)
         when the newest step already holds exactly this state and meta and reads back, unless
-        `force`."""
+        `force`. A damaged step it replaces (found so, or `mark_damaged`) is renamed to
+        `<step>.corrupt-<time>`, never removed."""
         self.wait()
         steps = self.all_steps()
         if steps and not force:
@@ -442,6 +443,11 @@ class Checkpointer:
                     return False
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
+        damaged = [s for s in steps if s in self._bad_steps]
+        for s in damaged:  # replaced: kept aside, never removed by `max_to_keep`
+            self._quarantine(s)
+        if damaged:
+            self._manager.reload()
         step = (steps[-1] + 1) if steps else 0
         saved = self.save(step, state, meta, force=True)
         if saved and on_saved is not None:
@@ -449,6 +455,11 @@ class Checkpointer:
             on_saved(step)
         self.wait()
         return saved
+
+    def mark_damaged(self, step: int) -> None:
+        """Records that `step` is damaged (found so by a check of the caller's): it is never
+        restored by fallback, and a replacement sets it aside instead of removing it."""
+        self._bad_steps.add(int(step))
 
     def _set_aside(self, step: int) -> None:
         aside = self._step_dir(step) + _REPLACED

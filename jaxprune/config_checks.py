@@ -178,6 +178,7 @@ SCHEMA: dict[str, Check] = {
     **{key: _choice(allowed) for key, allowed in CHOICES.items()},
 }
 OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choice(SOURCES),
+                             "data.seq_len": _int(2), "data.vocab_size": _int(4),  # text data
                              "data.portable_path": _optional_str, "data.download": _bool,
                              "prune.imp_rounds": _int(1),
                              "prune.n": _int(1), "prune.m": _int(1),

@@ -456,6 +456,23 @@ def _finish(kind, names, sizes, macs_rows, macs_fixed, params_rows, params_fixed
         _macs_terms=macs_terms, _params_terms=params_terms)
 
 
+def _member_rows(g, group, groups, shapes, producer, consumer) -> None:
+    """Records a `discover.Group`'s leaves: members 'producer' / 'param' scale with the group
+    as producers, 'consumer' members as consumers."""
+    for m in group.members:
+        path = tuple(m.path)
+        if path not in shapes:
+            raise ValueError(f"group {group.name!r}: member {_fmt(path)!r} is not a param leaf.")
+        table = consumer if m.role == "consumer" else producer
+        if path in table:
+            other = table[path][0] if m.role == "consumer" else table[path]
+            if other == g:
+                continue
+            raise ValueError(f"{_fmt(path)!r} is a {m.role} of both {groups[other].name!r} and "
+                             f"{group.name!r}.")
+        table[path] = (g, 1) if m.role == "consumer" else g
+
+
 def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
                groups: Sequence[ChannelGroup]) -> CostModel:
     """Channel cost model: MACs / params as functions of one keep ratio per group.
@@ -467,8 +484,9 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
 
     Args:
       apply_fn, params, batch_stats, input_shape: as for `count_macs`.
-      groups: the model's `ChannelGroup`s (each leaf may produce at most one group and consume
-        at most one group).
+      groups: the model's `ChannelGroup`s, or `discover.Group`s (members on any axis, as
+        `discover.params_groups` gives them); each leaf may produce at most one group and
+        consume at most one group.
 
     Raises:
       ValueError: a group names a missing leaf, an axis size disagrees with the group size, or
@@ -479,6 +497,9 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
     producer: Dict[Path, int] = {}
     consumer: Dict[Path, Tuple[int, int]] = {}
     for g, group in enumerate(groups):
+        if hasattr(group, "members"):  # a `discover.Group`: any axis, sliced by its members
+            _member_rows(g, group, groups, shapes, producer, consumer)
+            continue
         for path in group.producers:
             path = tuple(path)
             if path not in shapes:
@@ -508,10 +529,9 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
             consumer[path] = (g, int(spatial))
 
     def row(path: Path, total: int, what: str):
-        shape = shapes[path]
         i, s = consumer.get(path, (-1, 1))
         o = producer.get(path, -1)
-        divisor = (shape[-2] if i >= 0 else 1) * (shape[-1] if o >= 0 else 1)
+        divisor = (s * groups[i].size if i >= 0 else 1) * (groups[o].size if o >= 0 else 1)
         return (_unit(total, divisor, f"{what} of {_fmt(path)!r}"), i, s, o)
 
     per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape)

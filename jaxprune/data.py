@@ -34,8 +34,12 @@ from jaxprune import files
 from jaxprune import portable as portable_lib
 
 TFDS_DATASETS = ("cifar10", "mnist", "fashion_mnist")
-DATASETS = TFDS_DATASETS + ("digits",)
-NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "digits": 10}
+# Text datasets: name -> (TFDS builder, the split used as this project's test split). GLUE keeps
+# its test labels hidden, so SST-2's labelled `validation` split is the one reported.
+TEXT_DATASETS = {"sst2": ("glue/sst2", "validation")}
+DATASETS = TFDS_DATASETS + ("digits",) + tuple(TEXT_DATASETS)
+NUM_CLASSES = {"cifar10": 10, "mnist": 10, "fashion_mnist": 10, "digits": 10, "sst2": 2}
+TEXT_DEFAULTS = {"seq_len": 64, "vocab_size": 16384}  # data.seq_len / data.vocab_size
 
 # The validation split (and any train/test subset) comes from this fixed seed, not from
 # config.seed, so runs with different seeds are compared on the same examples.
@@ -54,7 +58,9 @@ class Dataset(NamedTuple):
     """A dataset in host memory. Images are uint8 NHWC, labels int32.
 
     `mean` / `std` are per-channel float32 statistics of `train_images` (pixel units 0..255),
-    for `normalize`.
+    for `normalize`. A text dataset (`kind='tokens'`) holds int32 [N, seq_len] token ids in the
+    `*_images` fields, `mean` / `std` None (nothing to normalise) and its tokenizer as JSON
+    (`text.from_json`), made from its train split only.
     """
 
     name: str
@@ -66,8 +72,20 @@ class Dataset(NamedTuple):
     val_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
+    mean: Optional[np.ndarray]
+    std: Optional[np.ndarray]
+    # What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the device)
+    # or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they are).
+    kind: str = "image"
+    tokenizer: Optional[str] = None  # kind 'tokens': the tokenizer's JSON
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are < vocab_size (0 for images)."""
+        if self.tokenizer is None:
+            return 0
+        from jaxprune import text
+        return text.vocab_size(text.from_json(self.tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,9 +117,12 @@ def _import_tfds(name: str):
     return tfds
 
 
-def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, **kwargs):
+def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, *,
+               splits=("train", "test"), **kwargs):
+    """`tfds.load` of the builder `name` ('cifar10', 'glue/sst2'), or a DataNotFoundError that
+    says how to prepare it."""
     try:
-        return tfds.load(name, split=["train", "test"], data_dir=data_dir, download=download,
+        return tfds.load(name, split=list(splits), data_dir=data_dir, download=download,
                          **kwargs)
     except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
         where = os.path.abspath(data_dir) if data_dir else \
@@ -124,6 +145,22 @@ def _load_tfds(name: str, data_dir: Optional[str], download: bool = False):
             images.append(x)
             labels.append(y)
         out += [np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)]
+    return tuple(out)
+
+
+def _load_tfds_text(name: str, data_dir: Optional[str], download: bool = False):
+    """(train sentences, train labels, test sentences, test labels); sentences a numpy array of
+    str, in TFDS's order."""
+    tfds = _import_tfds(name)
+    builder, test_split = TEXT_DATASETS[name]
+    splits = _tfds_load(tfds, builder, data_dir, download, splits=("train", test_split))
+    out = []
+    for ds in splits:
+        sentences, labels = [], []
+        for example in tfds.as_numpy(ds.batch(8192)):
+            sentences += [s.decode("utf-8") for s in example["sentence"]]
+            labels.append(example["label"])
+        out += [np.array(sentences, dtype=object), np.concatenate(labels).astype(np.int32)]
     return tuple(out)
 
 
@@ -154,6 +191,8 @@ def _source(name: str, data_dir: Optional[str], download: bool = False,
     """`portable`: None (TFDS) or (absolute path, mtime) of a portable file."""
     if name == "digits":
         arrays = load_digits()
+    elif name in TEXT_DATASETS:
+        arrays = _load_tfds_text(name, data_dir, download)
     elif portable is not None:
         arrays = _load_portable(name, portable[0])
     else:
@@ -195,7 +234,8 @@ def _subset_size(key: str, value, available: int) -> Optional[int]:
 @functools.lru_cache(maxsize=4)
 def _load(name: str, data_dir: Optional[str], val_size: int, train_size: Optional[int],
           test_size: Optional[int], download: bool = False,
-          portable: Optional[tuple] = None) -> Dataset:
+          portable: Optional[tuple] = None, text_options: Optional[tuple] = None) -> Dataset:
+    """`text_options`: ((key, value), ...) of TEXT_DEFAULTS' keys, for a text dataset."""
     train_x, train_y, test_x, test_y = _source(name, data_dir, download, portable)
     n = train_x.shape[0]
     if not isinstance(val_size, (int, np.integer)) or isinstance(val_size, bool) \
@@ -212,8 +252,42 @@ def _load(name: str, data_dir: Optional[str], val_size: int, train_size: Optiona
     if test_size is not None:
         test_idx = np.random.default_rng(SPLIT_SEED + 1).permutation(len(test_idx))[:test_size]
     train_idx, val_idx, test_idx = np.sort(train_idx), np.sort(val_idx), np.sort(test_idx)
+    if name in TEXT_DATASETS:
+        return _tokenize(name, dict(text_options), train_x[train_idx], train_y[train_idx],
+                         train_x[val_idx], train_y[val_idx], test_x[test_idx], test_y[test_idx])
     return _make_dataset(name, train_x[train_idx], train_y[train_idx], train_x[val_idx],
                          train_y[val_idx], test_x[test_idx], test_y[test_idx])
+
+
+def _tokenize(name, options, train_x, train_y, val_x, val_y, test_x, test_y) -> Dataset:
+    """Sentences → token ids with a tokenizer made from the train sentences only."""
+    from jaxprune import text
+    tokenizer = text.train_tokenizer(list(train_x), vocab_size=int(options["vocab_size"]))
+    seq_len = int(options["seq_len"])
+    arrays = [text.encode(tokenizer, list(x), seq_len) if i % 2 == 0 else x
+              for i, x in enumerate((train_x, train_y, val_x, val_y, test_x, test_y))]
+    for a in arrays:
+        a.setflags(write=False)
+    return Dataset(name, NUM_CLASSES[name], (seq_len,), *arrays, None, None, kind="tokens",
+                   tokenizer=text.to_json(tokenizer))
+
+
+def _text_options(name: str, data_config) -> Optional[tuple]:
+    if name not in TEXT_DATASETS:
+        return None
+    options = {}
+    for key, default in TEXT_DEFAULTS.items():
+        value = data_config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 2:
+            raise ValueError(f"data.{key}={value!r}: use an int >= 2 (default {default}).")
+        options[key] = int(value)
+    if data_config.get("augment"):
+        raise ValueError(f"data.augment=True: {name} is text, and the augmentation (random "
+                         "crops and flips) is for images; set --config.data.augment=False.")
+    if data_config.get("cache"):
+        raise ValueError(f"data.cache: {name} is text (tokenized in seconds from TFDS); the "
+                         ".npz cache is for image datasets; remove data.cache.")
+    return tuple(sorted(options.items()))
 
 
 def _make_dataset(name, train_x, train_y, val_x, val_y, test_x, test_y,
@@ -233,7 +307,9 @@ def load(data_config) -> Dataset:
     test_size (None = all), cache (optional .npz path: read it when it exists, else load and
     write it), source ('tfds', the default, or 'portable': decode the file at portable_path with
     numpy + Pillow, no TensorFlow; same splits and statistics), download (tfds.load's download,
-    default False). Results are cached in-process, so a second call is free; the arrays are
+    default False); for a text dataset (sst2) seq_len (token ids per example: longer sentences
+    are truncated, shorter ones padded) and vocab_size (the tokenizer's largest vocabulary),
+    both optional (TEXT_DEFAULTS). Results are cached in-process, so a second call is free; the arrays are
     read-only.
 
     Raises:
@@ -249,13 +325,15 @@ def load(data_config) -> Dataset:
     request = {"name": name, "val_size": data_config.get("val_size", 0),
                "train_size": data_config.get("train_size"),
                "test_size": data_config.get("test_size")}
+    text_options = _text_options(name, data_config)
     cache = data_config.get("cache")
     if cache and os.path.exists(cache):
         path = os.path.abspath(cache)
         return _load_cache_checked(path, os.path.getmtime(path), tuple(sorted(request.items())))
     dataset = _load(name, _resolve_data_dir(data_config.get("data_dir")), request["val_size"],
                     request["train_size"], request["test_size"],
-                    bool(data_config.get("download", False)), _portable_key(name, data_config))
+                    bool(data_config.get("download", False)), _portable_key(name, data_config),
+                    text_options)
     if cache:
         save_cache(dataset, cache, request=request)
     return dataset
@@ -265,6 +343,9 @@ def _portable_key(name: str, data_config) -> Optional[tuple]:
     source = data_config.get("source") or "tfds"
     if source not in SOURCES:
         raise ValueError(f"data.source={source!r}: use one of {', '.join(SOURCES)}.")
+    if source != "tfds" and name in TEXT_DATASETS:
+        raise ValueError(f"data.source={source!r}: {name} is read from TFDS only; use "
+                         "data.source='tfds'.")
     if source == "tfds" or name == "digits":  # digits is embedded: no file to read
         return None
     path = data_config.get("portable_path")
@@ -292,6 +373,9 @@ def clear_cache() -> None:
 # .npz cache (for machines without TensorFlow)
 
 
+ARRAY_FIELDS = Dataset._fields[3:11]  # train_images … std: what a cache file holds
+
+
 def save_cache(dataset: Dataset, path: str, *, request: Optional[dict] = None) -> None:
     """Writes `dataset` as one compressed .npz of uint8/int32 arrays (atomically).
 
@@ -301,7 +385,7 @@ def save_cache(dataset: Dataset, path: str, *, request: Optional[dict] = None) -
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fields = {k: np.asarray(getattr(dataset, k)) for k in Dataset._fields[3:]}
+    fields = {k: np.asarray(getattr(dataset, k)) for k in ARRAY_FIELDS}
     with files.atomic_open(path, "wb") as f:
         np.savez_compressed(f, name=np.asarray(dataset.name),
                             request=np.asarray(json.dumps(request or {})), **fields)
@@ -318,7 +402,7 @@ def _read_cache(path: str) -> tuple[Dataset, dict]:
         name = str(z["name"])
         if name not in DATASETS:
             raise ValueError(f"{path}: cache of unknown dataset {name!r}.")
-        arrays = [z[k] for k in Dataset._fields[3:]]  # train_images … std, in field order
+        arrays = [z[k] for k in ARRAY_FIELDS]
         request = json.loads(str(z["request"]))
     return _make_dataset(name, *arrays), request
 
@@ -399,8 +483,19 @@ def _channel_vector(v, ndim: int) -> jax.Array:
     return jnp.reshape(jnp.asarray(v, jnp.float32), (1,) * (ndim - 1) + (-1,))
 
 
+def pixel_stats(mean, std) -> tuple:
+    """(mean, std) as float32 numpy arrays, or (None, None) for data without them (tokens)."""
+    if mean is None:
+        return None, None
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
 def normalize(images, mean, std) -> jax.Array:
-    """uint8 (or float) images [..., C] → float32 `(x - mean) / std`, per channel."""
+    """uint8 (or float) images [..., C] → float32 `(x - mean) / std`, per channel.
+
+    `mean` None (a dataset with no pixel statistics: token ids) → the input unchanged."""
+    if mean is None:
+        return jnp.asarray(images)
     x = jnp.asarray(images).astype(jnp.float32)
     return (x - _channel_vector(mean, x.ndim)) / _channel_vector(std, x.ndim)
 

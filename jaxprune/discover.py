@@ -21,6 +21,17 @@ equal to its channels) passes its input's groups through and its kernel's output
 them. A conv / dot whose input is labelled on the contracted axis *consumes* those channels:
 the kernel's input axis (with offset and spatial factor) joins the group.
 
+Attention: a kernel's first free axis of size > 1 produces the group, so a (D, heads,
+head_dim) projection produces heads. A channel axis split into equal parts (a reshape of
+(.., 3*H*hd) into (.., 3, H, hd), a `split` or slice of q / k / v) *refines* its group: the
+channels are removed in blocks (head_dim wide, the same in each of the 3 parts), which
+`Analysis.resolve` maps to the coarse group. A dot of two activations couples the groups on
+its batch axes (the heads of q.k and p.v; grouped-query key / value heads take their query
+heads along), passes channels on a free axis (a gate) and couples channels contracted on
+both sides. A grouped conv refines its input and output groups into its groups (a channel
+goes in every group at once); an embedding lookup (gather from a param table) produces an
+unprunable group. Each primitive family is one rule in `_RULES`.
+
 A group is marked unprunable, with the reason, when it feeds a model output (the logits);
 when it goes through a primitive discovery does not follow (reductions over the channel
 axis, slicing, gathers, grouped convs, scans, ...); or when it is combined with a value
@@ -129,7 +140,8 @@ class Discovery(NamedTuple):
         return self.groups + self.blocked
 
     def channel_groups(self, params_key: Optional[str] = "params",
-                       stats_key: Optional[str] = "batch_stats") -> Tuple[ChannelGroup, ...]:
+                       stats_key: Optional[str] = "batch_stats", *,
+                       skip: bool = False) -> Tuple[ChannelGroup, ...]:
         """The prunable groups as `structure.ChannelGroup`s (paths relative to the subtrees).
 
         With `params_key` set, variables are `{params_key: params, stats_key: stats}` and
@@ -140,9 +152,12 @@ class Discovery(NamedTuple):
           ValueError naming the group and member a ChannelGroup cannot express (a channel
           axis that is not the last axis of a producer / -2 of a consumer, a concatenation
           offset, a channel-major flatten). Use this module's masks and `surgery.compact`.
+          With `skip`, such groups are left out instead (`inexpressible` names them).
         """
         out = []
         for g in self.groups:
+            if skip and g.name in self.inexpressible(params_key, stats_key):
+                continue
             producers, consumers, stats = [], [], []
             for m in g.members:
                 path, under = m.path, None
@@ -165,6 +180,19 @@ class Discovery(NamedTuple):
             out.append(ChannelGroup(g.name, g.size, producers=tuple(producers),
                                     consumers=tuple(consumers), stats=tuple(stats)))
         return tuple(out)
+
+
+    def inexpressible(self, params_key: Optional[str] = "params",
+                      stats_key: Optional[str] = "batch_stats") -> Dict[str, str]:
+        """{group name: why} for the prunable groups a `ChannelGroup` cannot express (heads on
+        a middle kernel axis, grouped convs, concatenation offsets)."""
+        out = {}
+        for g in self.groups:
+            try:
+                Discovery((g,), {}, ()).channel_groups(params_key, stats_key)
+            except ValueError as e:
+                out[g.name] = str(e)
+        return out
 
 
 _fmt = masks_lib.path_str
@@ -401,6 +429,27 @@ class Analysis(NamedTuple):
     sites: Tuple[Site, ...]
     names: Dict[int, str]                  # root group id -> name
     depthwise: frozenset                   # eqn indices of depthwise convs on labelled inputs
+    coarse: Dict[int, Tuple[int, int, int]] = {}  # group id -> (root, outer, inner), below
+
+    def resolve(self, gid: int) -> Tuple[int, int, int]:
+        """`(root, outer, inner)`: group `gid`'s channel f is channel (f // inner) % size of
+        the final group `root` (a group split into heads or into a grouped conv's groups is
+        *refined*: its channels are removed in blocks of `inner`, the same in `outer` copies)."""
+        return self.coarse.get(gid) or (self.uf.find(gid), 1, 1)
+
+    def removed(self, gid: int, removed_by_root: Dict[int, int]) -> int:
+        """How many of group `gid`'s channels go when its root loses `removed_by_root`."""
+        root, outer, inner = self.resolve(gid)
+        return removed_by_root.get(root, 0) * outer * inner
+
+    def expand(self, gid: int, root_masks: Dict[int, Any]):
+        """Group `gid`'s channel mask from its root's mask (None when the root has none)."""
+        root, outer, inner = self.resolve(gid)
+        m = root_masks.get(root)
+        if m is None or (outer == 1 and inner == 1):
+            return m
+        m = jnp.repeat(jnp.asarray(m), inner) if inner > 1 else jnp.asarray(m)
+        return jnp.tile(m, outer) if outer > 1 else m
 
 
 class _State:
@@ -420,6 +469,7 @@ class _State:
         self.reasons: List[Tuple[int, str]] = []
         self.sites: List[Site] = []
         self.depthwise = set()
+        self.refined: Dict[int, Tuple[int, int, int]] = {}  # root -> (coarser gid, outer, inner)
         n_vars = len(prog.var_paths)
         for k, i in enumerate(prog.invars):
             shape = self.avals[i].shape
@@ -459,11 +509,50 @@ class _State:
                                              start, label.period, label.outer, label.inner,
                                              ndim)))
 
+    def union(self, a: int, b: int) -> None:
+        """Merges groups a and b (and the coarser groups they were refined into)."""
+        ra, rb = self.uf.find(a), self.uf.find(b)
+        if ra == rb:
+            return
+        fa, fb = self.refined.pop(ra, None), self.refined.pop(rb, None)
+        self.uf.union(ra, rb)
+        root = self.uf.find(ra)
+        if fa and fb:
+            if fa[1:] != fb[1:]:
+                self.reasons.append((root, f"its channels are split into blocks two ways "
+                                           f"(outer, inner = {fa[1:]} and {fb[1:]})"))
+            self.union(fa[0], fb[0])
+        if fa or fb:
+            self.refined[root] = fa or fb
+
     def couple(self, ref: Label, others: Sequence[Label]) -> None:
         """Merges the groups of labels laid out like `ref` (segment by segment)."""
         for lb in others:
             for (g1, _, _), (g2, _, _) in zip(ref.segs, lb.segs):
-                self.uf.union(g1, g2)
+                self.union(g1, g2)
+
+    def refine(self, lab: Label, outer: int, inner: int, axis: int) -> Optional[Label]:
+        """`lab`'s channels regrouped into blocks: fine channel f = (o * n + c) * inner + i
+        becomes channel c of a coarser group (n = period / (outer * inner)); the label of the
+        coarse channels, on `axis`. None when the layout does not allow it."""
+        if not lab.plain or lab.period % (outer * inner):
+            return None
+        full = len(lab.segs) == 1 and lab.segs[0][1:] == (0, lab.period)
+        if outer > 1 and not full:
+            return None
+        if any(st_ % inner or sz % inner for _, st_, sz in lab.segs):
+            return None
+        segs = []
+        for gid, st_, sz in lab.segs:
+            n = sz // (outer * inner)
+            root = self.uf.find(gid)
+            old = self.refined.get(root)
+            if old is not None and old[1:] != (outer, inner):
+                return None
+            if old is None:
+                old = self.refined[root] = (self.new_group(n), outer, inner)
+            segs.append((self.uf.find(old[0]), st_ // inner, n))
+        return Label(axis, tuple(segs), lab.period // (outer * inner))
 
     def nondata_generic(self, ins, out_shape) -> _Info:
         srcs = frozenset((k, (-1,) * len(out_shape)) for x in ins for k, _ in self.get(x).srcs)
@@ -560,6 +649,18 @@ def _reshaped_label(lab: Label, blocks, s_in, s_out) -> Optional[Label]:
     return None
 
 
+def _split_label(st: _State, lab: Label, blocks, s_out) -> Optional[Label]:
+    """A channel axis split into several axes, e.g. (B, S, 3*H*hd) -> (B, S, 3, H, hd): the
+    channels move to the last-but-one new axis (the heads) in blocks of the last (head_dim);
+    the axes before it repeat the blocks (q / k / v)."""
+    blk = None if blocks is None else next((b for b in blocks if lab.axis in b[0]), None)
+    if blk is None or len(blk[0]) != 1 or len(blk[1]) < 2:
+        return None
+    sz = [s_out[a] for a in blk[1]]
+    k = len(sz) - 2
+    return st.refine(lab, math.prod(sz[:k]), sz[k + 1], blk[1][k])
+
+
 def _rule_reshape(st: _State, e: _Eq) -> List[_Info]:
     x, s_in, s_out = e.ins[0], e.in_shapes[0], e.out_shapes[0]
     blocks = _reshape_blocks(s_in, s_out)
@@ -568,6 +669,8 @@ def _rule_reshape(st: _State, e: _Eq) -> List[_Info]:
         if lab is None:
             return [_Info(True)]
         new = _reshaped_label(lab, blocks, s_in, s_out)
+        if new is None:
+            new = _split_label(st, lab, blocks, s_out)
         if new is None:
             st.poison(lab, f"{e.where} reshapes the channel axis in a way discovery "
                            f"does not follow ({s_in} -> {s_out})")
@@ -662,35 +765,93 @@ def _operands(st: _State, e: _Eq):
     x_idx = 0
     if not x_info.data and k_info.data:
         x_info, k_info, x_idx = k_info, x_info, 1
-    if k_info.data or not k_info.srcs:
+    if not k_info.data and not k_info.srcs:
         for lb in e.labels:
             st.poison(lb, f"{e.where} multiplies the channels with another activation")
         return None
     return x_info, k_info, x_idx
 
 
+def _dot_positions(dims, shapes):
+    """Per operand, (contracting axes, batch axes, {free axis: output axis})."""
+    (lc, rc), (lb, rb) = dims
+    free = [[a for a in range(len(s)) if a not in c and a not in b]
+            for s, c, b in zip(shapes, (lc, rc), (lb, rb))]
+    pos0 = {a: len(lb) + i for i, a in enumerate(free[0])}
+    pos1 = {a: len(lb) + len(free[0]) + i for i, a in enumerate(free[1])}
+    return (tuple(lc), tuple(lb), pos0), (tuple(rc), tuple(rb), pos1)
+
+
+def _align_heads(st: _State, lab: Label, other: Label) -> Tuple[Label, Label]:
+    """Grouped-query attention: query heads (H on one axis) against key / value heads
+    repeated r times (G heads, each `inner` r wide). The query heads are refined into G blocks
+    of r, so a group is one key / value head with its r query heads. Labels as they are when
+    they do not have that shape."""
+    for x, y, swap in ((lab, other, False), (other, lab, True)):
+        if x.plain and y.outer == 1 and y.inner > 1 and x.period == y.period * y.inner:
+            coarse = st.refine(x, 1, y.inner, x.axis)
+            if coarse is not None:
+                y = y._replace(inner=1)
+                return (y, coarse) if swap else (coarse, y)
+    return lab, other
+
+
+def _dot_activations(st: _State, e: _Eq) -> List[_Info]:
+    """A dot of two activations (attention scores q.k and context p.v). Channels on the batch
+    axes (the heads) must be channels on both operands: their groups are coupled and the
+    output keeps them. Channels on a free axis pass to the output (a gate scales them);
+    channels contracted on both sides with one layout are coupled and masked on one side."""
+    sides = _dot_positions(e.eqn.params["dimension_numbers"], e.in_shapes)
+    labs = [x.label for x in e.ins]
+    out_lab, done = None, False
+    for i, (lab, (c, b, pos)) in enumerate(zip(labs, sides)):
+        if lab is None or done:
+            continue
+        other, (oc, ob, _) = labs[1 - i], sides[1 - i]
+        if lab.axis in pos:
+            if out_lab is not None:
+                st.poison(lab, f"{e.where} multiplies two values with channels on free axes")
+                st.poison(out_lab, f"{e.where} multiplies two values with channels on free "
+                                   "axes")
+                out_lab = None
+                continue
+            out_lab = lab.moved(pos[lab.axis])
+            continue
+        axes, o_axes = (b, ob) if lab.axis in b else (c, oc)
+        o_axis = o_axes[axes.index(lab.axis)]
+        if other is not None and other.axis == o_axis and axes is b:
+            lab, other = _align_heads(st, lab, other)
+        if other is None or other.axis != o_axis or not _same_layout([lab, other]):
+            st.poison(lab, f"{e.where} multiplies the channels with another activation whose "
+                           "matching axis has no (or differently laid out) channels")
+            st.poison(other, f"{e.where} multiplies the channels with another activation")
+            done = True
+            continue
+        st.couple(lab, [other])
+        done = True
+        if axes is b:
+            out_lab = labs[i].moved(axes.index(lab.axis))
+        else:
+            st.sites.append(Site(e.idx, i, lab))
+    return [_Info(True, out_lab)]
+
+
 def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     if not e.any_data:
         return [st.nondata_generic(e.eqn.ins, e.out_shapes[0])]
+    if all(x.data for x in e.ins):
+        return _dot_activations(st, e)
     ops = _operands(st, e)
     if ops is None:
         return [_Info(True)]
     x_info, k_info, x_idx = ops
-    (lc, rc), (lb_, rb) = e.eqn.params["dimension_numbers"]
-    xc, kc, xb, kb = (lc, rc, lb_, rb) if x_idx == 0 else (rc, lc, rb, lb_)
-    xs, ks = e.in_shapes[x_idx], e.in_shapes[1 - x_idx]
-    x_free = [a for a in range(len(xs)) if a not in xc and a not in xb]
-    k_free = [a for a in range(len(ks)) if a not in kc and a not in kb]
-    # output axes: batch, lhs free, rhs free
-    first, second = (x_free, k_free) if x_idx == 0 else (k_free, x_free)
-    pos = {a: len(xb) + i for i, a in enumerate(first)}
-    pos2 = {a: len(xb) + len(first) + i for i, a in enumerate(second)}
-    pos_x, pos_k = (pos, pos2) if x_idx == 0 else (pos2, pos)
+    sides = _dot_positions(e.eqn.params["dimension_numbers"], e.in_shapes)
+    (xc, xb, pos_x), (kc, kb, pos_k) = sides[x_idx], sides[1 - x_idx]
     lab = x_info.label
     new_lab = None
     if lab is not None:
         if lab.axis in xc:
-            ka = kc[list(xc).index(lab.axis)]
+            ka = kc[xc.index(lab.axis)]
             mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
             if not mapped:
                 st.poison(lab, f"{e.where} contracts the channels with a kernel that is "
@@ -702,8 +863,11 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
             new_lab = lab.moved(pos_x[lab.axis])
         else:
             st.poison(lab, f"{e.where} uses the channel axis as a batch dimension")
-    kfree = [a for a in k_free if ks[a] != 1]
-    if len(kfree) == 1:
+    # A kernel's first free axis of size > 1 produces the channels: the output features of
+    # a Dense, the heads of a (D, heads, head_dim) projection.
+    ks = e.in_shapes[1 - x_idx]
+    kfree = [a for a in pos_k if ks[a] != 1]
+    if kfree:
         ka = kfree[0]
         mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
         if mapped:
@@ -713,6 +877,30 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
             for k, leaf_axis in mapped:
                 st.join(new_lab, k, leaf_axis, "producer")
     return [_Info(True, new_lab)]
+
+
+def _grouped_conv(st: _State, e: _Eq, lab, k_in, k_out, fgc, in_ch, out_ch):
+    """A grouped conv (ResNeXt, RegNet): the kernel's input axis is shared by the groups, so
+    input channel i is removed in every group at once (the input group is refined into
+    `fgc` copies of in_ch / fgc channels), and the output channels are removed the same way
+    (each group keeps as many). `feature_group_count` is unchanged by compaction."""
+    if lab is not None:
+        coarse = st.refine(lab, fgc, 1, lab.axis)
+        if coarse is None or not k_in:
+            st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}) over "
+                           "channels laid out in a way discovery does not follow")
+        else:
+            for k, leaf_axis in k_in:
+                st.join(coarse, k, leaf_axis, "consumer")
+            st.sites.append(Site(e.idx, 0, lab))
+    if not k_out:
+        return None
+    out_spec = e.eqn.params["dimension_numbers"].out_spec
+    new_lab = st.new_label(out_spec[1], out_ch)
+    for k, leaf_axis in k_out:
+        st.join(new_lab, k, leaf_axis, "producer")
+    st.refine(new_lab, fgc, 1, out_spec[1])
+    return new_lab
 
 
 def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
@@ -757,6 +945,8 @@ def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
         for k, leaf_axis in k_out:
             st.join(lab, k, leaf_axis, "param")
         st.depthwise.add(e.idx)
+    elif fgc != in_ch or in_ch != out_ch:
+        new_lab = _grouped_conv(st, e, lab, k_in, k_out, fgc, in_ch, out_ch)
     else:
         st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}, "
                        f"{in_ch} -> {out_ch} channels) discovery does not follow")
@@ -797,6 +987,61 @@ def _rule_default(st: _State, e: _Eq) -> List[_Info]:
     return [st.nondata_generic(eqn.ins, s) for s in e.out_shapes]
 
 
+def _rule_slice(st: _State, e: _Eq) -> List[_Info]:
+    """A slice of the channel axis that takes one of n equal parts (q of a fused q/k/v
+    projection, one half of a gated unit): the parts' channels are removed together."""
+    lab, strides = e.ins[0].label, e.eqn.params.get("strides")
+    if lab is None or (strides is not None and strides[lab.axis] != 1):
+        return _rule_default(st, e)
+    p = e.eqn.params
+    start, width = p["start_indices"][lab.axis], e.out_shapes[0][lab.axis]
+    size = e.in_shapes[0][lab.axis]
+    if width == size:
+        return [_Info(True, lab)]
+    new = None
+    if width > 1 and size % width == 0 and start % width == 0:
+        new = st.refine(lab, size // width, 1, lab.axis)
+    if new is None:
+        return _rule_default(st, e)
+    return [_Info(True, new)]
+
+
+def _rule_split(st: _State, e: _Eq) -> List[_Info]:
+    """`split` of the channel axis into equal parts (as `_rule_slice`)."""
+    lab = e.ins[0].label
+    sizes, axis = e.eqn.params["sizes"], e.eqn.params["axis"]
+    if not e.ins[0].data:
+        return [st.nondata_generic(e.eqn.ins, s) for s in e.out_shapes]
+    if lab is None or lab.axis != axis:
+        return [_Info(True, lab) for _ in e.eqn.outs]
+    new = None
+    if len(set(sizes)) == 1:
+        new = st.refine(lab, len(sizes), 1, axis)
+    if new is None:
+        st.poison(lab, f"{e.where} splits the channel axis into unequal parts")
+    return [_Info(True, new) for _ in e.eqn.outs]
+
+
+def _rule_gather(st: _State, e: _Eq) -> List[_Info]:
+    """An embedding lookup (rows of a param table gathered by data indices) produces a group
+    on the table's last axis; it is reported unprunable (discovery does not prune embeddings:
+    their width is the residual stream's)."""
+    table, idx = e.ins[0], e.ins[1]
+    dn = e.eqn.params["dimension_numbers"]
+    last = len(e.in_shapes[0]) - 1
+    if table.data or not idx.data or e.labels or not table.srcs or last in dn.collapsed_slice_dims \
+            or e.eqn.params["slice_sizes"][last] != e.in_shapes[0][last]:
+        return _rule_default(st, e)
+    mapped = [(k, m[last]) for k, m in table.srcs if m[last] >= 0]
+    if not mapped:
+        return _rule_default(st, e)
+    lab = st.new_label(dn.offset_dims[-1], e.in_shapes[0][last])
+    for k, leaf_axis in mapped:
+        st.join(lab, k, leaf_axis, "producer")
+    st.poison(lab, f"{e.where} is an embedding lookup (discovery does not prune embeddings)")
+    return [_Info(True, lab)]
+
+
 # {primitive name: rule}. A rule maps the infos of an equation's inputs to its outputs'.
 _RULES: Dict[str, Callable[[_State, _Eq], List[_Info]]] = {
     **{n: _rule_unary for n in _UNARY},
@@ -808,15 +1053,60 @@ _RULES: Dict[str, Callable[[_State, _Eq], List[_Info]]] = {
     "concatenate": _rule_concatenate,
     "dot_general": _rule_dot_general,
     "conv_general_dilated": _rule_conv,
+    "slice": _rule_slice,
+    "split": _rule_split,
+    "gather": _rule_gather,
 }
 
 
-def _group_names(st: _State) -> Dict[int, str]:
+def _coarse_member(m: Member, fine: int, outer: int, inner: int) -> Optional[Member]:
+    """Member `m` of a group of `fine` channels as a member of the group it was refined into
+    (see `Analysis.resolve`); None when its layout does not allow it."""
+    if outer == 1 and m.offset % inner == 0 and m.period % inner == 0:
+        return dataclasses.replace(m, offset=m.offset // inner, period=m.period // inner,
+                                   inner=m.inner * inner)
+    if m.offset == 0 and m.period == fine:
+        return dataclasses.replace(m, period=fine // (outer * inner), outer=m.outer * outer,
+                                   inner=m.inner * inner)
+    return None
+
+
+def _resolve(st: _State):
+    """`(coarse, members, reasons)` with every group id mapped to its final group
+    (`Analysis.resolve`), and members and reasons moved onto the final groups."""
+    coarse: Dict[int, Tuple[int, int, int]] = {}
+
+    def resolve(gid):
+        root = st.uf.find(gid)
+        if gid not in coarse:
+            if root in st.refined:
+                c, o, i = st.refined[root]
+                r2, o2, i2 = resolve(c)
+                coarse[gid] = (r2, o * o2, i2 * i)
+            else:
+                coarse[gid] = (root, 1, 1)
+        return coarse[gid]
+
+    for gid in range(len(st.sizes)):
+        resolve(gid)
+    reasons = [(coarse[g][0], r) for g, r in st.reasons]
+    members = []
+    for gid, m in st.members:
+        root, outer, inner = coarse[gid]
+        new = _coarse_member(m, st.sizes[gid], outer, inner) if (outer, inner) != (1, 1) else m
+        if new is None:
+            reasons.append((root, f"{_fmt(m.path)} (axis {m.axis}) cannot be cut in the blocks "
+                                  f"its channels are split into ({outer} x {inner})"))
+        else:
+            members.append((root, new))
+    return coarse, members, reasons
+
+
+def _group_names(members) -> Dict[int, str]:
     """{root group id: name}: the first producer's leaf path (without a trailing 'kernel')."""
     names: Dict[int, str] = {}
     taken = set()
-    for gid, m in st.members:
-        root = st.uf.find(gid)
+    for root, m in members:
         if root in names or m.role != "producer":
             continue
         path = m.path[:-1] if len(m.path) > 1 and m.path[-1] in ("kernel", "w", "weight") \
@@ -847,9 +1137,10 @@ def _analyse(prog: Program) -> Analysis:
     for r in prog.outvars:
         if not isinstance(r, _Lit):
             st.poison(st.info[r].label, "feeds a model output (the logits)")
-    return Analysis(prog, tuple(st.info), st.uf, tuple(st.sizes), tuple(st.members),
-                    tuple(st.reasons), tuple(st.sites), _group_names(st),
-                    frozenset(st.depthwise))
+    coarse, members, reasons = _resolve(st)
+    return Analysis(prog, tuple(st.info), st.uf, tuple(st.sizes), tuple(members),
+                    tuple(reasons), tuple(st.sites), _group_names(members),
+                    frozenset(st.depthwise), coarse)
 
 
 def _groups(an: Analysis) -> Tuple[Group, ...]:
@@ -892,6 +1183,74 @@ def discover_groups(apply_fn: Callable, variables, example_input) -> Discovery:
     ok = tuple(g for g in groups if not g.reason)
     blocked = tuple(g for g in groups if g.reason)
     return Discovery(ok, {g.name: g.reason for g in blocked}, blocked)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups of any layout on params: scores, masks (what `Pruner` uses for groups that a
+# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs).
+
+
+def params_groups(discovery: Discovery, params_key: str = "params") -> Tuple[Group, ...]:
+    """The prunable groups with member paths relative to `variables[params_key]`; members
+    outside it (batch statistics) are left out."""
+    return tuple(dataclasses.replace(g, members=tuple(
+        dataclasses.replace(m, path=m.path[1:]) for m in g.members if m.path[0] == params_key))
+        for g in discovery.groups)
+
+
+def unit_width(group: Group, shapes: Dict[Path, tuple]) -> int:
+    """Elements of a producer kernel that one channel spans beyond its own axis (a head's
+    head_dim; 1 for a conv / dense output channel)."""
+    widths = [m.inner * math.prod(shapes[m.path][m.axis + 1:]) for m in group.producers
+              if len(shapes[m.path]) >= 2]
+    return max(widths, default=1)
+
+
+def _member_values(m: Member, values, size: int):
+    """`values` [size] laid out along member `m`'s leaf axis: (indices, values per index)."""
+    idx = m.indices(np.arange(size))
+    vals = jnp.tile(jnp.repeat(jnp.asarray(values), m.inner), m.outer)
+    return idx, vals
+
+
+def member_channel_scores(weights, groups: Sequence[Group], reduce: str = "l1") -> Dict[str, Any]:
+    """{group name: float32[size]}: each producer kernel (ndim >= 2) of a group reduced over
+    everything but the group's channels (`masks.reduce_channels`), summed over the kernels
+    (per-channel leaves when the group has no kernel)."""
+    flat = dict(masks_lib.leaves_with_paths(weights)[0])
+    out = {}
+    for g in groups:
+        prods = [m for m in g.members if m.role in ("producer", "param")]
+        kernels = [m for m in prods if m.ndim >= 2] or prods
+        total = jnp.zeros((g.size,), jnp.float32)
+        for m in kernels:
+            x = jnp.take(jnp.asarray(flat[m.path]), jnp.asarray(m.indices(np.arange(g.size))),
+                         axis=m.axis)
+            x = jnp.moveaxis(x, m.axis, -1).reshape(x.shape[:m.axis] + x.shape[m.axis + 1:]
+                                                    + (m.outer, g.size, m.inner))
+            total = total + masks_lib.reduce_channels(jnp.moveaxis(x, -2, -1), reduce)
+        out[g.name] = total
+    return out
+
+
+def member_param_masks(keep, groups: Sequence[Group], params):
+    """Boolean masks shaped like `params` that zero every member slice of the channels
+    `keep` ({group name: bool[size]}) drops; groups not in `keep` are kept."""
+    leaves, treedef = masks_lib.leaves_with_paths(params)
+    index = {p: i for i, (p, _) in enumerate(leaves)}
+    out = [jnp.ones(jnp.shape(x), bool) for _, x in leaves]
+    for g in groups:
+        if g.name not in keep:
+            continue
+        for m in g.members:
+            i = index[m.path]
+            shape = jnp.shape(leaves[i][1])
+            idx, vals = _member_values(m, jnp.asarray(keep[g.name]).astype(bool), g.size)
+            vec = jnp.ones((shape[m.axis],), bool).at[idx].set(vals)
+            view = [1] * len(shape)
+            view[m.axis] = shape[m.axis]
+            out[i] = out[i] & vec.reshape(view)
+    return jax.tree.unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1018,12 +1377,7 @@ def mask_activations(apply_fn: Callable) -> Callable:
         if key not in cache:
             prog = trace(apply_fn, variables, x)
             an = _analyse(prog)
-            ids = {}
-            for gid in range(len(an.sizes)):
-                root = an.uf.find(gid)
-                if root in an.names:
-                    ids[an.names[root]] = root
-            cache[key] = (prog, an, ids)
+            cache[key] = (prog, an, {name: root for root, name in an.names.items()})
         return cache[key]
 
     def masked_fn(variables, x, channel_masks=None):
@@ -1037,11 +1391,9 @@ def mask_activations(apply_fn: Callable) -> Callable:
                 raise ValueError(f"channel_masks[{name!r}] has shape {np.shape(m)}, expected "
                                  f"({an.sizes[ids[name]]},)")
             group_masks[ids[name]] = m
-        sites = [s._replace(label=s.label._replace(
-            segs=tuple((an.uf.find(g), st, sz) for g, st, sz in s.label.segs)))
-            for s in an.sites]
+        site_masks = {g: an.expand(g, group_masks) for s in an.sites for g, _, _ in s.label.segs}
         flat = jax.tree.leaves((variables, x))
-        outs = evaluate(prog, flat, sites=sites, group_masks=group_masks)
+        outs = evaluate(prog, flat, sites=an.sites, group_masks=site_masks)
         return jax.tree.unflatten(prog.out_tree, outs)
 
     return masked_fn

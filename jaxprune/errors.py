@@ -29,7 +29,7 @@ def short(e: BaseException, limit: int = 300) -> str:
     of characters; log the rest). A TensorStore spec is dropped; a longer chain of "Error …:
     Error …: cause" keeps its start and its end, where the cause is."""
     text = str(e).strip().splitlines()[0].strip() if str(e).strip() else ""
-    text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+    text = re.sub(r"\s*\[tensorstore_spec\b.*$", "", text)  # also `tensorstore_spec[1]=`
     text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     if len(text) <= limit:
         return text

@@ -50,6 +50,7 @@ from jaxprune import files as files_lib
 from jaxprune import models as models_lib
 from jaxprune import report as report_lib
 from jaxprune import structure as structure_lib
+from jaxprune import text as text_lib
 from jaxprune import train as train_lib
 
 MODEL_INFO = "model.json"  # models/<method>/model.json: see save_model
@@ -196,7 +197,7 @@ class ImageInput:
         except Exception as e:  # noqa: BLE001 - ragged lists and the like
             raise errors.InputError(f"images could not be read as an array "
                                     f"({errors.short(e)}); {expected}.") from None
-        kind = x.dtype.kind
+        kind = "f" if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype.kind  # bfloat16 too
         if kind == "b":
             raise errors.InputError(f"images of dtype bool; {expected} (bool masks are not "
                                     "pixels: convert with `x.astype(np.uint8) * 255`).")
@@ -255,9 +256,89 @@ def check_value_range(value_range) -> Optional[tuple]:
     return out
 
 
+class TextInput:
+    """`input.kind == "text"`: raw sentences, tokenized by the tokenizer saved beside model.json
+    (`tokenizer.json`, checked against its recorded sha256) into `seq_len` int32 ids: [CLS], the
+    words, padding; a longer sentence is truncated, an empty one is [CLS] alone, an unknown
+    word [UNK] (`jaxprune.text`).
+
+    Accepted: a list (or tuple, or 1-D array) of str, or one str (one row of logits). Refused:
+    anything else (bytes, numbers, token-id arrays), naming the first item that is not a str.
+    """
+
+    kind = "text"
+    FILE = "tokenizer.json"
+
+    def __init__(self, seq_len: int, tokenizer):
+        self.seq_len = int(seq_len)
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def save(cls, dataset, directory: str) -> dict:
+        """Writes the token dataset's tokenizer beside model.json; returns the `input` entry."""
+        path = os.path.join(directory, cls.FILE)
+        text_lib.save(text_lib.from_json(dataset.tokenizer), path)
+        return {"kind": cls.kind, "seq_len": int(dataset.input_shape[0]), "dtype": "int32",
+                "pad_id": text_lib.PAD_ID, "tokenizer": cls.FILE,
+                "tokenizer_sha256": file_sha256(path),
+                "text": "a list of str; each becomes [CLS] + its word ids, truncated to seq_len "
+                        "ids, padded with pad_id"}
+
+    @classmethod
+    def from_info(cls, info: dict, path: str, fix: str) -> "TextInput":
+        entry = info["input"]
+        _require(entry, path, fix, {"seq_len": lambda v: [v] == info["input_shape"],
+                                    "tokenizer": lambda v: v == cls.FILE,
+                                    "tokenizer_sha256": lambda v: isinstance(v, str)})
+        file = os.path.join(os.path.dirname(path), entry["tokenizer"])
+        if not os.path.isfile(file):
+            raise errors.ModelFileError(f"{file} is missing (a model of text needs its "
+                                        f"tokenizer); {fix}.")
+        if file_sha256(file) != entry["tokenizer_sha256"]:
+            raise errors.ModelFileError(f"{file} fails its sha256 check (truncated or altered "
+                                        f"after saving); {fix}.")
+        try:
+            tokenizer = text_lib.load(file)
+        except (ImportError, ValueError) as e:
+            raise errors.ModelFileError(f"{file} cannot be read ({errors.short(e)}); "
+                                        f"{fix}.") from None
+        return cls(entry["seq_len"], tokenizer)
+
+    def describe(self) -> str:
+        return (f"raw text: a list of str (or one str), each cut to {self.seq_len} token ids "
+                "([CLS] + words)")
+
+    def prepare(self, texts, value_range=None) -> Tuple[np.ndarray, bool]:
+        """(int32 ids [N, seq_len], whether one str was given)."""
+        if value_range is not None:
+            raise errors.InputError(f"value_range={value_range!r} is for images; the model "
+                                    f"takes {self.describe()}.")
+        single = isinstance(texts, str)
+        if isinstance(texts, np.ndarray) and texts.ndim != 1:
+            raise errors.InputError(f"an array of shape {texts.shape} (token ids or images?); "
+                                    f"the model takes {self.describe()}.")
+        try:
+            ids = text_lib.encode(self.tokenizer, [texts] if single else texts, self.seq_len)
+        except TypeError as e:
+            raise errors.InputError(f"{e} The model takes {self.describe()}.") from None
+        return ids, single
+
+    def transform(self, x) -> jax.Array:
+        """In the graph: token ids as they are."""
+        return jnp.asarray(x)
+
+
+def record_input(dataset, directory: str) -> dict:
+    """model.json's `input` entry for a model trained on `dataset` (a token dataset's
+    tokenizer is written into `directory`, beside model.json)."""
+    if getattr(dataset, "kind", "image") == "tokens":
+        return TextInput.save(dataset, directory)
+    return ImageInput.record(dataset.input_shape)
+
+
 # input kind (model.json `input.kind`) -> class with from_info(info, path, fix), describe(),
 # prepare(raw, **options) -> (batch, single) and transform(batch) -> the model's input.
-INPUT_KINDS = {"image": ImageInput}
+INPUT_KINDS = {"image": ImageInput, "text": TextInput}
 
 
 def input_kind(info: dict, path: str, fix: str):
@@ -304,7 +385,8 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
 
     `dataset` gives the name, classes, input shape and normalisation (`data.Dataset`), `config`
     the precision and the config recorded beside the params; `input_record` what a predictor
-    accepts (default: `ImageInput.record` of the dataset's input shape). A rerun writes a
+    accepts (default: `record_input` of the dataset: images, or text with its tokenizer written
+    beside model.json). A rerun writes a
     changed model as a new step and removes the old one only after it (an unchanged, intact
     one is not rewritten; a damaged one is saved again). `model.json`, with the sha256 of every
     file of the step and of itself, is written once the new step is on disk and before the old
@@ -324,9 +406,12 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
     if masks is not None:
         tree["masks"] = masks
     ds = dataset
+    if input_record is None:
+        os.makedirs(directory, exist_ok=True)
+        input_record = record_input(ds, directory)
     info = {"method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
             "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-            "input": input_record or ImageInput.record(ds.input_shape),
+            "input": input_record,
             "precision": str(config.train.precision), "masked": masks is not None,
             "config": config.to_dict()}
     for stat in ("mean", "std"):  # the image normalisation (an image dataset has both)
@@ -341,6 +426,10 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         save_sealed_json(os.path.join(directory, MODEL_INFO), dict(
             info, row=row, step=int(step), files=_manifest(directory, step)))
 
+    if old is None:
+        damaged = _damaged_step(directory)
+        if damaged is not None:  # set aside by the replacement below, never removed
+            checkpointer.mark_damaged(damaged)
     with checkpointer:
         changed = checkpointer.save_replacing(
             tree, {"method": method, "spec": info["spec"]}, force=old is None,
@@ -348,6 +437,22 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         if not changed:  # the same model, intact: it keeps the row it has
             step = checkpointer.latest_step()
             describe(step, old.get("row") if old and old.get("step") == step else None)
+
+
+def _damaged_step(directory: str) -> Optional[int]:
+    """The step a sealed model.json describes when one of that step's files is missing or fails
+    its sha256; None when intact or unknown (no readable model.json)."""
+    try:
+        info = load_sealed_json(os.path.join(directory, MODEL_INFO), "")
+        step, listed = int(info["step"]), dict(info["files"])
+    except (errors.UserError, KeyError, TypeError, ValueError):
+        return None
+    for name, want in listed.items():
+        path = os.path.join(directory, name)
+        if name.startswith(f"{step}{os.sep}") and (
+                not os.path.isfile(path) or file_sha256(path) != want):
+            return step if os.path.isdir(os.path.join(directory, str(step))) else None
+    return None
 
 
 def _spec_json(spec) -> dict:
@@ -465,7 +570,8 @@ class Predictor:
     the normalisation and the precision come from `models/<method>/model.json` (`info`, which
     also holds the spec, the config and the method's result row). For images, see
     `ImageInput`: uint8 pixels 0..255, or floats with `value_range=(0, 255)` / `(0, 1)`
-    (given here as the default, or per call); anything else is refused with an
+    (given here as the default, or per call); for text, see `TextInput`: a list of str
+    (tokenized by the model's own tokenizer). Anything else is refused with an
     `errors.InputError` naming what is expected. `apply(params, batch_stats, x)` is the pure
     function behind it (for `jax.jit` / `jax.export`); it takes checked inputs
     (`input_kind.prepare`)."""
@@ -475,6 +581,7 @@ class Predictor:
     info: dict
     batch_size: int = 256
     value_range: Optional[tuple] = None
+    info_path: str = MODEL_INFO  # where `info` was read (a text model's tokenizer is beside it)
 
     @property
     def input_shape(self) -> tuple:
@@ -482,7 +589,7 @@ class Predictor:
 
     @functools.cached_property
     def input_kind(self):
-        return input_kind(self.info, MODEL_INFO, "save the model again")
+        return input_kind(self.info, self.info_path, "save the model again")
 
     def apply(self, params, batch_stats, x) -> jax.Array:
         """Checked inputs (uint8 or float32 pixel-valued NHWC images) → float32 logits, as the
@@ -523,7 +630,8 @@ def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256
     value_range = check_value_range(value_range)
     model, info = _restore(workdir, method)
     return Predictor(model=model, params=model.params, batch_stats=model.batch_stats, info=info,
-                     batch_size=int(batch_size), value_range=value_range)
+                     batch_size=int(batch_size), value_range=value_range,
+                     info_path=os.path.join(_check_method(workdir, method)[1], MODEL_INFO))
 
 
 # ----------------------------------------------------------------------------------------------

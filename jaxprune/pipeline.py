@@ -271,7 +271,8 @@ def make_context(config, workdir: str, progress: bool = True,
         names = ("init", "train", "finetune", "search", "calib")
         keys = dict(zip(names, jax.random.split(root, len(names))))
         model = models_lib.get_model(config.model.name, num_classes=dataset.num_classes,
-                                     input_shape=tuple(dataset.input_shape), key=keys["init"])
+                                     input_shape=tuple(dataset.input_shape), key=keys["init"],
+                                     widths=_data_widths(config, dataset))
         _check_model_fits(config, model)
         write_run_info(config, workdir, continued, continue_older)  # once every check passed
     except BaseException:
@@ -280,6 +281,18 @@ def make_context(config, workdir: str, progress: bool = True,
     writer = report_lib.MetricWriter(workdir)
     return Context(config=config, workdir=workdir, dataset=dataset, model=model, writer=writer,
                    keys=keys, progress=progress, continue_older=bool(continue_older))
+
+
+def _data_widths(config, dataset) -> Optional[dict]:
+    """Widths the data fixes (a token model's embedding rows: the tokenizer's vocabulary), after
+    checking that the model takes the dataset's kind of input."""
+    kind = models_lib.input_kind(str(config.model.name))
+    if kind != dataset.kind:
+        raise errors.ConfigError(
+            f"model.name={config.model.name!r} takes {kind} input, but data.name="
+            f"{dataset.name!r} gives {dataset.kind}; pick a model for {dataset.kind} (or "
+            "another dataset).")
+    return {"vocab": dataset.vocab_size} if kind == "tokens" else None
 
 
 def _check_model_fits(config, model) -> None:
@@ -903,9 +916,14 @@ def load_config(path: str, arg: Optional[str] = None):
         if not callable(getattr(module, "get_config", None)):
             raise errors.ConfigError(f"{path} has no get_config(); a config file defines "
                                      "get_config(arg=None) returning a ConfigDict.")
-        return module.get_config(arg) if arg else module.get_config()
+        config = module.get_config(arg) if arg else module.get_config()
     except errors.UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
         raise errors.ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
-                                 f"{type(e).__name__}: {e}. Fix that file.") from e
+                                 f"{errors.short(e)}. Fix that file.") from e
+    if not hasattr(config, "to_dict"):
+        raise errors.ConfigError(f"config file {path}{':' + arg if arg else ''}: get_config() "
+                                 f"returned {type(config).__name__}, not a ConfigDict; return "
+                                 "one (a missing `return config`?).")
+    return config

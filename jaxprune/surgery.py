@@ -78,6 +78,22 @@ def slice_variables(variables, groups, keep):
     return jax.tree.unflatten(treedef, new)
 
 
+def _scaled(index, old, new):
+    """A slice bound on an axis whose channels were cut in proportion (equal parts)."""
+    return tuple(i * n // o for i, o, n in zip(index, old, new))
+
+
+# {slicing primitive: fn(params, old input shape, new input shape, new output shapes) ->
+# the params that name shapes}: the slices discovery follows take equal parts of an axis.
+_SLICES = {
+    "slice": lambda p, old, new, outs: dict(
+        start_indices=_scaled(p["start_indices"], old, new),
+        limit_indices=_scaled(p["limit_indices"], old, new)),
+    "dynamic_slice": lambda p, old, new, outs: dict(slice_sizes=outs[0]),
+    "split": lambda p, old, new, outs: dict(sizes=tuple(o[p["axis"]] for o in outs)),
+}
+
+
 def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
     """{eqn index: params} with new shapes, and {eqn index: fn} for depthwise convs."""
     prog, info = an.program, an.info
@@ -88,7 +104,7 @@ def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
         if x.data:
             lab = x.label
             if lab is not None:
-                gone = sum(removed.get(an.uf.find(g), 0) for g, _, _ in lab.segs)
+                gone = sum(an.removed(g, removed) for g, _, _ in lab.segs)
                 shape[lab.axis] = lab.outer * (lab.period - gone) * lab.inner
         else:
             for k, amap in x.srcs:
@@ -104,6 +120,13 @@ def _rewrites(an: dlib.Analysis, removed: Dict[int, int], new_leaf_shapes):
                 shape = new_shape(eqn.outs[0])
                 if shape != tuple(prog.avals[eqn.outs[0]].shape):
                     overrides[e_idx] = {**eqn.params, key: shape}
+        if eqn.prim.name in _SLICES and not isinstance(eqn.ins[0], dlib._Lit):
+            old_in, new_in = tuple(prog.avals[eqn.ins[0]].shape), new_shape(eqn.ins[0])
+            outs = [new_shape(o) for o in eqn.outs]
+            if new_in != old_in or any(o != tuple(prog.avals[v].shape)
+                                       for o, v in zip(outs, eqn.outs)):
+                overrides[e_idx] = {**eqn.params,
+                                    **_SLICES[eqn.prim.name](eqn.params, old_in, new_in, outs)}
         if e_idx in an.depthwise:
             feature = eqn.params["dimension_numbers"].lhs_spec[1]
             dynamic[e_idx] = lambda ins, p, f=feature: {**p, "feature_group_count":

@@ -211,8 +211,7 @@ def make_train_step(apply_fn: Callable, tx, *, schedule: str, mean, std, augment
     params, masks) -> masks`, if given, runs first (gradual / iterative pruning); params are
     re-masked with the new masks so newly pruned weights are exactly 0.
     """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
+    mean, std = data_lib.pixel_stats(mean, std)
     forward = mixed_apply(apply_fn, precision)
     if schedule not in SCHEDULES:
         raise ValueError(f"train.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}.")
@@ -370,8 +369,7 @@ def make_eval_fn(apply_fn: Callable, *, mean, std, batch_size: int, precision: s
     host arrays, which is padded and uploaded on each call. Compiled once per data capacity;
     the loop runs over `data.num_batches` batches only.
     """
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
+    mean, std = data_lib.pixel_stats(mean, std)
     forward = mixed_apply(apply_fn, precision)
 
     @jax.jit

@@ -10,7 +10,7 @@ from jaxprune import errors
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 VARIANTS = {"cifar10.py": [None, "gpu", "gpu_resnet56", "gpu_vgg16", "lenet", "cpu", "smoke"], "mnist.py": [None, "smoke"],
-            "quickstart.py": [None, "smoke"]}
+            "quickstart.py": [None, "smoke"], "sst2.py": [None, "gpu", "cpu", "smoke"]}
 KEYS = {  # the contract's config tree (plus the optional data.cache)
     "seed": None,
     "data": {"name", "data_dir", "val_size", "train_size", "test_size", "augment", "cache"},

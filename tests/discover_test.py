@@ -77,8 +77,9 @@ def test_hookless_masks_vmap_over_candidates():
         masked_fn(variables, x, {"nope": jnp.ones((3,))})
 
 
-@pytest.mark.parametrize("name, input_shape", [("lenet5", (8, 8, 1)), ("vgg16", (8, 8, 3)),
-                                               ("resnet20", (8, 8, 3)), ("mlp", (8, 8, 1))])
+@pytest.mark.parametrize("name, input_shape", [  # VGG-16 and ResNet-20: ~40 CPU s each
+    ("lenet5", (8, 8, 1)), pytest.param("vgg16", (8, 8, 3), marks=pytest.mark.slow),
+    pytest.param("resnet20", (8, 8, 3), marks=pytest.mark.slow), ("mlp", (8, 8, 1))])
 def test_zoo_compaction_matches_masked_model_and_the_narrower_module(name, input_shape):
     """The rewritten program and the zoo module rebuilt at the kept widths run the same sliced
     variables and give the masked model's outputs."""
@@ -366,9 +367,10 @@ def _conv_model(middle):
 
 @pytest.mark.parametrize("middle, reason", [
     (lambda y, p, conv: conv(jax.nn.softmax(y, axis=-1), p["c2"]), "reduces over the channel"),
-    (lambda y, p, conv: conv(jnp.concatenate([y[..., :2], y[..., 2:]], -1), p["c2"]),
-     "acts on the channel axis"),
-    (lambda y, p, conv: conv(y, p["c2g"], groups=2)[..., :5], "grouped conv"),
+    (lambda y, p, conv: conv(jnp.concatenate([y[..., :3], y[..., 3:]], -1), p["c2"]),
+     "acts on the channel axis"),  # (equal parts are followed: discover_attention_test)
+    (lambda y, p, conv: conv(jnp.take(y, jnp.array([0, 2, 1, 3]), axis=-1), p["c2"]),
+     "which discovery does not follow"),  # a gather (grouped convs: discover_conv_test)
     (lambda y, p, conv: conv(y + jnp.arange(4.0)[None, None, None], p["c2"]), "constant that varies"),
 ])
 def test_unfollowed_ops_make_groups_unprunable(middle, reason):

@@ -70,6 +70,8 @@ def test_short_keeps_the_start_and_the_cause_of_a_library_message():
     text = errors.short(ValueError(message))
     assert text.startswith("ValueError: DATA_LOSS: Error opening") and len(text) <= 300
     assert text.endswith("CRC-32C checksum verification failed") and "\n" not in text
+    indexed = errors.short(ValueError("DATA_LOSS: checksum failed [tensorstore_spec[1]='{}']"))
+    assert indexed == "ValueError: DATA_LOSS: checksum failed"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,3 +210,10 @@ def test_library_records_go_to_the_log_file_only(tmp_path):
     log = open(tmp_path / main.LOG_FILE).read()
     assert "save failed" in log and "RESOURCE_EXHAUSTED" in log and "Traceback" in log
     assert "Restoring step 2 failed" in log and "Event loop is closed" in log
+
+
+def test_load_config_says_get_config_returned_none(tmp_path):
+    path = tmp_path / "none.py"
+    path.write_text("def get_config(arg=None):\n    return None\n")
+    with pytest.raises(errors.ConfigError, match="get_config\\(\\) returned NoneType"):
+        pipeline.load_config(str(path))

@@ -62,6 +62,7 @@ def test_predictor_equals_the_model_on_uint8_and_float_pixels(saved):
     np.testing.assert_allclose(predict(images), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(predict(images.astype(np.float32)), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(predict(images.astype(np.int64)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(predict(images.astype(jnp.bfloat16)), want, rtol=1e-5, atol=1e-5)
     scaled = images.astype(np.float32) / 255.0
     np.testing.assert_allclose(predict(scaled, value_range=(0, 1)), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(predict(images.tolist()), want, rtol=1e-5, atol=1e-5)
@@ -330,3 +331,26 @@ def test_a_replacement_stopped_before_model_json_leaves_the_old_model(saved, tmp
     jax.tree.map(np.testing.assert_array_equal, params, doubled)
     assert [n for n in os.listdir(os.path.join(copy, "models", "unpruned")) if n.isdigit()] == \
         [str(modelio.read_model_info(copy)["step"])]  # the old step removed once described
+
+
+@pytest.mark.parametrize("damaged", ["array", "metadata"])
+def test_saving_again_over_a_damaged_model_keeps_the_damaged_step_aside(saved, tmp_path,
+                                                                          damaged):
+    workdir, model = saved
+    copy = str(tmp_path / "w")
+    shutil.copytree(os.path.join(workdir, "models"), os.path.join(copy, "models"))
+    folder = os.path.join(copy, "models", "unpruned")
+    step = modelio.read_model_info(copy)["step"]
+    names = [n for n in _files(folder) if n.startswith(f"{step}/")]
+    name = next(n for n in names if ("/d/" in n) == (damaged == "array"))
+    _damage(os.path.join(folder, name), "flip")
+    dataset = types.SimpleNamespace(name="digits", num_classes=10, input_shape=SHAPE,
+                                    mean=MEAN, std=STD)
+    config = ml_collections.ConfigDict({"train": {"precision": "fp32"}})
+    modelio.save_model(copy, "unpruned", model, model.params, model.batch_stats,
+                       dataset=dataset, config=config)
+    images = _images()
+    np.testing.assert_allclose(modelio.load_predictor(copy)(images), _reference(model, images),
+                               rtol=1e-5, atol=1e-5)
+    assert modelio.read_model_info(copy)["step"] == step + 1
+    assert [n for n in os.listdir(folder) if n.startswith(f"{step}.corrupt-")]  # kept aside

@@ -24,6 +24,7 @@ from jaxprune import structure
 from jaxprune.models.base import FunctionalModel, ModelSpec, resolve_widths
 from jaxprune.models.lenet import MLP, LeNet5
 from jaxprune.models.resnet import ResNet18, ResNet20, ResNet56
+from jaxprune.models.transformer import TransformerClassifier
 from jaxprune.models.vgg import VGG16
 
 __all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "model_from_spec",
@@ -38,7 +39,11 @@ MODELS = {
     "resnet20": ResNet20,
     "resnet56": ResNet56,
     "resnet18": ResNet18,
+    "transformer": TransformerClassifier,
 }
+# What a model's input is (class attribute INPUT_KIND): 'image' (H, W, C) floats, or 'tokens'
+# (seq_len,) int32 ids; it must match the dataset's `kind`.
+INPUT_RANK = {"image": 3, "tokens": 1}
 
 
 def _make_apply(graphdef, input_shape: tuple):
@@ -66,9 +71,10 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     cls = MODELS[name]
     input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"{name}: input_shape must be (H, W, C) positive ints, "
-                         f"got {input_shape}")
+    kind = input_kind(name)
+    if len(input_shape) != INPUT_RANK[kind] or min(input_shape) < 1:
+        raise ValueError(f"{name}: input_shape must be {'(H, W, C)' if kind == 'image' else '(seq_len,)'}"
+                         f" positive ints ({kind} input), got {input_shape}")
     if int(num_classes) < 1:
         raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
     num_classes = int(num_classes)
@@ -89,13 +95,20 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
                            batch_stats=batch_stats, spec=spec, unprunable=tuple(cls.UNPRUNABLE))
 
 
+def input_kind(name: str) -> str:
+    """'image' or 'tokens': what the zoo model `name` takes."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
+    return getattr(MODELS[name], "INPUT_KIND", "image")
+
+
 def get_model(name: str, *, num_classes: int, input_shape, key, widths=None) -> FunctionalModel:
     """Builds a zoo model and returns it as a `FunctionalModel`.
 
     Args:
       name: one of `MODELS`.
       num_classes: classifier outputs.
-      input_shape: (H, W, C) of one example.
+      input_shape: (H, W, C) of one example, or (seq_len,) for a token model.
       key: PRNG key for the parameter initialisation.
       widths: optional {width argument: channels} overriding the default widths (used to build
         compacted models); arguments not named keep their default width.

@@ -1,0 +1,147 @@
+"""SST-2 (GLUE sentiment, 2 classes): a small Transformer encoder trained from scratch on token
+ids, to be pruned by attention heads and FFN neurons at 50 % of its MACs.
+
+Commands:
+    TFDS_DATA_DIR=../shared/tensorflow_datasets \\
+    python -m jaxprune.main --config=configs/sst2.py:cpu --workdir=runs/sst2_cpu
+    TFDS_DATA_DIR=../shared/tensorflow_datasets \\
+    python -m jaxprune.main --config=configs/sst2.py:gpu --workdir=runs/sst2_gpu
+
+Data: TFDS `glue/sst2` from --config.data.data_dir or $TFDS_DATA_DIR. GLUE's test labels are
+hidden, so its labelled `validation` split (872 sentences) is this project's test split: every
+reported accuracy is on it. `data.val_size` phrases of GLUE's train split (67,349) are held out
+as the validation split for the search and the selection; the rest trains. A word-level
+WordPiece tokenizer (jaxprune/text.py, Hugging Face `tokenizers`) is made from the training
+part only (`data.vocab_size` words at most, those seen at least twice) and saved beside every
+model. Each sentence becomes `data.seq_len` int32 ids: [CLS], its words, padding; longer
+sentences are truncated (at 64, none of SST-2's: the longest validation sentence has 51 words
+and punctuation marks, the longest train phrase 57).
+
+Model: `transformer` (jaxprune/models/transformer.py): token + position embeddings, 2 pre-LN
+blocks of 4-head self-attention (d_model 64) and a 128-unit ReLU FFN, dropout 0.2, mean over
+the non-pad tokens, classifier. Dense MACs at seq_len 64 are reported in the results row.
+
+Pruning: none yet (`prune.methods` and `search.methods` empty in every variant). The zoo declares
+no channel groups for the Transformer: its heads and FFN neurons are to be found by discovery
+(issue 19); until the pipeline builds its groups by discovery, only the unpruned row runs. Then
+the methods go at `prune.sparsity = 0.5` (50 % of the MACs at seq_len 64).
+
+Variants:
+  '' / gpu  The cpu recipe with more epochs on one accelerator (not run yet; no prediction
+            beyond the cpu result).
+  cpu       The unpruned model on a 2-core CPU: 3 epochs of batch 64, AdamW (weight decay 0.01)
+            at peak 1e-3 after half an epoch of warm-up, cosine. Measured in
+            experiments/2026-12-03_sst2_cpu (see its README for the wall time and accuracy).
+  smoke     tests, seconds (64 training phrases, seq_len 16).
+
+Hardware: `cpu` a 2-core CPU (shared); `gpu` one accelerator.
+Wall time: `cpu` about 25 min on the shared 2-core CPU (3 epochs of 1,021 steps); `smoke`
+seconds; `gpu` not measured.
+Expected result: `cpu` about 82-83 % on GLUE validation (measured, see above; 872 sentences,
+so one run's standard error is about 1.3 points); `gpu` no prediction.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from jaxprune.search import controllers as controllers_lib
+
+VARIANTS = ("", "gpu", "cpu", "smoke")
+
+
+def get_config(arg=None):
+    """arg: None / 'gpu' (an accelerator), 'cpu' (the unpruned model on 2 CPU cores) or
+    'smoke' (tests, seconds)."""
+    if arg not in (None,) + VARIANTS:
+        raise ValueError(f"configs/sst2.py: unknown variant {arg!r}; use one of "
+                         f"{', '.join(repr(v) for v in VARIANTS)}.")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "sst2"
+    config.data.data_dir = config_dict.placeholder(str)  # None → $TFDS_DATA_DIR
+    config.data.val_size = 2000  # phrases of GLUE train held out for search and selection
+    config.data.train_size = config_dict.placeholder(int)  # None → the other 65,349
+    config.data.test_size = config_dict.placeholder(int)  # None → all 872 (GLUE validation)
+    config.data.seq_len = 64  # token ids per sentence ([CLS] + words); longer ones truncated
+    config.data.vocab_size = 16384  # the tokenizer's largest vocabulary (SST-2 gives ~13.4k)
+    config.data.augment = False  # text: no augmentation
+    config.data.cache = config_dict.placeholder(str)  # image datasets only (text is refused)
+    config.data.download = False
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "transformer"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.epochs = 3
+    config.train.batch_size = 64
+    config.train.eval_batch_size = 500
+    config.train.optimizer = "adam"  # AdamW: decoupled weight decay
+    config.train.learning_rate = 1e-3
+    config.train.momentum = 0.9  # unused by adam
+    config.train.weight_decay = 0.01
+    config.train.schedule = "cosine"
+    config.train.warmup_epochs = 0.5
+    config.train.l1 = 0.0
+    config.train.l1_target = "weights"
+    config.train.checkpoint_every = 500
+    config.train.precision = "fp32"
+    config.train.label_smoothing = 0.1
+    config.train.compile_cache_dir = config_dict.placeholder(str)
+
+    config.prune = ml_collections.ConfigDict()
+    config.prune.methods = ""  # none until discovery gives the Transformer's groups (see above)
+    config.prune.granularity = "channel"
+    config.prune.scope = "layerwise"
+    config.prune.target = "macs"
+    config.prune.sparsity = 0.5  # remove 50 % of the MACs (at data.seq_len)
+    config.prune.criterion = "l1"
+    config.prune.schedule = "oneshot"
+    config.prune.channel_multiple = 1
+    config.prune.sensitivity_batches = 4
+    config.prune.imp_rounds = 3
+    config.prune.n, config.prune.m = 2, 4
+
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.epochs = 1
+    config.finetune.learning_rate = 3e-4
+    config.finetune.warmup_epochs = 0.0
+
+    config.search = ml_collections.ConfigDict()
+    config.search.methods = ""  # none yet (see above)
+    config.search.rounds = 8
+    config.search.candidates = 16
+    config.search.calib_batches = 1
+    config.search.calib_batch_size = 64
+    config.search.val_examples = 2000
+    config.search.lower = 0.2
+    config.search.step = 0.0
+    config.search.chunk_size = 4
+    config.search.seed_keeps = ""
+    config.search.select_top = 0
+    config.search.select_val_examples = 0
+    config.search.select_finetune = 0
+    config.search.select_epochs = 1
+    for name in ("reinforce", "gan", "evolution"):
+        config.search[name] = ml_collections.ConfigDict(controllers_lib.default_hparams(name))
+
+    if arg in (None, "", "gpu"):
+        config.train.epochs = 6
+        config.train.batch_size = 128
+        config.train.learning_rate = 1.5e-3
+        config.train.eval_batch_size = 1000
+        config.search.chunk_size = 0
+    elif arg == "smoke":
+        config.data.val_size = 32
+        config.data.train_size = 64
+        config.data.test_size = 32
+        config.data.seq_len = 16
+        config.train.epochs = 1
+        config.train.batch_size = 16
+        config.train.eval_batch_size = 16
+        config.train.checkpoint_every = 2
+        config.search.rounds = 1
+        config.search.candidates = 8
+        config.search.calib_batch_size = 8
+        config.search.val_examples = 16
+    return config
