@@ -12,11 +12,9 @@ reported. Images are random (speed only; the accuracies are meaningless).
     python benchmarks/batched_eval.py                         # lenet5, 8x8x1 (digits-sized)
     python benchmarks/batched_eval.py --model resnet20 --input_shape 32,32,3 --val_examples 128
     python benchmarks/batched_eval.py --host_devices 2        # split K over 2 host devices
-    python benchmarks/batched_eval.py --model resnet20 --input_shape 32,32,3 --hookless
 
-``--hookless`` instead compares, both batched, the model's own ``channel_masks`` hook with
-masks inserted into its traced program by `jaxprune.discover.hookless_apply` (groups from
-`discover_groups`, columns matched to the hand-written groups; accuracies must agree).
+The channel masks are inserted into the model's traced program (`discover.hookless_apply`,
+the groups discovered and named after the model's widths, as `jaxprune.Pruner` does).
 """
 import argparse
 import os
@@ -36,8 +34,6 @@ def parse_args():
     parser.add_argument("--calib_batch_size", type=int, default=32)
     parser.add_argument("--chunk_size", type=int, default=0, help="0: no chunking")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hookless", action="store_true",
-                        help="compare the channel_masks hook with hookless masks (both batched)")
     parser.add_argument("--host_devices", type=int, default=0,
                         help="force this many host CPU devices (0: leave JAX's default)")
     return parser.parse_args()
@@ -52,7 +48,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune import masks, models, parallel
+    from jaxprune import masks, models, parallel, pruner
     from jaxprune.search import evaluate as evaluate_lib
 
     input_shape = tuple(int(d) for d in args.input_shape.split(","))
@@ -63,15 +59,15 @@ def main():
     calib = jax.random.normal(keys[1], (n_calib,) + input_shape)
     val_x = jax.random.normal(keys[2], (args.val_examples,) + input_shape)
     val_y = jax.random.randint(keys[3], (args.val_examples,), 0, args.num_classes)
-    scores = masks.channel_scores(jax.tree.map(jnp.abs, model.params), model.groups)
+    problem = pruner.Pruner(model.apply, model.params, model.batch_stats, input_shape,
+                            discovery=models.discovery(model), sparsity=0.0)
+    apply, groups = problem.apply, problem.groups  # activation masks without a hook
+    scores = masks.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
     kwargs = dict(eval_batch_size=args.eval_batch_size, calib_batch_size=args.calib_batch_size,
                   chunk_size=args.chunk_size or None)
 
-    if args.hookless:
-        return hookless_vs_hook(args, model, input_shape, scores, calib, val_x, val_y, keys,
-                                kwargs)
-    batched = evaluate_lib.make_evaluator(model.apply, model.groups, **kwargs)
-    single = evaluate_lib.make_evaluator(model.apply, model.groups,
+    batched = evaluate_lib.make_evaluator(apply, groups, **kwargs)
+    single = evaluate_lib.make_evaluator(apply, groups,
                                          mesh=parallel.candidate_mesh(jax.devices()[:1]), **kwargs)
     # Shared inputs placed once, as a search loop would (placement is a no-op afterwards).
     shared_b = parallel.replicate((model.params, model.batch_stats, scores, calib, val_x, val_y),
@@ -97,7 +93,7 @@ def main():
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    print(f"model={args.model} input={input_shape} groups={len(model.groups)} "
+    print(f"model={args.model} input={input_shape} groups={len(groups)} "
           f"bn_leaves={len(jax.tree.leaves(model.batch_stats))} val={args.val_examples} "
           f"calib={args.calib_batches}x{args.calib_batch_size} "
           f"devices(batched)={batched.mesh.devices.size} backend={jax.default_backend()} "
@@ -106,71 +102,10 @@ def main():
           f"{'looped cand/s':>14} {'speed-up':>9}")
     for k in (int(v) for v in args.candidates.split(",")):
         keep = np.asarray(jax.random.uniform(jax.random.fold_in(keys[4], k),
-                                             (k, len(model.groups)), minval=0.2, maxval=1.0))
+                                             (k, len(groups)), minval=0.2, maxval=1.0))
         np.testing.assert_allclose(run_batched(keep), run_looped(keep), atol=1e-6)
         tb, tl = seconds(run_batched, keep), seconds(run_looped, keep)
         print(f"{k:>4} {tb:>10.3f} {tl:>10.3f} {k / tb:>15.1f} {k / tl:>14.1f} {tl / tb:>8.2f}x")
-
-
-def _seconds(fn, keep, repeats):
-    import jax
-    jax.block_until_ready(fn(keep))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(keep))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def hookless_vs_hook(args, model, input_shape, scores, calib, val_x, val_y, keys, kwargs):
-    """Batched evaluation with the model's hook vs with `discover.hookless_apply`."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jaxprune import discover, masks, parallel
-    from jaxprune.search import evaluate as evaluate_lib
-
-    variables = {"params": model.params, "batch_stats": model.batch_stats}
-    start = time.perf_counter()
-    found = discover.discover_groups(
-        lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0], variables,
-        jnp.zeros((2,) + input_shape))
-    discover_s = time.perf_counter() - start
-    groups = found.channel_groups()
-    key = lambda g: (g.size, frozenset(g.producers), frozenset(g.consumers))  # noqa: E731
-    column = {key(g): i for i, g in enumerate(model.groups)}
-    order = [column[key(g)] for g in groups]  # discovered group j = zoo column order[j]
-    d_scores = masks.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
-    apply = discover.hookless_apply(
-        lambda p, s, x, train: model.apply(p, s, x, train=train))
-    hook = evaluate_lib.make_evaluator(model.apply, model.groups, **kwargs)
-    free = evaluate_lib.make_evaluator(apply, groups, **kwargs)
-    shared_h = parallel.replicate((model.params, model.batch_stats, scores, calib, val_x, val_y),
-                                  hook.mesh)
-    shared_f = parallel.replicate((model.params, model.batch_stats, d_scores, calib, val_x,
-                                   val_y), free.mesh)
-
-    def run(evaluator, shared, keep):
-        p, s, sc, c, x, y = shared
-        return evaluator(p, s, sc, keep, c, x, y)["accuracy"]
-
-    print(f"model={args.model} input={input_shape} groups={len(groups)} "
-          f"discover_groups={discover_s:.2f}s val={args.val_examples} "
-          f"calib={args.calib_batches}x{args.calib_batch_size} "
-          f"devices={hook.mesh.devices.size} backend={jax.default_backend()} "
-          f"cpu_count={os.cpu_count()}")
-    print(f"{'K':>4} {'hook s':>8} {'hookless s':>11} {'hookless/hook':>14}")
-    for k in (int(v) for v in args.candidates.split(",")):
-        keep = np.asarray(jax.random.uniform(jax.random.fold_in(keys[4], k),
-                                             (k, len(model.groups)), minval=0.2, maxval=1.0))
-        keep_f = keep[:, order]
-        np.testing.assert_allclose(run(hook, shared_h, keep), run(free, shared_f, keep_f),
-                                   atol=1e-6)
-        th = _seconds(lambda kk: run(hook, shared_h, kk), keep, args.repeats)
-        tf = _seconds(lambda kk: run(free, shared_f, kk), keep_f, args.repeats)
-        print(f"{k:>4} {th:>8.3f} {tf:>11.3f} {tf / th:>13.2f}x")
 
 
 if __name__ == "__main__":

@@ -67,9 +67,10 @@ def main():
     dense_step = jitted_step(dense_tx)
 
     masked_tx = train.make_optimizer(cfg)
-    scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), model.groups)
-    keep = masks_lib.channel_keep(scores, jnp.full((len(model.groups),), args.keep), model.groups)
-    masks = masks_lib.channel_masks(keep, model.groups, model.params)
+    groups = models.channel_groups(model)
+    scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
+    keep = masks_lib.channel_keep(scores, jnp.full((len(groups),), args.keep), groups)
+    masks = masks_lib.channel_masks(keep, groups, model.params)
     masked_state = train.create_state(model.params, model.batch_stats, masks, masked_tx)
     masked_step = jitted_step(masked_tx)
 

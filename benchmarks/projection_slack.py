@@ -33,7 +33,7 @@ def grid_setup(name: str, multiple: int = 8, lower: float = 0.2, target: str = "
     model = models_lib.get_model(name, num_classes=10, input_shape=(32, 32, 3),
                                  key=jax.random.key(0))
     p = pruner_lib.Pruner(model.apply, model.params, model.batch_stats, (32, 32, 3),
-                          groups=model.groups, sparsity=0.0, target=target, lower=lower,
+                          discovery=models_lib.discovery(model), sparsity=0.0, target=target, lower=lower,
                           channel_multiple=multiple)
     return p.cost, p.budget_fn, p.dense_cost, p.space, p.step
 

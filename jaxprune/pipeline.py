@@ -31,6 +31,7 @@ from jaxprune import modelio
 from jaxprune import pruner as pruner_lib
 from jaxprune import report as report_lib
 from jaxprune import schedules as schedules_lib
+from jaxprune import surgery
 from jaxprune import train as train_lib
 from jaxprune.search import loop as loop_lib
 from jaxprune.search import budget as budget_lib
@@ -307,7 +308,7 @@ def _check_model_fits(config, model) -> None:
     if str(p.criterion) == "bn_scale" and config_checks.methods(p.methods) + \
             config_checks.methods(config.search.methods):
         try:
-            criteria_lib.bn_scale(model.params, model.groups)
+            criteria_lib.bn_scale(model.params, models_lib.channel_groups(model))
         except ValueError as e:
             raise errors.ConfigError(f"prune.criterion='bn_scale' does not fit "
                                      f"{config.model.name}: {e}") from None
@@ -443,8 +444,8 @@ def dense_phase(ctx: Context):
 
 
 def make_pruner(ctx: Context, dense_state) -> pruner_lib.Pruner:
-    """The library `Pruner` of the trained dense model at the config's budget (the zoo's
-    declared channel groups and its channel-mask hook)."""
+    """The library `Pruner` of the trained dense model at the config's budget (channel groups
+    discovered from the model, named after its width arguments)."""
     cfg, s, m, ds = ctx.config.prune, ctx.config.search, ctx.model, ctx.dataset
     criterion = str(cfg.criterion)
     score_batches = None
@@ -455,7 +456,8 @@ def make_pruner(ctx: Context, dense_state) -> pruner_lib.Pruner:
              jnp.asarray(ds.train_labels[idx]))
             for idx in np.array_split(ctx.calib_order[:bs * n], n)]
     return pruner_lib.Pruner(
-        m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape, groups=m.groups,
+        m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape,
+        discovery=models_lib.discovery(m) if str(cfg.granularity) == "channel" else None,
         unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
         target=str(cfg.target), criterion=criterion, score_batches=score_batches,
         key=jax.random.fold_in(ctx.keys["calib"], 2), scope=str(cfg.scope),
@@ -483,14 +485,16 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
         state, seconds = _scheduled(ctx, pruner, method, schedule, keep, masks)
         masks = state.masks
         if pruner.granularity == "channel":
-            channel_keep = channel_keep_from_masks(masks, m.groups)
+            channel_keep = channel_keep_from_masks(masks, pruner.groups)
     keep_list = [float(v) for v in np.asarray(keep)]
     extra = dict(extra or {}, keep=keep_list, units=pruner.units,
                  granularity=pruner.granularity, schedule=schedule)
     if pruner.granularity == "channel":
         extra["kept_channels"] = {name: int(np.sum(v)) for name, v in channel_keep.items()}
-        compact_model = models_lib.compact_model(
-            m._replace(params=state.params, batch_stats=state.batch_stats), channel_keep)
+        small = surgery.slice_variables({"params": state.params, "batch_stats": state.batch_stats},
+                                        pruner.discovery, channel_keep)
+        compact_model = models_lib.with_widths(m, extra["kept_channels"], small["params"],
+                                               small["batch_stats"])
         params, batch_stats = compact_model.params, compact_model.batch_stats
         save_model(ctx, method, compact_model, params, batch_stats)
         return measure_row(ctx, method, model=compact_model, params=params,
@@ -530,7 +534,7 @@ def _scheduled(ctx: Context, pruner: pruner_lib.Pruner, method: str, schedule: s
     else:
         fn = None if pruner.granularity == "channel" else pruner.prunable_fn
         final = float(masks_lib.count(oneshot_masks, fn).sparsity)
-    groups = ctx.model.groups if pruner.granularity == "channel" else None
+    groups = pruner.groups if pruner.granularity == "channel" else None
     update = functools.partial(schedules_lib.update_masks, scope=scope,
                                granularity=pruner.granularity, groups=groups,
                                prunable_fn=pruner.prunable_fn)

@@ -15,12 +15,17 @@ keep ratio per unit), the budget, the search space on the channel grid, and the 
 it. Units are channel groups (`granularity='channel'`), prunable param leaves
 ('unstructured'), or leaves with a fixed n:m pattern ('nm').
 
-Channel groups come from `discover.discover_groups` when `groups` is not given: any model that
-`jax.make_jaxpr` can trace, no `channel_masks` argument needed (the batched evaluation masks the
-activations of the traced program, `discover.hookless_apply`). Attention heads, FFN neurons and
-grouped-conv groups, which a `structure.ChannelGroup` cannot express, are scored, masked and
-costed through their discovered members (a head group's keep ratio is the fraction of heads
-kept). Pass the zoo's `groups` and its hooked apply to use the hand-written declarations instead.
+Channel groups always come from `discover.discover_groups`: any model that `jax.make_jaxpr` can
+trace, nothing pruning-specific in it. The batched evaluation masks the activations of the
+traced program (`discover.hookless_apply`), training masks the params (`masks.channel_masks`),
+and one function, `surgery.slice_variables`, cuts the dropped channels out of the variables:
+`compact` re-runs the program at the new widths; the pipeline instead rebuilds a zoo model as a
+narrower Flax module around the same sliced variables (`models.with_widths`). A `discovery`
+with renamed groups (a zoo model's, named after its width arguments: `models.discovery`)
+names the units.
+Attention heads, FFN neurons and grouped-conv groups, which a `structure.ChannelGroup` cannot
+express, are scored, masked and costed through their discovered members (a head group's keep
+ratio is the fraction of heads kept).
 
 `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)` is the functional
 convention of `models.FunctionalModel` (`batch_stats` may be `{}`); `functional(module)` makes it
@@ -166,12 +171,12 @@ class Pruner:
     """The pruning problem of one trained model at one budget (see the module docstring).
 
     Args:
-      apply: `apply(params, batch_stats, x, *, train[, channel_masks]) -> (logits,
-        new_batch_stats)`; `channel_masks` is needed only with explicit `groups`.
+      apply: `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)`.
       params, batch_stats: the trained (dense) variables.
       input_shape: one example's shape, e.g. (32, 32, 3).
-      groups: the model's `structure.ChannelGroup`s; None discovers them from the jaxpr
-        (`discover.discover_groups`) and masks activations without a hook.
+      discovery: the channel groups of `apply` at these variables' shapes as
+        `discover.discover_groups` finds them, possibly renamed and reordered (a zoo model's:
+        `models.discovery(model)`); None discovers them here. Channel granularity only.
       unprunable: param paths never pruned by the unstructured / n:m masks (e.g. the first
         conv and the classifier); channel groups that must not be pruned are left out by
         discovery itself.
@@ -193,7 +198,8 @@ class Pruner:
     """
 
     def __init__(self, apply: Callable, params, batch_stats, input_shape: Sequence[int], *,
-                 groups: Optional[Sequence] = None, unprunable: Sequence = (),
+                 discovery: Optional[discover_lib.Discovery] = None,
+                 unprunable: Sequence = (),
                  granularity: str = "channel", sparsity: float = 0.5, target: str = "macs",
                  criterion: str = "l1", scores: Optional[criteria_lib.Scores] = None,
                  score_batches=None, scope: str = "layerwise", lower: float = 0.1,
@@ -207,21 +213,16 @@ class Pruner:
         self.params, self.batch_stats = params, batch_stats if batch_stats is not None else {}
         self.input_shape = tuple(int(d) for d in input_shape)
         self._apply = apply  # the model's own apply (discovery and surgery trace it)
-        self.discovery = None
+        self.discovery, self.apply, self.groups = None, apply, ()
         self._members = False
-        if groups is None and self.granularity == "channel":
-            x = jnp.zeros((1, *self.input_shape), jnp.float32)
-            self.discovery = discover_lib.discover_groups(
-                _eval_logits(apply), {"params": params, "batch_stats": self.batch_stats}, x)
+        if self.granularity == "channel":
+            self.discovery, self._found, self._discovered = self._discover(discovery)
             # Groups a ChannelGroup cannot express (attention heads, grouped convs) are
             # scored, masked and costed through their members (`discover.params_groups`).
             self._members = bool(self.discovery.inexpressible())
-            groups = (discover_lib.params_groups(self.discovery) if self._members
-                      else self.discovery.channel_groups())
-            self.apply = discover_lib.hookless_apply(apply)
-        else:
-            self.apply = apply
-        self.groups = tuple(groups or ())
+            self.groups = (discover_lib.params_groups(self.discovery) if self._members
+                           else self.discovery.channel_groups())
+            self.apply = self._masked_apply(apply)
         self.prunable_fn = masks_lib.make_prunable_fn(exclude=tuple(unprunable))
         if scores is None:
             def loss_fn(p, batch):  # for the gradient criteria: the loss on (images, labels)
@@ -278,6 +279,34 @@ class Pruner:
         else:
             budget_lib.check_feasible(self.budget_fn, self.space.lower, self.budget,
                                       dense_cost=self.dense_cost)
+
+    def _discover(self, named):
+        """`(discovery, found, {group name: discovered name})`: `named` (or what discovery
+        finds) and the groups as `discover_groups` named them, matched by their members."""
+        variables = {"params": self.params, "batch_stats": self.batch_stats}
+        x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        found = discover_lib.discover_groups(_eval_logits(self._apply), variables, x)
+        named = found if named is None else named
+        by_members = {frozenset(g.members): g.name for g in found.all_groups}
+        missing = [g.name for g in named.all_groups if frozenset(g.members) not in by_members]
+        if missing:
+            raise ValueError(f"discovery groups {missing} are not groups of this model; give "
+                             "the discovery of this apply at these variables' shapes.")
+        return named, found, {g.name: by_members[frozenset(g.members)]
+                              for g in named.all_groups}
+
+    def _masked_apply(self, apply: Callable) -> Callable:
+        """`apply(..., channel_masks={group name: float[size]})`: the activation masks of
+        `discover.hookless_apply`, under this Pruner's group names."""
+        hookless = discover_lib.hookless_apply(apply)
+        if all(k == v for k, v in self._discovered.items()):
+            return hookless
+
+        def masked(params, batch_stats, x, *, train: bool, channel_masks=None):
+            found = {self._discovered[k]: v for k, v in (channel_masks or {}).items()}
+            return hookless(params, batch_stats, x, train=train, channel_masks=found)
+
+        return masked
 
     # -- keep vectors ----------------------------------------------------------------------
     def project(self, keep) -> np.ndarray:
@@ -425,18 +454,15 @@ class Pruner:
                                       self.groups)
         return {k: np.asarray(v) for k, v in kept.items()}
 
+    def _variables(self, params, batch_stats) -> dict:
+        return {"params": self.params if params is None else params,
+                "batch_stats": self.batch_stats if batch_stats is None else batch_stats}
+
     def compact(self, keep, params=None, batch_stats=None):
         """`(compact_apply, compact_variables)`: the model with the channels dropped at `keep`
         removed (default: the dense variables). `compact_apply(compact_variables, x) -> logits`
-        equals the masked model's output; `modelio.save_compact` / `modelio.load_compact` store and restore it.
-
-        Needs discovered groups (`groups=None`); a zoo model compacts with
-        `models.compact_model`."""
-        if self.discovery is None:
-            raise ValueError("compact needs the groups discovered from the model (build the "
-                             "Pruner with groups=None); zoo models use models.compact_model.")
-        variables = {"params": self.params if params is None else params,
-                     "batch_stats": self.batch_stats if batch_stats is None else batch_stats}
-        channel_keep = self.channel_keep(keep)
-        return surgery.compact(_eval_logits(self._apply), variables, self.discovery,
-                               channel_keep)
+        equals the masked model's output; `modelio.save_compact` /
+        `modelio.load_compact` store and restore it."""
+        found = {self._discovered[k]: v for k, v in self.channel_keep(keep).items()}
+        return surgery.compact(_eval_logits(self._apply), self._variables(params, batch_stats),
+                               self._found, found)

@@ -1,9 +1,10 @@
-"""Prunable structure: channel groups that must be removed together, and compaction.
+"""Prunable structure: channel groups that must be removed together, and tree-path helpers.
 
 A *channel group* is a set of channels that has to be pruned as one: the output channels of
 a conv (with its BatchNorm), or every tensor that writes into a ResNet stage's residual stream.
-Models declare their groups; this module turns per-group channel keeps into param masks and
-into a physically smaller model. It works on plain pytrees and never imports Flax.
+Groups are found from a model's program (`discover.Discovery.channel_groups()`); masks,
+scores and costs read them as `ChannelGroup`s, and `surgery.slice_variables` cuts them out of
+the variables. It works on plain pytrees and never imports Flax.
 """
 from __future__ import annotations
 
@@ -180,71 +181,3 @@ def _keep_vector(name: str, size: int, value) -> np.ndarray:
     if not arr.any():
         raise ValueError(f"keep[{name!r}] keeps no channel; at least one must be kept per group")
     return arr
-
-
-def check_keep(keep, groups) -> dict:
-    """Validates a {group name: bool[size]} dict against `groups`; returns numpy bool vectors.
-
-    Raises:
-      ValueError naming missing / unknown groups, wrong sizes, or a group with nothing kept.
-    """
-    names = [g.name for g in groups]
-    missing = [n for n in names if n not in keep]
-    unknown = sorted(set(keep) - set(names))
-    if missing or unknown:
-        raise ValueError(
-            f"keep must have exactly the model's group names; missing {missing}, "
-            f"unknown {unknown}; allowed: {names}")
-    return {g.name: _keep_vector(g.name, g.size, keep[g.name]) for g in groups}
-
-
-# --------------------------------------------------------------------------------------------
-# Compaction.
-
-
-def consumer_indices(kept: np.ndarray, size: int, spatial: int) -> np.ndarray:
-    """Input-axis indices of a consumer for kept channel indices `kept` (input index = p*C + c)."""
-    return (np.arange(spatial)[:, None] * size + kept[None, :]).reshape(-1)
-
-
-def compact(params, batch_stats, groups, keep):
-    """Physically removes the channels that `keep` drops.
-
-    Producers are sliced on their last axis, consumers on their input axis (-2; for a flattened
-    (H, W, C) feature map with `spatial` positions the kept input indices are p * C + c), and
-    batch stats on their last axis. The result is the params / batch_stats of the model built
-    with the returned widths, and it computes exactly what the full model computes with the
-    dropped channels masked (zeroed producers, or activation channel masks).
-
-    Args:
-      params, batch_stats: nested dicts of arrays for the current (dense) model.
-      groups: the model's `ChannelGroup`s (for the current widths).
-      keep: {group name: bool[size]} with every group name; at least one channel kept per
-        group. Must be concrete (not traced): the output shapes depend on it.
-
-    Returns:
-      (params, batch_stats, widths) where widths is {group name: kept channel count}, in
-      `groups` order. Input trees are not modified.
-
-    Raises:
-      ValueError for unknown/missing groups, wrong sizes, empty groups, or groups that do not
-      match the params (see `validate_groups`).
-    """
-    validate_groups(groups, params, batch_stats)
-    keep = check_keep(keep, groups)
-    flat_p = _flatten(params)
-    flat_s = _flatten(batch_stats or {})
-    widths = {}
-    for g in groups:
-        idx = np.flatnonzero(keep[g.name])
-        widths[g.name] = int(idx.size)
-        if idx.size == g.size:
-            continue
-        for path in g.producers:
-            flat_p[tuple(path)] = flat_p[tuple(path)][..., idx]
-        for path, spatial in g.consumers:
-            rows = consumer_indices(idx, g.size, spatial)
-            flat_p[tuple(path)] = flat_p[tuple(path)][..., rows, :]
-        for path in g.stats:
-            flat_s[tuple(path)] = flat_s[tuple(path)][..., idx]
-    return _unflatten(flat_p), _unflatten(flat_s), widths

@@ -45,26 +45,35 @@ def _lenet():
     return model, hookless
 
 
-def test_discovered_pruner_equals_the_declared_one():
-    model, hookless = _lenet()
+def test_zoo_named_pruner_equals_the_discovered_one():
+    """`discovery=models.discovery(model)` only renames (and orders) the discovered groups."""
+    model, _ = _lenet()
     kw = dict(input_shape=(16, 16, 1), sparsity=0.5, lower=0.2)
-    declared = jp.Pruner(model.apply, model.params, model.batch_stats, groups=model.groups, **kw)
-    found = jp.Pruner(hookless, model.params, model.batch_stats, **kw)
-    assert found.discovery is not None and len(found.units) == len(declared.units)
-    # same groups (names differ: discovery names a group after its first producer)
-    order = [[g.producers for g in found.groups].index(d.producers) for d in declared.groups]
-    assert found.cost.dense_macs == declared.cost.dense_macs
+    named = jp.Pruner(model.apply, model.params, model.batch_stats,
+                      discovery=models.discovery(model), **kw)
+    found = jp.Pruner(model.apply, model.params, model.batch_stats, **kw)
+    assert named.units == [name for name, _ in model.spec.widths]
+    assert found.units == ["params/" + u for u in named.units]  # discovery's own names
+    assert found.cost.dense_macs == named.cost.dense_macs
     rng = np.random.default_rng(0)
-    keeps = rng.uniform(0.2, 1.0, (4, len(order))).astype(np.float32)
+    keeps = rng.uniform(0.2, 1.0, (4, len(named.units))).astype(np.float32)
     for keep in keeps:
-        assert float(found.cost.macs(keep[np.argsort(order)])) == pytest.approx(
-            float(declared.cost.macs(keep)), rel=1e-6)
+        assert float(found.cost.macs(keep)) == pytest.approx(float(named.cost.macs(keep)),
+                                                             rel=1e-6)
     x = jax.random.uniform(jax.random.key(1), (64, 16, 16, 1))
     y = jax.random.randint(jax.random.key(2), (64,), 0, 10)
-    a = declared.evaluator(x[:32], x, y, metric="loss")(keeps)
-    b = found.evaluator(x[:32], x, y, metric="loss")(keeps[:, np.argsort(order)])
+    a = named.evaluator(x[:32], x, y, metric="loss")(keeps)
+    b = found.evaluator(x[:32], x, y, metric="loss")(keeps)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(found.threshold_keep()[order], declared.threshold_keep())
+    np.testing.assert_allclose(found.threshold_keep(), named.threshold_keep())
+    small_a, vars_a = named.compact(keeps[0])
+    small_b, vars_b = found.compact(keeps[0])
+    np.testing.assert_allclose(small_a(vars_a, x[:4]), small_b(vars_b, x[:4]), atol=1e-6)
+    other = models.get_model("mlp", num_classes=10, input_shape=(16, 16, 1),
+                             key=jax.random.key(0))
+    with pytest.raises(ValueError, match="not groups of this model"):
+        jp.Pruner(model.apply, model.params, model.batch_stats,
+                  discovery=models.discovery(other), **kw)
 
 
 def test_compact_of_a_discovered_pruner_equals_the_masked_model():
@@ -113,15 +122,17 @@ def test_every_criterion_behind_one_signature():
         return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(8), batch[1]])
 
     for name in set(criteria.CRITERIA) - {"bn_scale"}:
-        out = criteria.score(name, model.params, groups=model.groups, loss_fn=loss_fn,
+        out = criteria.score(name, model.params, groups=models.channel_groups(model),
+                             loss_fn=loss_fn,
                              batches=[(x, y)], key=jax.random.key(0))
         assert jax.tree.structure(out.weights) == jax.tree.structure(model.params), name
         assert out.channels is None
     with pytest.raises(ValueError, match="no BatchNorm"):  # LeNet-5 has none
-        criteria.score("bn_scale", model.params, groups=model.groups)
+        criteria.score("bn_scale", model.params, groups=models.channel_groups(model))
     resnet = models.get_model("resnet20", num_classes=10, input_shape=(8, 8, 3), key=jax.random.key(0))
-    out = criteria.score("bn_scale", resnet.params, groups=resnet.groups)
-    assert out.weights is None and set(out.channels) == {g.name for g in resnet.groups}
+    groups = models.channel_groups(resnet)
+    out = criteria.score("bn_scale", resnet.params, groups=groups)
+    assert out.weights is None and set(out.channels) == {g.name for g in groups}
     with pytest.raises(ValueError, match="gradient-based"):
         criteria.score("taylor", model.params)
     with pytest.raises(ValueError, match="unknown criterion"):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import costs
+from jaxprune import costs, models
 from jaxprune.structure import ChannelGroup
 
 INPUT = (8, 8, 3)
@@ -266,7 +266,6 @@ def test_unstructured_cost_model_equals_count_with_masks():
 # --------------------------------------------------------------------------------------
 
 def _abstract_model(name, input_shape=(32, 32, 3)):
-    models = pytest.importorskip("jaxprune.models")
     holder = {}
 
     def build(key):
@@ -290,23 +289,23 @@ def test_zoo_model_costs_match_published(name, macs_m, params_m):
     assert macs / 1e6 == pytest.approx(macs_m, rel=0.03)
     assert n / 1e6 == pytest.approx(params_m, rel=0.03)
     cm = costs.cost_model(model.apply, model.params, model.batch_stats, (32, 32, 3),
-                          model.groups)
+                          models.channel_groups(model))
     assert cm.dense_macs == macs and cm.dense_params == n
 
 
 def test_resnet20_cost_model_equals_count_with_real_channel_masks():
     masks_lib = pytest.importorskip("jaxprune.masks")
     model = _abstract_model("resnet20")
-    cm = costs.cost_model(model.apply, model.params, model.batch_stats, (32, 32, 3),
-                          model.groups)
+    groups = models.channel_groups(model)
+    cm = costs.cost_model(model.apply, model.params, model.batch_stats, (32, 32, 3), groups)
     key = jax.random.key(3)
     scores = {g.name: jax.random.uniform(jax.random.fold_in(key, i), (g.size,))
-              for i, g in enumerate(model.groups)}
+              for i, g in enumerate(groups)}
     keeps = np.random.default_rng(3).uniform(0.1, 1.0, (2, cm.num_groups)).astype(np.float32)
     got_macs, got_params = jax.jit(lambda k: (cm.macs(k), cm.params(k)))(keeps)
     for i, keep in enumerate(keeps):
-        keep_bool = masks_lib.channel_keep(scores, jnp.asarray(keep), model.groups)
-        masks = masks_lib.channel_masks(keep_bool, model.groups, model.params)
+        keep_bool = masks_lib.channel_keep(scores, jnp.asarray(keep), groups)
+        masks = masks_lib.channel_masks(keep_bool, groups, model.params)
         assert int(got_macs[i]) == costs.count_macs(
             model.apply, model.params, model.batch_stats, (32, 32, 3), masks=masks)
         assert int(got_params[i]) == costs.count_params(model.params, masks)

@@ -1,4 +1,8 @@
-"""Tests for the model zoo: shapes, jit, BatchNorm updates, channel masks, compaction, costs."""
+"""Tests for the model zoo: shapes, jit, BatchNorm updates, channel masks, compaction, costs.
+
+The zoo holds no pruning code: channel groups come from discovery (`models.channel_groups`),
+activation masks from `discover.hookless_apply`, and a compact model is the module rebuilt at
+the kept widths around the variables `surgery.slice_variables` cut."""
 import functools
 
 import jax
@@ -7,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import models, structure
+from jaxprune import discover, models, structure, surgery
 
 NUM_CLASSES = 10
 BATCH = 2
@@ -94,23 +98,42 @@ def _input(key, shape):
     return jax.random.normal(key, (BATCH,) + tuple(shape), jnp.float32)
 
 
+def _masked_apply(model):
+    """`model.apply` with activation masks {group name: float[size]} under the zoo's names."""
+    hookless = discover.hookless_apply(model.apply)
+    apply_fn = lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0]  # noqa: E731
+    found = discover.discover_groups(apply_fn, {"params": model.params,
+                                                "batch_stats": model.batch_stats},
+                                     jax.ShapeDtypeStruct((1,) + model.spec.input_shape,
+                                                          jnp.float32))
+    raw = {frozenset(g.members): g.name for g in found.groups}
+    names = {g.name: raw[frozenset(g.members)] for g in models.discovery(model).groups}
+
+    def masked(params, batch_stats, x, *, train, channel_masks):
+        return hookless(params, batch_stats, x, train=train,
+                        channel_masks={names[n]: m for n, m in channel_masks.items()})
+
+    return masked
+
+
 @functools.lru_cache(maxsize=None)
 def _zoo(case):
     """(model, full_fn) for CASES[case], built once per test session.
 
     `full_fn(params, batch_stats, x, cm)` returns the eval logits without masks, and the eval
-    and train outputs with channel masks `cm`; one compile serves every check below.
+    and train outputs with (hookless) channel masks `cm`; one compile serves every check below.
     """
     name, input_shape, widths = CASES[case]
     model = models.get_model(name, num_classes=NUM_CLASSES, input_shape=input_shape,
                              key=jax.random.fold_in(jax.random.key(0), case), widths=widths)
 
+    masked = _masked_apply(model)
+
     @jax.jit
     def full_fn(params, batch_stats, x, cm):
         plain, same_stats = model.apply(params, batch_stats, x, train=False)
-        eval_logits, _ = model.apply(params, batch_stats, x, train=False, channel_masks=cm)
-        train_logits, new_stats = model.apply(params, batch_stats, x, train=True,
-                                              channel_masks=cm)
+        eval_logits, _ = masked(params, batch_stats, x, train=False, channel_masks=cm)
+        train_logits, new_stats = masked(params, batch_stats, x, train=True, channel_masks=cm)
         return plain, same_stats, eval_logits, train_logits, new_stats
 
     return model, full_fn
@@ -125,11 +148,12 @@ assert CASES[LENET5][0] == "lenet5" and CASES[RESNET20][0] == "resnet20"
 def test_apply_jit_train_and_all_ones_masks(case):
     name, input_shape, _ = CASES[case]
     model, full_fn = _zoo(case)
-    structure.validate_groups(model.groups, model.params, model.batch_stats)
+    groups = models.channel_groups(model)
+    structure.validate_groups(groups, model.params, model.batch_stats)
     assert hash(model.spec) == hash(models.ModelSpec(*model.spec))
-    assert dict(model.spec.widths) == {g.name: g.size for g in model.groups}
+    assert dict(model.spec.widths) == {g.name: g.size for g in groups}
     x = _input(jax.random.key(10 + case), input_shape)
-    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in model.groups}
+    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in groups}
     plain, same_stats, masked, train_logits, new_stats = full_fn(
         model.params, model.batch_stats, x, ones)
     assert plain.shape == train_logits.shape == (BATCH, NUM_CLASSES)
@@ -152,19 +176,23 @@ def test_compact_equals_masked(case):
     perturb_key, keep_key, x_key = jax.random.split(jax.random.key(20 + case), 3)
     params, batch_stats = _perturb(perturb_key, model)
     model = model._replace(params=params, batch_stats=batch_stats)
-    keep = _random_keep(keep_key, model.groups)
-    masks = _param_masks(keep, model.groups, params)
+    groups = models.channel_groups(model)
+    keep = _random_keep(keep_key, groups)
+    masks = _param_masks(keep, groups, params)
     masked_params = jax.tree.map(lambda p, m: p * m, params, masks)
     x = _input(x_key, input_shape)
-    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in model.groups}
+    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in groups}
     keep_f = {n: jnp.asarray(v, jnp.float32) for n, v in keep.items()}
     _, _, w_eval, w_train, w_stats = full_fn(masked_params, batch_stats, x, ones)  # zeroed
     _, _, a_eval, a_train, _ = full_fn(params, batch_stats, x, keep_f)  # activation masks
 
-    small = models.compact_model(model, keep)
+    sliced = surgery.slice_variables({"params": params, "batch_stats": batch_stats},
+                                     models.discovery(model), keep)
+    small = models.with_widths(model, {n: int(v.sum()) for n, v in keep.items()},
+                               sliced["params"], sliced["batch_stats"])
     assert dict(small.spec.widths) == {n: int(v.sum()) for n, v in keep.items()}
-    assert [g.size for g in small.groups] == [int(keep[g.name].sum()) for g in model.groups]
-    structure.validate_groups(small.groups, small.params, small.batch_stats)
+    assert [g.size for g in models.channel_groups(small)] == [int(keep[g.name].sum())
+                                                              for g in groups]
 
     @jax.jit
     def compact_fn(params, batch_stats):
@@ -178,7 +206,8 @@ def test_compact_equals_masked(case):
     _assert_close(w_train, c_train)
     _assert_close(a_train, c_train)
     # Updated running stats of the kept channels agree too.
-    _, sliced_stats, _ = structure.compact(masked_params, w_stats, model.groups, keep)
+    sliced_stats = surgery.slice_variables({"params": masked_params, "batch_stats": w_stats},
+                                           models.discovery(model), keep)["batch_stats"]
     jax.tree.map(_assert_close, sliced_stats, c_stats)
     # Compact param count == kept entries of the channel param masks.
     n_compact = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(small.params))
@@ -196,14 +225,16 @@ def test_vmap_over_channel_masks(case):
     """K candidates' channel masks vmapped over one shared copy of the weights."""
     _, input_shape, _ = CASES[case]
     model, _ = _zoo(case)
+    groups = models.channel_groups(model)
+    masked = _masked_apply(model)
     keep_key, x_key = jax.random.split(jax.random.key(30 + case))
-    keeps = [_random_keep(k, model.groups) for k in jax.random.split(keep_key, 3)]
+    keeps = [_random_keep(k, groups) for k in jax.random.split(keep_key, 3)]
     stacked = {g.name: jnp.stack([jnp.asarray(k[g.name], jnp.float32) for k in keeps])
-               for g in model.groups}
+               for g in groups}
     x = _input(x_key, input_shape)
 
     def one(cm):
-        return model.apply(model.params, model.batch_stats, x, train=True, channel_masks=cm)
+        return masked(model.params, model.batch_stats, x, train=True, channel_masks=cm)
 
     batched_logits, batched_stats = jax.jit(jax.vmap(one))(stacked)
     for i in range(len(keeps)):
@@ -215,7 +246,7 @@ def test_vmap_over_channel_masks(case):
 def test_bn_running_stats_use_momentum_0_9():
     model, full_fn = _zoo(RESNET20)
     x = _input(jax.random.key(40), CASES[RESNET20][1])
-    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in model.groups}
+    ones = {g.name: jnp.ones(g.size, jnp.float32) for g in models.channel_groups(model)}
     new_stats = full_fn(model.params, model.batch_stats, x, ones)[-1]
     y = jax.lax.conv_general_dilated(x, model.params["conv1"]["kernel"], (1, 1),
                                      ((1, 1), (1, 1)),
@@ -259,7 +290,7 @@ def test_param_and_mac_counts_at_cifar_size(name, params_m, macs_m):
     model = models.model_from_spec(
         models.ModelSpec(name, 10, shape, tuple(
             models.MODELS[name].default_widths(shape).items())), params, batch_stats)
-    structure.validate_groups(model.groups, params, batch_stats)
+    structure.validate_groups(models.channel_groups(model), params, batch_stats)
     x = jax.ShapeDtypeStruct((1,) + shape, jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, s, x: model.apply(p, s, x, train=False))(
         params, batch_stats, x)
@@ -295,11 +326,9 @@ def test_errors():
                          widths={"fc1": 2.5})
     model = models.get_model("mlp", num_classes=10, input_shape=(8, 8, 1), key=key,
                              widths={"fc1": 4, "fc2": 3})
-    x = jnp.zeros((2, 8, 8, 1))
-    with pytest.raises(ValueError, match="nope"):
-        model.apply(model.params, model.batch_stats, x, train=False,
-                    channel_masks={"nope": jnp.ones(4)})
     with pytest.raises(ValueError, match="expected"):
         model.apply(model.params, model.batch_stats, jnp.zeros((2, 8, 8, 3)), train=False)
     with pytest.raises(ValueError, match="fc2"):
-        models.compact_model(model, {"fc1": np.ones(4, bool), "fc2": np.zeros(3, bool)})
+        surgery.slice_variables({"params": model.params, "batch_stats": {}},
+                                models.discovery(model),
+                                {"fc1": np.ones(4, bool), "fc2": np.zeros(3, bool)})

@@ -131,12 +131,12 @@ def test_projected_channel_keeps_are_whole_channels(tmp_path, multiple):
     ctx = pipeline.make_context(config, str(tmp_path), progress=False)
     dense = types.SimpleNamespace(params=ctx.model.params, batch_stats=ctx.model.batch_stats)
     pruner = pipeline.make_pruner(ctx, dense)
-    sizes = np.asarray([g.size for g in ctx.model.groups])
+    sizes = np.asarray([g.size for g in pruner.groups])
     rng = np.random.default_rng(0)
     for keep in [np.ones(len(sizes))] + [rng.uniform(0.2, 1.0, len(sizes)) for _ in range(5)]:
         projected = pruner.project(keep.astype(np.float32))
         _, channel_keep = pruner.masks(projected)
-        kept = np.asarray([int(np.sum(channel_keep[g.name])) for g in ctx.model.groups])
+        kept = np.asarray([int(np.sum(channel_keep[g.name])) for g in pruner.groups])
         np.testing.assert_allclose(kept / sizes, projected, atol=1e-5)
         assert np.all((kept % multiple == 0) | (kept == sizes))
         assert float(pruner.cost.macs(projected)) <= pruner.budget + 1e-3

@@ -268,6 +268,17 @@ def test_rejects_bad_inputs(setup):
         evaluate_lib.make_evaluator(tiny_apply, GROUPS, mode="nm")
 
 
+def _hookless(model):
+    """A zoo model's apply with activation masks inserted into its program, and its groups
+    (`discover`: the zoo has no mask hook)."""
+    from jaxprune import discover
+    found = discover.discover_groups(
+        lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0],
+        {"params": model.params, "batch_stats": model.batch_stats},
+        jax.ShapeDtypeStruct((1,) + model.spec.input_shape, jnp.float32))
+    return discover.hookless_apply(model.apply), found.channel_groups()
+
+
 def _lenet5():
     models = pytest.importorskip("jaxprune.models", reason="jaxprune.models not written yet")
     if not hasattr(models, "get_model"):
@@ -279,16 +290,17 @@ def _lenet5():
 def test_lenet5_activation_masks_equal_weight_masks():
     model = _lenet5()
     calib, val_x, val_y, val_w = make_data(5, n_calib=8, n_val=8)
-    scores = masks.channel_scores(jax.tree.map(jnp.abs, model.params), model.groups)
-    keep = random_keep(6, 3, len(model.groups), minval=0.3)
-    evaluate = evaluate_lib.make_evaluator(model.apply, model.groups, eval_batch_size=4,
+    masked_apply, groups = _hookless(model)
+    scores = masks.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
+    keep = random_keep(6, 3, len(groups), minval=0.3)
+    evaluate = evaluate_lib.make_evaluator(masked_apply, groups, eval_batch_size=4,
                                            calib_batch_size=4)
     out = evaluate(model.params, model.batch_stats, scores, keep, calib, val_x, val_y, val_w)
     has_stats = bool(jax.tree.leaves(model.batch_stats))
     for i in range(3):
-        channel_keep = masks.channel_keep(scores, keep[i], model.groups)
+        channel_keep = masks.channel_keep(scores, keep[i], groups)
         pruned = masks.apply(model.params,
-                             masks.channel_masks(channel_keep, model.groups, model.params))
+                             masks.channel_masks(channel_keep, groups, model.params))
         stats = (reference_recalibrate(model.apply, pruned, model.batch_stats, calib, 4)
                  if has_stats else model.batch_stats)
         acc, loss = reference_metrics(model.apply, pruned, stats, val_x, val_y, val_w)
@@ -312,14 +324,15 @@ def test_resnet20_adaptive_bn_equals_weight_masked_model():
     val_x = jnp.asarray(rng.standard_normal((8,) + input_shape, np.float32))
     val_y = jnp.asarray(rng.integers(0, NUM_CLASSES, (8,)).astype(np.int32))
     val_w = jnp.ones((8,), jnp.float32)
-    scores = masks.channel_scores(jax.tree.map(jnp.abs, params), model.groups)
-    keep = random_keep(10, 2, len(model.groups), minval=0.3)
-    evaluate = evaluate_lib.make_evaluator(model.apply, model.groups, eval_batch_size=4,
+    masked_apply, groups = _hookless(model)
+    scores = masks.channel_scores(jax.tree.map(jnp.abs, params), groups)
+    keep = random_keep(10, 2, len(groups), minval=0.3)
+    evaluate = evaluate_lib.make_evaluator(masked_apply, groups, eval_batch_size=4,
                                            calib_batch_size=4)
     out = evaluate(params, model.batch_stats, scores, keep, calib, val_x, val_y, val_w)
     for i in range(keep.shape[0]):
-        channel_keep = masks.channel_keep(scores, keep[i], model.groups)
-        pruned = masks.apply(params, masks.channel_masks(channel_keep, model.groups, params))
+        channel_keep = masks.channel_keep(scores, keep[i], groups)
+        pruned = masks.apply(params, masks.channel_masks(channel_keep, groups, params))
         stats = reference_recalibrate(model.apply, pruned, model.batch_stats, calib, 4)
         acc, loss = reference_metrics(model.apply, pruned, stats, val_x, val_y, val_w)
         np.testing.assert_allclose(out["accuracy"][i], acc, atol=1e-6, err_msg=f"candidate {i}")

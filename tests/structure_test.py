@@ -1,9 +1,11 @@
-"""Tests for jaxprune.structure: group validation and compaction on hand-made pytrees."""
+"""Tests for jaxprune.structure (group validation on hand-made pytrees) and for the one slicing
+of variables by a keep, `surgery.slice_variables`, on the groups discovered from a tiny model."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import structure
+from jaxprune import discover, structure, surgery
 from jaxprune.structure import ChannelGroup
 
 
@@ -57,12 +59,42 @@ def test_validate_groups_rejects_duplicates():
         structure.validate_groups(groups + (twice,), params, batch_stats)
 
 
-def test_compact_slices_producers_consumers_and_stats():
+def _forward(v, x):
+    """The tiny model's logits: conv 1x1 (centre tap) + BN + ReLU, flatten, dense, dense."""
+    p, s = v["params"], v["batch_stats"]
+    h = jnp.einsum("bhwi,io->bhwo", x, p["conv"]["kernel"][1, 1])
+    c = lambda a: a.reshape((1, 1, 1, -1))  # noqa: E731 (no implicit rank promotion)
+    h = (h - c(s["bn"]["mean"])) * c(p["bn"]["scale"]) / jnp.sqrt(c(s["bn"]["var"])) + c(
+        p["bn"]["bias"])
+    h = jnp.maximum(h, 0).reshape((x.shape[0], -1))
+    h = jnp.maximum(h @ p["fc"]["kernel"] + p["fc"]["bias"][None], 0)
+    return h @ p["out"]["kernel"]
+
+
+def _sliced(keep):
+    """(variables, discovery, sliced variables) of the tiny model at `keep`, under the
+    discovered names 'params/conv' and 'params/fc'."""
+    params, batch_stats, _ = _tiny()
+    variables = {"params": params, "batch_stats": batch_stats}
+    found = discover.discover_groups(_forward, variables, jnp.zeros((2, 2, 2, 3)))
+    return variables, found, surgery.slice_variables(variables, found, keep)
+
+
+def test_discovered_groups_of_the_tiny_model():
     params, batch_stats, groups = _tiny()
-    keep = {"conv": np.array([True, False, True, False]),
-            "fc": np.array([0, 1, 1, 0, 1])}
-    new_params, new_stats, widths = structure.compact(params, batch_stats, groups, keep)
-    assert widths == {"conv": 2, "fc": 3}
+    _, found, _ = _sliced({})
+    got = {(g.size, frozenset(g.producers), frozenset(g.consumers), frozenset(g.stats))
+           for g in found.channel_groups()}
+    assert got == {(g.size, frozenset(g.producers), frozenset(g.consumers), frozenset(g.stats))
+                   for g in groups}
+
+
+def test_slicing_cuts_producers_consumers_and_stats():
+    params, batch_stats, groups = _tiny()
+    keep = {"params/conv": np.array([True, False, True, False]),
+            "params/fc": np.array([0, 1, 1, 0, 1])}
+    _, found, small = _sliced(keep)
+    new_params, new_stats = small["params"], small["batch_stats"]
     np.testing.assert_array_equal(new_params["conv"]["kernel"],
                                   params["conv"]["kernel"][..., [0, 2]])
     np.testing.assert_array_equal(new_params["bn"]["scale"], params["bn"]["scale"][[0, 2]])
@@ -74,57 +106,40 @@ def test_compact_slices_producers_consumers_and_stats():
     np.testing.assert_array_equal(new_params["fc"]["bias"], params["fc"]["bias"][[1, 2, 4]])
     np.testing.assert_array_equal(new_params["out"]["kernel"], params["out"]["kernel"][[1, 2, 4]])
     assert params["conv"]["kernel"].shape == (3, 3, 3, 4)  # inputs untouched
+    widths = {"conv": 2, "fc": 3}
     structure.validate_groups(
         [ChannelGroup(g.name, widths[g.name], g.producers, g.consumers, g.stats) for g in groups],
         new_params, new_stats)
 
 
-def test_compact_equals_masked_forward():
-    """Dense forward with dropped channels zeroed equals the compact forward."""
-    params, batch_stats, groups = _tiny()
-    x = np.random.default_rng(1).normal(size=(2, 2, 2, 3)).astype(np.float32)
-
-    def forward(p, s):
-        h = np.einsum("bhwi,io->bhwo", x, p["conv"]["kernel"][1, 1])  # numpy: broadcasting ok
-        h = (h - s["bn"]["mean"]) * p["bn"]["scale"] / np.sqrt(s["bn"]["var"]) + p["bn"]["bias"]
-        h = np.maximum(h, 0).reshape((2, -1))
-        h = np.maximum(h @ p["fc"]["kernel"] + p["fc"]["bias"], 0)
-        return h @ p["out"]["kernel"]
-
-    keep = {"conv": np.array([False, True, True, False]),
-            "fc": np.array([True, False, True, True, False])}
+def test_sliced_forward_equals_masked_forward():
+    """Dense forward with dropped channels zeroed equals the forward of the sliced variables."""
+    params, batch_stats, _ = _tiny()
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 2, 2, 3)).astype(np.float32))
+    keep = {"params/conv": np.array([False, True, True, False]),
+            "params/fc": np.array([True, False, True, True, False])}
     masked = {k: dict(v) for k, v in params.items()}
-    m = keep["conv"].astype(np.float32)
+    m = keep["params/conv"].astype(np.float32)
     masked["bn"] = {"scale": params["bn"]["scale"] * m, "bias": params["bn"]["bias"] * m}
-    mf = keep["fc"].astype(np.float32)
+    mf = keep["params/fc"].astype(np.float32)
     masked["fc"] = {"kernel": params["fc"]["kernel"] * mf, "bias": params["fc"]["bias"] * mf}
-    small_params, small_stats, _ = structure.compact(params, batch_stats, groups, keep)
-    np.testing.assert_allclose(forward(masked, batch_stats), forward(small_params, small_stats),
-                               rtol=1e-5, atol=1e-5)
+    _, _, small = _sliced(keep)
+    np.testing.assert_allclose(_forward({"params": masked, "batch_stats": batch_stats}, x),
+                               _forward(small, x), rtol=1e-5, atol=1e-5)
 
 
-def test_compact_works_on_jax_arrays_and_keeps_everything():
-    params, batch_stats, groups = _tiny()
-    params = {k: {n: jnp.asarray(a) for n, a in v.items()} for k, v in params.items()}
-    keep = {"conv": jnp.ones(4, bool), "fc": jnp.ones(5, bool)}
-    new_params, _, widths = structure.compact(params, batch_stats, groups, keep)
-    assert widths == {"conv": 4, "fc": 5}
-    np.testing.assert_array_equal(new_params["fc"]["kernel"], params["fc"]["kernel"])
+def test_slicing_keeps_what_is_not_dropped():
+    variables, _, small = _sliced({"params/conv": jnp.ones(4, bool)})
+    jax.tree.map(np.testing.assert_array_equal, small, variables)
 
 
 @pytest.mark.parametrize("keep, match", [
-    ({"conv": np.ones(4, bool)}, "missing \\['fc'\\]"),
-    ({"conv": np.ones(4, bool), "fc": np.ones(5, bool), "bogus": np.ones(1, bool)}, "bogus"),
-    ({"conv": np.ones(3, bool), "fc": np.ones(5, bool)}, "keep\\['conv'\\] has shape"),
-    ({"conv": np.ones(4, bool), "fc": np.zeros(5, bool)}, "keep\\['fc'\\] keeps no channel"),
-    ({"conv": np.full(4, 0.5), "fc": np.ones(5, bool)}, "keep\\['conv'\\] must be boolean"),
+    ({"bogus": np.ones(1, bool)}, "bogus"),
+    ({"params/conv": np.ones(3, bool)}, "keep\\['params/conv'\\] has shape"),
+    ({"params/fc": np.zeros(5, bool)}, "keep\\['params/fc'\\] keeps no channel"),
+    ({"params/conv": np.full(4, 0.5)}, "keep\\['params/conv'\\] must be boolean"),
+    ({"params/out": np.array([True, False])}, "cannot be pruned"),
 ])
-def test_compact_rejects_bad_keep(keep, match):
-    params, batch_stats, groups = _tiny()
+def test_slicing_rejects_bad_keep(keep, match):
     with pytest.raises(ValueError, match=match):
-        structure.compact(params, batch_stats, groups, keep)
-
-
-def test_consumer_indices():
-    np.testing.assert_array_equal(structure.consumer_indices(np.array([1, 3]), 4, 2),
-                                  [1, 3, 5, 7])
+        _sliced(keep)

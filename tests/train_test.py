@@ -23,9 +23,10 @@ def setup():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40,) + SHAPE, dtype=np.uint8)
     labels = rng.integers(0, 10, (40,), dtype=np.int32)
-    scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), model.groups)
-    keep = masks_lib.channel_keep(scores, jnp.full((len(model.groups),), 0.5), model.groups)
-    masks = masks_lib.channel_masks(keep, model.groups, model.params)
+    groups = models.channel_groups(model)
+    scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
+    keep = masks_lib.channel_keep(scores, jnp.full((len(groups),), 0.5), groups)
+    masks = masks_lib.channel_masks(keep, groups, model.params)
     return model, images, labels, masks
 
 

@@ -1,17 +1,25 @@
-"""Model zoo (Flax NNX, used functionally) and its channel-group declarations.
+"""Model zoo: plain Flax NNX modules, used functionally.
 
     model = get_model("resnet20", num_classes=10, input_shape=(32, 32, 3), key=key)
     logits, batch_stats = model.apply(model.params, model.batch_stats, x, train=True)
-    small = compact_model(model, keep)   # physically remove channels: {group: bool[size]}
+    discovery(model).groups        # channel groups found in its program, named by its widths
+    small = with_widths(model, {"stage1": 8}, params, batch_stats)   # a narrower module
 
+The modules hold no pruning code: their channel groups come from `discover.discover_groups`
+(`discovery` names each after the width argument that sizes it), and a compacted model is the
+same module built at the kept widths around the variables `surgery.slice_variables` cut.
 `apply` is pure; wrap it (or the step that calls it) in `jax.jit`. It merges the NNX graph
 inside, which costs Python time at trace time only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from jaxprune import discover
 from jaxprune import structure
 from jaxprune.models.base import FunctionalModel, ModelSpec, resolve_widths
 from jaxprune.models.lenet import MLP, LeNet5
@@ -19,11 +27,11 @@ from jaxprune.models.resnet import ResNet18, ResNet20, ResNet56
 from jaxprune.models.transformer import TransformerClassifier
 from jaxprune.models.vgg import VGG16
 
-__all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "compact_model",
-           "model_from_spec"]
+__all__ = ["MODELS", "FunctionalModel", "ModelSpec", "get_model", "model_from_spec",
+           "discovery", "channel_groups", "with_widths"]
 
-# name -> NNX module class with `default_widths(input_shape)`, `channel_groups()`, UNPRUNABLE
-# and `__call__(x, *, train, channel_masks=None)`.
+# name -> NNX module class with `default_widths(input_shape)` (its width arguments), UNPRUNABLE
+# and `__call__(x, *, train)`.
 MODELS = {
     "lenet5": LeNet5,
     "mlp": MLP,
@@ -38,19 +46,14 @@ MODELS = {
 INPUT_RANK = {"image": 3, "tokens": 1}
 
 
-def _make_apply(graphdef, input_shape: tuple, group_names: frozenset):
+def _make_apply(graphdef, input_shape: tuple):
     """The pure apply closure for one architecture (graphdef is static)."""
 
-    def apply(params, batch_stats, x, *, train: bool, channel_masks=None):
+    def apply(params, batch_stats, x, *, train: bool):
         if tuple(x.shape[1:]) != input_shape:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (batch, *{input_shape})")
-        if channel_masks is not None:
-            unknown = sorted(set(channel_masks) - group_names)
-            if unknown:
-                raise ValueError(f"channel_masks has unknown group(s) {unknown}; "
-                                 f"allowed: {sorted(group_names)}")
         module = nnx.merge(graphdef, nnx.State(params), nnx.State(batch_stats))
-        logits = module(x, train=train, channel_masks=channel_masks)
+        logits = module(x, train=train)
         if not train:
             return logits, batch_stats
         return logits, nnx.to_pure_dict(nnx.state(module, nnx.BatchStat))
@@ -87,11 +90,9 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
         module = _make(cls, num_classes, input_shape, widths_items, key)
     graphdef, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
     params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-    groups = tuple(module.channel_groups())
     spec = ModelSpec(name, num_classes, input_shape, widths_items)
-    apply = _make_apply(graphdef, input_shape, frozenset(g.name for g in groups))
-    return FunctionalModel(apply=apply, params=params, batch_stats=batch_stats, groups=groups,
-                           spec=spec, unprunable=tuple(cls.UNPRUNABLE))
+    return FunctionalModel(apply=_make_apply(graphdef, input_shape), params=params,
+                           batch_stats=batch_stats, spec=spec, unprunable=tuple(cls.UNPRUNABLE))
 
 
 def input_kind(name: str) -> str:
@@ -109,11 +110,11 @@ def get_model(name: str, *, num_classes: int, input_shape, key, widths=None) -> 
       num_classes: classifier outputs.
       input_shape: (H, W, C) of one example, or (seq_len,) for a token model.
       key: PRNG key for the parameter initialisation.
-      widths: optional {group name: channels} overriding the default widths (used to build
-        compacted models); groups not named keep their default width.
+      widths: optional {width argument: channels} overriding the default widths (used to build
+        compacted models); arguments not named keep their default width.
 
     Raises:
-      ValueError for an unknown name (listing the known ones), unknown width groups or
+      ValueError for an unknown name (listing the known ones), unknown width arguments or
       non-positive widths (naming them), or a bad input_shape.
     """
     return _build(name, num_classes, input_shape, widths, key, abstract=False)
@@ -136,18 +137,73 @@ def model_from_spec(spec: ModelSpec, params, batch_stats) -> FunctionalModel:
     return model._replace(params=params, batch_stats=batch_stats)
 
 
-def compact_model(model: FunctionalModel, keep) -> FunctionalModel:
-    """The physically smaller model that computes what `model` computes with channels masked.
+# Width of every argument in the probe build of `_width_names`: distinct, and far from any
+# other axis size of the zoo (input channels, classes), so a leaf's axis names its argument.
+_PROBE_WIDTH = 4099
+_DISCOVERED: dict = {}  # ModelSpec -> discover.Discovery named by width arguments
 
-    Args:
-      model: a `FunctionalModel` (its params / batch_stats are the ones compacted).
-      keep: {group name: bool[size]} for every group of `model.groups` (concrete arrays).
 
-    Returns:
-      A `FunctionalModel` built with the kept widths (`spec.widths` updated) carrying the
-      sliced params and batch stats (see `structure.compact`).
+def discovery(model: FunctionalModel) -> discover.Discovery:
+    """The model's channel groups as `discover.discover_groups` finds them in its program,
+    each named after the width argument that sets its size (`spec.widths`: 'conv2',
+    'stage1.block0.conv1', ...) and in their order. Traced once per `spec` (shapes only).
+
+    Raises:
+      ValueError when a prunable group is not set by exactly one width argument (a model whose
+      program couples two arguments could not be rebuilt at the kept widths).
     """
-    params, batch_stats, widths = structure.compact(model.params, model.batch_stats,
-                                                    model.groups, keep)
-    spec = model.spec._replace(widths=tuple(widths.items()))
-    return model_from_spec(spec, params, batch_stats)
+    spec = model.spec
+    if spec not in _DISCOVERED:
+        shapes = jax.eval_shape(lambda: {"params": model.params,
+                                         "batch_stats": model.batch_stats})
+        x = jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32)
+        found = discover.discover_groups(
+            lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0],
+            shapes, x)
+        names = _width_names(spec, found)
+        order = {name: i for i, (name, _) in enumerate(spec.widths)}
+        groups = sorted((dataclasses.replace(g, name=names[g.name]) for g in found.groups),
+                        key=lambda g: order[g.name])
+        _DISCOVERED[spec] = found._replace(groups=tuple(groups))
+    return _DISCOVERED[spec]
+
+
+def _width_names(spec: ModelSpec, found: discover.Discovery) -> dict:
+    """{discovered group name: width argument}: the argument whose size a group's producers
+    take in a probe build where every argument has its own width."""
+    names = [name for name, _ in spec.widths]
+    probe = _build(spec.name, spec.num_classes, spec.input_shape,
+                   {name: _PROBE_WIDTH + i for i, name in enumerate(names)}, jax.random.key(0),
+                   abstract=True)
+    shapes = dict(structure.leaves_with_paths(
+        {"params": probe.params, "batch_stats": probe.batch_stats})[0])
+    out = {}
+    for g in found.groups:
+        hit = {shapes[m.path].shape[m.axis] - _PROBE_WIDTH for m in g.members
+               if m.role != "consumer"}
+        if len(hit) != 1 or not 0 <= min(hit) < len(names):
+            raise ValueError(f"{spec.name}: channel group {g.name!r} is not sized by one width "
+                             f"argument ({sorted(names)}), so its kept widths cannot be built")
+        out[g.name] = names[hit.pop()]
+    if sorted(out.values()) != sorted(names):
+        raise ValueError(f"{spec.name}: width arguments {sorted(set(names) - set(out.values()))} "
+                         f"size no prunable channel group of the traced model")
+    return out
+
+
+def channel_groups(model: FunctionalModel) -> tuple:
+    """`discovery(model)` as `structure.ChannelGroup`s (param masks, scores, costs)."""
+    return discovery(model).channel_groups()
+
+
+def with_widths(model: FunctionalModel, widths: dict, params, batch_stats) -> FunctionalModel:
+    """The model rebuilt at other widths ({width argument: channels}; those not named keep
+    theirs) carrying `params` / `batch_stats` of those shapes, e.g. the variables that
+    `surgery.slice_variables` cut from it: a narrower Flax module to restore and fine-tune.
+
+    Raises:
+      ValueError naming an unknown width argument, or when the variables do not fit.
+    """
+    resolved = resolve_widths(model.spec.name, dict(model.spec.widths), widths)
+    return model_from_spec(model.spec._replace(widths=tuple(resolved.items())), params,
+                           batch_stats)

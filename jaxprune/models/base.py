@@ -10,10 +10,9 @@ import numbers
 from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxprune.structure import ChannelGroup, Path
+from jaxprune.structure import Path
 
 # Momentum of the BatchNorm running statistics: running = 0.9 * running + 0.1 * batch.
 BN_MOMENTUM = 0.9
@@ -27,7 +26,8 @@ class ModelSpec(NamedTuple):
       name: registry name ('lenet5', 'resnet20', ...).
       num_classes: classifier outputs.
       input_shape: (H, W, C) of one example.
-      widths: ((group name, channels), ...) for every channel group, in `groups` order.
+      widths: ((width argument, channels), ...) for every width argument of the module, in
+        `default_widths` order (a discovered channel group is named after the one it sets).
     """
 
     name: str
@@ -40,34 +40,28 @@ class FunctionalModel(NamedTuple):
     """A model as pure data plus a pure function.
 
     Attributes:
-      apply: `apply(params, batch_stats, x, *, train, channel_masks=None)
-        -> (logits, new_batch_stats)`; pure and jittable. `x` is float32 NHWC. With
-        `train=False` BatchNorm uses the running statistics and `batch_stats` is returned
-        unchanged; with `train=True` it uses batch statistics and returns updated running
-        statistics (momentum 0.9). `channel_masks` is an optional {group name: float32[size]}
-        (any subset of the groups) multiplied onto each activation of that group right after
-        its BatchNorm (or after the producing layer when there is none); vmap over it to
-        score many channel-pruned candidates with one shared copy of the weights.
+      apply: `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)`; pure and
+        jittable. `x` is float32 NHWC. With `train=False` BatchNorm uses the running
+        statistics and `batch_stats` is returned unchanged; with `train=True` it uses batch
+        statistics and returns updated running statistics (momentum 0.9).
       params, batch_stats: nested dicts of arrays (str keys).
-      groups: the channel groups for the current widths.
       spec: `ModelSpec`.
-      unprunable: param paths excluded from pruning by default (first conv and classifier
-        kernels).
+      unprunable: param paths excluded from unstructured / n:m pruning by default (first conv
+        and classifier kernels). Channel groups come from discovery (`models.discovery`).
     """
 
     apply: Callable[..., Any]
     params: dict
     batch_stats: dict
-    groups: Tuple[ChannelGroup, ...]
     spec: ModelSpec
     unprunable: Tuple[Path, ...]
 
 
 def resolve_widths(name: str, defaults: dict, widths: dict | None) -> dict:
-    """Default widths overridden by `widths`; validates group names and values.
+    """Default widths overridden by `widths`; validates the argument names and values.
 
     Raises:
-      ValueError naming unknown groups or non-positive / non-integer widths.
+      ValueError naming unknown width arguments or non-positive / non-integer widths.
     """
     resolved = dict(defaults)
     if not widths:
@@ -75,21 +69,13 @@ def resolve_widths(name: str, defaults: dict, widths: dict | None) -> dict:
     unknown = sorted(k for k in widths if k not in defaults)
     if unknown:
         raise ValueError(
-            f"{name}: unknown width group(s) {unknown}; known groups: {list(defaults)}")
+            f"{name}: unknown width argument(s) {unknown}; known: {list(defaults)}")
     bad = {k: v for k, v in widths.items()
            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1}
     if bad:
         raise ValueError(f"{name}: widths must be positive ints, got {bad}")
     resolved.update({k: int(v) for k, v in widths.items()})
     return resolved
-
-
-def mask_channels(x: jax.Array, channel_masks: dict | None, group: str) -> jax.Array:
-    """Multiplies `x` (channels last) by `channel_masks[group]` when given."""
-    if channel_masks is None or group not in channel_masks:
-        return x
-    m = jnp.asarray(channel_masks[group], dtype=x.dtype)
-    return x * m.reshape((1,) * (x.ndim - 1) + m.shape)
 
 
 def conv_init():

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune.models import base
-from jaxprune.structure import ChannelGroup
 
 
 class LeNet5(nnx.Module):
@@ -15,7 +14,7 @@ class LeNet5(nnx.Module):
     Padding adapts to the input so that every supported size works: conv1 uses SAME below
     32 px (for 28x28 this is the classic pad-to-32), conv2 uses SAME when its input is below
     10 px (8x8 sklearn digits), VALID otherwise. So 32x32 and 28x28 inputs give a 5x5x16 map,
-    8x8 gives 2x2x16. Groups: 'conv1', 'conv2', 'fc1', 'fc2' (no BatchNorm).
+    8x8 gives 2x2x16. Width arguments: 'conv1', 'conv2', 'fc1', 'fc2' (no BatchNorm).
     """
 
     UNPRUNABLE = (("conv1", "kernel"), ("classifier", "kernel"))
@@ -36,7 +35,6 @@ class LeNet5(nnx.Module):
         if min(h2, w2) < 1:
             raise ValueError(f"lenet5: input_shape {tuple(input_shape)} is too small")
         self.spatial = h2 * w2
-        self.widths = tuple(widths.items())
         self.conv1 = base.conv(c, widths["conv1"], 5, padding=pad1, use_bias=True, rngs=rngs)
         self.conv2 = base.conv(widths["conv1"], widths["conv2"], 5, padding=pad2, use_bias=True,
                                rngs=rngs)
@@ -44,29 +42,18 @@ class LeNet5(nnx.Module):
         self.fc2 = nnx.Linear(widths["fc1"], widths["fc2"], rngs=rngs)
         self.classifier = nnx.Linear(widths["fc2"], num_classes, rngs=rngs)
 
-    def channel_groups(self) -> tuple:
-        w = dict(self.widths)
-
-        def layer(name, consumer, spatial=1):
-            return ChannelGroup(name, w[name], producers=((name, "kernel"), (name, "bias")),
-                                consumers=(((consumer, "kernel"), spatial),))
-
-        return (layer("conv1", "conv2"), layer("conv2", "fc1", self.spatial),
-                layer("fc1", "fc2"), layer("fc2", "classifier"))
-
-    def __call__(self, x, *, train: bool, channel_masks=None):
+    def __call__(self, x, *, train: bool):
         del train  # no BatchNorm / dropout
-        m = lambda y, g: base.mask_channels(y, channel_masks, g)  # noqa: E731
-        x = base.max_pool2(jax.nn.relu(m(self.conv1(x), "conv1")))
-        x = base.max_pool2(jax.nn.relu(m(self.conv2(x), "conv2")))
+        x = base.max_pool2(jax.nn.relu(self.conv1(x)))
+        x = base.max_pool2(jax.nn.relu(self.conv2(x)))
         x = x.reshape((x.shape[0], -1))
-        x = jax.nn.relu(m(self.fc1(x), "fc1"))
-        x = jax.nn.relu(m(self.fc2(x), "fc2"))
+        x = jax.nn.relu(self.fc1(x))
+        x = jax.nn.relu(self.fc2(x))
         return self.classifier(x)
 
 
 class MLP(nnx.Module):
-    """LeNet-300-100: flatten → fc(300) → fc(100) → classifier, ReLU. Groups 'fc1', 'fc2'.
+    """LeNet-300-100: flatten → fc(300) → fc(100) → classifier, ReLU. Widths 'fc1', 'fc2'.
 
     Only the classifier kernel is unprunable by default: there is no first conv, and the first
     dense layer holds most of the weights (it is pruned in the classic MLP pruning results).
@@ -83,23 +70,13 @@ class MLP(nnx.Module):
         features = 1
         for d in input_shape:
             features *= int(d)
-        self.widths = tuple(widths.items())
         self.fc1 = nnx.Linear(features, widths["fc1"], rngs=rngs)
         self.fc2 = nnx.Linear(widths["fc1"], widths["fc2"], rngs=rngs)
         self.classifier = nnx.Linear(widths["fc2"], num_classes, rngs=rngs)
 
-    def channel_groups(self) -> tuple:
-        w = dict(self.widths)
-        return (
-            ChannelGroup("fc1", w["fc1"], producers=(("fc1", "kernel"), ("fc1", "bias")),
-                         consumers=((("fc2", "kernel"), 1),)),
-            ChannelGroup("fc2", w["fc2"], producers=(("fc2", "kernel"), ("fc2", "bias")),
-                         consumers=((("classifier", "kernel"), 1),)),
-        )
-
-    def __call__(self, x, *, train: bool, channel_masks=None):
+    def __call__(self, x, *, train: bool):
         del train
         x = jnp.reshape(x, (x.shape[0], -1))
-        x = jax.nn.relu(base.mask_channels(self.fc1(x), channel_masks, "fc1"))
-        x = jax.nn.relu(base.mask_channels(self.fc2(x), channel_masks, "fc2"))
+        x = jax.nn.relu(self.fc1(x))
+        x = jax.nn.relu(self.fc2(x))
         return self.classifier(x)

@@ -2,16 +2,15 @@
 
 Layout and param paths:
   conv1, bn1                     3x3 stem (stride 1) writing into stage1's residual stream
-  stage{s}.block{b}.conv1, bn1   3x3 conv, its own channel group 'stage{s}.block{b}.conv1'
+  stage{s}.block{b}.conv1, bn1   3x3 conv, width argument 'stage{s}.block{b}.conv1'
   stage{s}.block{b}.conv2, bn2   3x3 conv writing into the stage's residual stream
   stage{s}.block0.shortcut_conv, shortcut_bn
                                  1x1 stride-2 projection, in the first block of every stage
                                  after the first (where the shape changes)
   classifier                     after global average pooling
-Because the stage boundaries use projections, the residual stream of each stage is one
-independent channel group 'stage{s}': the stem (for stage1) or the projection, plus every
-block's conv2/bn2 of that stage, produce it; every block's conv1 (and the next stage's
-projection, or the classifier) consume it.
+Because the stage boundaries use projections, the residual stream of each stage has its own
+width argument 'stage{s}' (the stem or the projection and every block's conv2 write into it),
+and pruning finds it as one independent channel group (`models.discovery`).
 """
 from __future__ import annotations
 
@@ -20,22 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxprune.models import base
-from jaxprune.structure import ChannelGroup
-
-
-def _bn_paths(prefix, bn):
-    return (prefix + (bn, "scale"), prefix + (bn, "bias")), (prefix + (bn, "mean"),
-                                                               prefix + (bn, "var"))
 
 
 class BasicBlock(nnx.Module):
     """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) → ReLU."""
 
     def __init__(self, in_ch: int, inner: int, out_ch: int, *, stride: int, projection: bool,
-                 inner_group: str, stream_group: str, rngs: nnx.Rngs):
+                 rngs: nnx.Rngs):
         init = base.conv_init()
-        self.inner_group = inner_group
-        self.stream_group = stream_group
         self.projection = projection
         self.conv1 = base.conv(in_ch, inner, 3, stride=stride, padding=1, rngs=rngs,
                                kernel_init=init)
@@ -47,15 +38,12 @@ class BasicBlock(nnx.Module):
                                            rngs=rngs, kernel_init=init)
             self.shortcut_bn = base.batch_norm(out_ch, rngs=rngs)
 
-    def __call__(self, x, *, train: bool, channel_masks=None):
+    def __call__(self, x, *, train: bool):
         ura = not train
-        y = self.bn1(self.conv1(x), use_running_average=ura)
-        y = jax.nn.relu(base.mask_channels(y, channel_masks, self.inner_group))
+        y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = self.bn2(self.conv2(y), use_running_average=ura)
-        y = base.mask_channels(y, channel_masks, self.stream_group)
         if self.projection:
             s = self.shortcut_bn(self.shortcut_conv(x), use_running_average=ura)
-            s = base.mask_channels(s, channel_masks, self.stream_group)
         else:
             s = x
         return jax.nn.relu(y + s)
@@ -73,13 +61,12 @@ class Stage(nnx.Module):
             inner = f"{stream}.block{b}.conv1"
             setattr(self, f"block{b}", BasicBlock(
                 ch, widths[inner], widths[stream], stride=stride if b == 0 else 1,
-                projection=(b == 0 and index > 1), inner_group=inner, stream_group=stream,
-                rngs=rngs))
+                projection=(b == 0 and index > 1), rngs=rngs))
             ch = widths[stream]
 
-    def __call__(self, x, *, train: bool, channel_masks=None):
+    def __call__(self, x, *, train: bool):
         for b in range(self.num_blocks):
-            x = getattr(self, f"block{b}")(x, train=train, channel_masks=channel_masks)
+            x = getattr(self, f"block{b}")(x, train=train)
         return x
 
 
@@ -102,7 +89,6 @@ class CifarResNet(nnx.Module):
 
     def __init__(self, *, num_classes: int, input_shape, widths: dict, rngs: nnx.Rngs):
         in_ch = input_shape[-1]
-        self.widths = tuple(widths.items())
         self.num_stages = len(self.BLOCKS)
         init = base.conv_init()
         self.conv1 = base.conv(in_ch, widths["stage1"], 3, padding=1, rngs=rngs, kernel_init=init)
@@ -114,47 +100,10 @@ class CifarResNet(nnx.Module):
             ch = widths[f"stage{s}"]
         self.classifier = nnx.Linear(ch, num_classes, rngs=rngs)
 
-    def channel_groups(self) -> tuple:
-        w = dict(self.widths)
-        groups = []
-        for s, n in enumerate(self.BLOCKS, start=1):
-            stream = f"stage{s}"
-            if s == 1:
-                bn_p, bn_s = _bn_paths((), "bn1")
-                producers, stats = [("conv1", "kernel"), *bn_p], [*bn_s]
-            else:
-                pre = (stream, "block0")
-                bn_p, bn_s = _bn_paths(pre, "shortcut_bn")
-                producers, stats = [pre + ("shortcut_conv", "kernel"), *bn_p], [*bn_s]
-            consumers = []
-            for b in range(n):
-                pre = (stream, f"block{b}")
-                bn_p, bn_s = _bn_paths(pre, "bn2")
-                producers += [pre + ("conv2", "kernel"), *bn_p]
-                stats += bn_s
-                if b > 0 or s == 1:  # block0 of a later stage reads the previous stream
-                    consumers.append((pre + ("conv1", "kernel"), 1))
-                inner = f"{stream}.block{b}.conv1"
-                bn_p, bn_s = _bn_paths(pre, "bn1")
-                groups.append(ChannelGroup(
-                    inner, w[inner], producers=(pre + ("conv1", "kernel"), *bn_p),
-                    consumers=((pre + ("conv2", "kernel"), 1),), stats=bn_s))
-            if s < self.num_stages:
-                nxt = (f"stage{s + 1}", "block0")
-                consumers += [(nxt + ("conv1", "kernel"), 1),
-                              (nxt + ("shortcut_conv", "kernel"), 1)]
-            else:
-                consumers += [(("classifier", "kernel"), 1)]
-            groups.append(ChannelGroup(stream, w[stream], producers=tuple(producers),
-                                       consumers=tuple(consumers), stats=tuple(stats)))
-        order = {name: i for i, name in enumerate(w)}
-        return tuple(sorted(groups, key=lambda g: order[g.name]))
-
-    def __call__(self, x, *, train: bool, channel_masks=None):
-        x = self.bn1(self.conv1(x), use_running_average=not train)
-        x = jax.nn.relu(base.mask_channels(x, channel_masks, "stage1"))
+    def __call__(self, x, *, train: bool):
+        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
         for s in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{s}")(x, train=train, channel_masks=channel_masks)
+            x = getattr(self, f"stage{s}")(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         return self.classifier(x)
 

@@ -87,11 +87,7 @@ class TransformerClassifier(nnx.Module):
         self.ln = nnx.LayerNorm(embed, rngs=rngs)
         self.classifier = nnx.Linear(embed, num_classes, rngs=rngs)
 
-    def channel_groups(self) -> tuple:
-        return ()  # no hand-declared groups: heads and FFN neurons are found by discovery
-
-    def __call__(self, tokens, *, train: bool, channel_masks=None):
-        del channel_masks  # no declared groups
+    def __call__(self, tokens, *, train: bool):
         tokens = tokens.astype(jnp.int32)
         valid = tokens != text.PAD_ID  # [B, L]
         if train and DROPOUT > 0:

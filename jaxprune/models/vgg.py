@@ -5,7 +5,6 @@ import jax
 from flax import nnx
 
 from jaxprune.models import base
-from jaxprune.structure import ChannelGroup
 
 # Output channels of the 13 convs; 'M' = 2x2 max-pool.
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -17,7 +16,7 @@ class VGG16(nnx.Module):
     Layers conv1..conv13 (bias-free, each followed by bn1..bn13 and ReLU), five 2x2 max-pools,
     flatten, `classifier`. A pool is skipped when the feature map is already 1 px high or wide,
     so small test inputs (8x8, 16x16) work; at 32x32 the flattened map is 1x1x512.
-    Groups 'conv1'..'conv13' (each conv's output channels with its BatchNorm).
+    Width arguments 'conv1'..'conv13' (each conv's output channels).
     """
 
     UNPRUNABLE = (("conv1", "kernel"), ("classifier", "kernel"))
@@ -29,7 +28,6 @@ class VGG16(nnx.Module):
 
     def __init__(self, *, num_classes: int, input_shape, widths: dict, rngs: nnx.Rngs):
         h, w, in_ch = input_shape
-        self.widths = tuple(widths.items())
         pools = []  # pool after conv i?
         i = 0
         for v in _VGG16:
@@ -51,26 +49,11 @@ class VGG16(nnx.Module):
         self.spatial = h * w
         self.classifier = nnx.Linear(self.spatial * in_ch, num_classes, rngs=rngs)
 
-    def channel_groups(self) -> tuple:
-        w = dict(self.widths)
-        groups = []
-        for i in range(1, self.num_convs + 1):
-            last = i == self.num_convs
-            consumer = (("classifier", "kernel"), self.spatial) if last else (
-                (f"conv{i + 1}", "kernel"), 1)
-            bn = f"bn{i}"
-            groups.append(ChannelGroup(
-                f"conv{i}", w[f"conv{i}"],
-                producers=((f"conv{i}", "kernel"), (bn, "scale"), (bn, "bias")),
-                consumers=(consumer,),
-                stats=((bn, "mean"), (bn, "var"))))
-        return tuple(groups)
-
-    def __call__(self, x, *, train: bool, channel_masks=None):
+    def __call__(self, x, *, train: bool):
         for i in range(1, self.num_convs + 1):
             x = getattr(self, f"conv{i}")(x)
             x = getattr(self, f"bn{i}")(x, use_running_average=not train)
-            x = jax.nn.relu(base.mask_channels(x, channel_masks, f"conv{i}"))
+            x = jax.nn.relu(x)
             if self.pools[i - 1]:
                 x = base.max_pool2(x)
         x = x.reshape((x.shape[0], -1))
