@@ -138,9 +138,6 @@ def test_discovery_finds_the_ffn_neurons_and_compacts_them():
     assert np.abs(apply_fn(variables, x) - masked).max() > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="discovery does not yet follow the padding mask "
-                   "(nnx attention's select_n with a mask computed from the input), so the "
-                   "heads are reported unprunable; remove this marker when it does")
 def test_discovery_finds_the_heads_despite_the_padding_mask():
     _, _, _, found = _discovered(_model())
     heads = [g for g in found.groups if g.size == WIDTHS["heads"]]
