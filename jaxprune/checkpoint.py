@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -45,6 +44,7 @@ import orbax.checkpoint as ocp
 
 from jaxprune import errors
 from jaxprune import files
+from jaxprune import report
 
 FINGERPRINT_FILE = "fingerprint.json"
 _STATE, _META = "state", "meta"
@@ -75,26 +75,13 @@ class TemplateMismatchError(CheckpointError, ValueError):
 # JSON helpers
 
 
-def _to_json(obj: Any) -> Any:
-    """Plain-JSON copy of `obj`: numpy / jax scalars and arrays become Python numbers / lists."""
-    if isinstance(obj, dict):
-        return {str(k): _to_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_json(v) for v in obj]
-    if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-        return _to_json(np.asarray(obj).tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # strict JSON has no NaN / Infinity
-    return obj
-
-
 def save_json(path: str, obj: Any) -> None:
     """Writes `obj` as strict JSON atomically: a temporary file in the same folder, fsync, then
     `os.replace`. A reader never sees a half-written file. numpy / jax numbers and arrays are
     converted; NaN and infinities become null.
     """
     with files.atomic_open(path, "w") as f:
-        json.dump(_to_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(report.strict_json(obj), f, indent=2, sort_keys=True, allow_nan=False)
         f.write("\n")
 
 
@@ -147,8 +134,8 @@ def check_fingerprint(directory: str, fingerprint: dict, keys=None, *,
             f"checkpoints in {directory}. Use another --workdir, or fix or delete that directory "
             "yourself; nothing was deleted.") from e
     stored = stored if isinstance(stored, dict) else {"<fingerprint>": stored}
-    new = _to_json(dict(fingerprint))
-    before = _to_json(dict(before or {}))
+    new = report.strict_json(dict(fingerprint))
+    before = report.strict_json(dict(before or {}))
     names = sorted(k for k in set(stored) | set(new) if keys is None or keys(k))
     diffs, unrecorded, older = [], [], {}
     for k in names:
@@ -288,7 +275,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep={max_to_keep!r}: use a positive int or None (keep all).")
         self.directory = os.path.abspath(os.fspath(directory))
         self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
-        self.fingerprint = None if fingerprint is None else _to_json(dict(fingerprint))
+        self.fingerprint = None if fingerprint is None else report.strict_json(dict(fingerprint))
         self.last_restored_step: Optional[int] = None
         self.fallback = bool(fallback)
         self._bad_steps: set[int] = set()
@@ -415,7 +402,7 @@ class Checkpointer:
                 return False
             force = True  # only damaged steps are newer: continue past them (they are kept)
         self._write_fingerprint()
-        meta = dict(_to_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
+        meta = dict(report.strict_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                      _META: ocp.args.JsonSave(meta)})
         return bool(self._manager.save(step, args=args, force=force))
@@ -436,7 +423,7 @@ class Checkpointer:
                 stored = load_json(os.path.join(self._step_dir(last), _META, "metadata"))
             except (OSError, ValueError):
                 stored = None
-            wanted = dict(_to_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
+            wanted = dict(report.strict_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
             if stored == wanted and last not in self._bad_steps:
                 try:
                     self._restore_step(last, None)
