@@ -245,8 +245,8 @@ def main(argv):
         if config is None:
             fail("--config gave no config: its get_config() returned None; it must return a "
                  "ConfigDict.")
-        older = {"continue_older": True} if _CONTINUE_OLDER.value else {}
-        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value, **older)
+        pipeline.run(config, workdir, progress=not _QUIET.value, bars=_PROGRESS.value,
+                     continue_older=_CONTINUE_OLDER.value)
         _STOPPING.set()  # finished: a Ctrl-C that came too late to stop it is not re-sent
     except KeyboardInterrupt:
         _interrupted()

@@ -77,7 +77,7 @@ HARNESS = textwrap.dedent("""
     import sys
     from absl import app
     from jaxprune import main, pipeline
-    def fake_run(config, workdir, progress=True, bars=None):
+    def fake_run(config, workdir, progress=True, bars=None, continue_older=False):
         {body}
     pipeline.run = fake_run
     app.run(main.main, flags_parser=main.parse_flags)
