@@ -70,6 +70,20 @@ def file_sha256(path: str) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _intact(path: str, want: str) -> bool:
+    return os.path.isfile(path) and file_sha256(path) == want
+
+
+def check_file(path: str, want: str, fix: str, missing: str = "") -> None:
+    """`path` is present with the sha256 `want`, else a `ModelFileError` naming it, `missing`
+    (why it is needed, said when it is absent) and `fix`."""
+    if not os.path.isfile(path):
+        raise errors.ModelFileError(f"{path} is missing{missing}; {fix}.")
+    if file_sha256(path) != want:
+        raise errors.ModelFileError(f"{path} fails its sha256 check (truncated or altered "
+                                    f"after saving); {fix}.")
+
+
 def _content_sha256(obj: dict) -> str:
     body = {k: v for k, v in obj.items() if k != CHECKSUM}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -291,12 +305,8 @@ class TextInput:
                                     "tokenizer": lambda v: v == cls.FILE,
                                     "tokenizer_sha256": lambda v: isinstance(v, str)})
         file = os.path.join(os.path.dirname(path), entry["tokenizer"])
-        if not os.path.isfile(file):
-            raise errors.ModelFileError(f"{file} is missing (a model of text needs its "
-                                        f"tokenizer); {fix}.")
-        if file_sha256(file) != entry["tokenizer_sha256"]:
-            raise errors.ModelFileError(f"{file} fails its sha256 check (truncated or altered "
-                                        f"after saving); {fix}.")
+        check_file(file, entry["tokenizer_sha256"], fix,
+                   " (a model of text needs its tokenizer)")
         try:
             tokenizer = text_lib.load(file)
         except (ImportError, ValueError) as e:
@@ -448,9 +458,7 @@ def _damaged_step(directory: str) -> Optional[int]:
     except (errors.UserError, KeyError, TypeError, ValueError):
         return None
     for name, want in listed.items():
-        path = os.path.join(directory, name)
-        if name.startswith(f"{step}{os.sep}") and (
-                not os.path.isfile(path) or file_sha256(path) != want):
+        if name.startswith(f"{step}{os.sep}") and not _intact(os.path.join(directory, name), want):
             return step if os.path.isdir(os.path.join(directory, str(step))) else None
     return None
 
@@ -514,13 +522,8 @@ def read_model_info(workdir: str, method: str = "unpruned") -> dict:
         raise errors.ModelFileError(f"{path}: its spec disagrees with num_classes / input_shape "
                                     f"(altered); {fix}.")
     for name, want in info["files"].items():
-        file = os.path.join(directory, name)
-        if not os.path.isfile(file):
-            raise errors.ModelFileError(f"{file} is missing (the saved model {method!r} is "
-                                        f"incomplete); {fix}.")
-        if file_sha256(file) != want:
-            raise errors.ModelFileError(f"{file} fails its sha256 check (truncated or altered "
-                                        f"after saving); {fix}.")
+        check_file(os.path.join(directory, name), want, fix,
+                   f" (the saved model {method!r} is incomplete)")
     return info
 
 
@@ -806,12 +809,7 @@ def load_compact(directory: str) -> Tuple[Callable, Any]:
         "leaves": lambda v: isinstance(v, list) and all(
             isinstance(s, list) and len(s) == 2 and isinstance(s[0], list) for s in v)})
     for name, want in meta["files"].items():
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise errors.ModelFileError(f"{path} is missing; {_EXPORT_FIX}.")
-        if file_sha256(path) != want:
-            raise errors.ModelFileError(f"{path} fails its sha256 check (truncated or altered "
-                                        f"after saving); {_EXPORT_FIX}.")
+        check_file(os.path.join(directory, name), want, _EXPORT_FIX)
     path = os.path.join(directory, "program.bin")
     try:
         with open(path, "rb") as f:
