@@ -504,6 +504,12 @@ def _check_method(workdir, method) -> Tuple[str, str]:
 def read_model_info(workdir: str, method: str = "unpruned") -> dict:
     """The checked `model.json` of a saved model: sealed, every field present and valid, and
     every file of the model present with the sha256 it was saved with."""
+    return _read_model(workdir, method)[0]
+
+
+def _read_model(workdir: str, method: str):
+    """(info, its input kind): `read_model_info`, and the input kind it checked (built once: a
+    text model's tokenizer is read here, not again by the predictor)."""
     workdir, directory = _check_method(workdir, method)
     path = os.path.join(directory, MODEL_INFO)
     fix = _fix_saved(workdir, method)
@@ -516,7 +522,7 @@ def read_model_info(workdir: str, method: str = "unpruned") -> dict:
         "files": lambda v: isinstance(v, dict) and v and all(
             isinstance(k, str) and isinstance(h, str) and not os.path.isabs(k)
             and ".." not in k.split("/") for k, h in v.items())})
-    input_kind(info, path, fix)
+    kind = input_kind(info, path, fix)
     spec = info["spec"]
     if spec["num_classes"] != info["num_classes"] or spec["input_shape"] != info["input_shape"]:
         raise errors.ModelFileError(f"{path}: its spec disagrees with num_classes / input_shape "
@@ -524,7 +530,7 @@ def read_model_info(workdir: str, method: str = "unpruned") -> dict:
     for name, want in info["files"].items():
         check_file(os.path.join(directory, name), want, fix,
                    f" (the saved model {method!r} is incomplete)")
-    return info
+    return info, kind
 
 
 def restore_model(workdir: str, method: str = "unpruned"):
@@ -533,13 +539,14 @@ def restore_model(workdir: str, method: str = "unpruned"):
     `method` is a row of results.json ('unpruned', 'threshold', 'reinforce', …). Every file of
     the model is checked first (`read_model_info`); damage raises `errors.ModelFileError`.
     """
-    model, _ = _restore(workdir, method)
+    model, _, _ = _restore(workdir, method)
     return model, model.params, model.batch_stats
 
 
 def _restore(workdir: str, method: str):
-    info = read_model_info(workdir, method)
-    workdir, directory = _check_method(workdir, method)
+    """(model, info, input kind) of a saved model, every file checked first."""
+    info, kind = _read_model(workdir, method)  # also checks `workdir` and `method`
+    workdir, directory = os.fspath(workdir), _model_dir(workdir, method)
     fix = _fix_saved(workdir, method)
     step = info["step"]
     try:  # read-only: no fingerprint check, nothing written or deleted
@@ -562,7 +569,7 @@ def _restore(workdir: str, method: str):
     except ValueError as e:
         raise errors.ModelFileError(f"the saved model {method!r} in {directory}: "
                                     f"{errors.short(e)}; {fix}.") from None
-    return model, info
+    return model, info, kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -585,6 +592,8 @@ class Predictor:
     batch_size: int = 256
     value_range: Optional[tuple] = None
     info_path: str = MODEL_INFO  # where `info` was read (a text model's tokenizer is beside it)
+    # The input kind, when already built from `info` (`load_predictor`); else built from it.
+    checked_input: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def input_shape(self) -> tuple:
@@ -592,6 +601,8 @@ class Predictor:
 
     @functools.cached_property
     def input_kind(self):
+        if self.checked_input is not None:
+            return self.checked_input
         return input_kind(self.info, self.info_path, "save the model again")
 
     def apply(self, params, batch_stats, x) -> jax.Array:
@@ -631,10 +642,11 @@ def load_predictor(workdir: str, method: str = "unpruned", batch_size: int = 256
     if not _is_int(batch_size, 1):
         raise errors.InputError(f"batch_size={batch_size!r}: use an int >= 1.")
     value_range = check_value_range(value_range)
-    model, info = _restore(workdir, method)
+    model, info, kind = _restore(workdir, method)
     return Predictor(model=model, params=model.params, batch_stats=model.batch_stats, info=info,
                      batch_size=int(batch_size), value_range=value_range,
-                     info_path=os.path.join(_check_method(workdir, method)[1], MODEL_INFO))
+                     info_path=os.path.join(_model_dir(workdir, method), MODEL_INFO),
+                     checked_input=kind)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -188,3 +188,11 @@ def test_real_sst2_splits():
     assert int(ds.train_labels.sum()) + int(ds.val_labels.sum()) == 37569
     assert (ds.test_images[:, -1] == text.PAD_ID).all()  # no validation sentence is truncated
     data.clear_cache()
+
+
+def test_load_predictor_reads_the_tokenizer_once(smoke_workdir, monkeypatch):
+    loads, real = [], text.load
+    monkeypatch.setattr(text, "load", lambda path: loads.append(path) or real(path))
+    predict = pipeline.load_predictor(smoke_workdir[0], "unpruned")
+    assert predict(["funny"]).shape == (1, 2)
+    assert len(loads) == 1, loads  # checked and read by the loader, not again by the predictor
