@@ -389,16 +389,15 @@ def _manifest(directory: str, step: int) -> dict:
 
 
 def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset, config,
-               masks=None, input_record: Optional[dict] = None) -> None:
+               masks=None) -> None:
     """Saves a trained (compact or masked) model as `workdir/models/<method>/` so a notebook can
     restore it with `restore_model` / `load_predictor`: orbax params plus `model.json`.
 
     `dataset` gives the name, classes, input shape and normalisation (`data.Dataset`), `config`
-    the precision and the config recorded beside the params; `input_record` what a predictor
-    accepts (default: `record_input` of the dataset: images, or text with its tokenizer written
-    beside model.json). A rerun writes a
-    changed model as a new step and removes the old one only after it (an unchanged, intact
-    one is not rewritten; a damaged one is saved again). `model.json`, with the sha256 of every
+    the precision and the config recorded beside the params; what a predictor accepts is
+    `record_input` of the dataset (images, or text with its tokenizer written beside
+    model.json). A rerun writes a changed model as a new step and removes the old one only
+    after it (an unchanged, intact one is not rewritten; a damaged one is saved again). `model.json`, with the sha256 of every
     file of the step and of itself, is written once the new step is on disk and before the old
     one is removed, so a kill at any moment leaves a readable model (the old or the new)."""
     directory = _model_dir(workdir, method)
@@ -415,18 +414,14 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
     tree = {"params": params, "batch_stats": batch_stats}
     if masks is not None:
         tree["masks"] = masks
-    ds = dataset
-    if input_record is None:
-        os.makedirs(directory, exist_ok=True)
-        input_record = record_input(ds, directory)
-    info = {"method": method, "spec": _spec_json(model.spec), "dataset": ds.name,
-            "num_classes": int(ds.num_classes), "input_shape": list(ds.input_shape),
-            "input": input_record,
+    info = {"method": method, "spec": _spec_json(model.spec), "dataset": dataset.name,
+            "num_classes": int(dataset.num_classes), "input_shape": list(dataset.input_shape),
+            "input": record_input(dataset, directory),  # the checkpointer made `directory`
             "precision": str(config.train.precision), "masked": masks is not None,
             "config": config.to_dict()}
     for stat in ("mean", "std"):  # the image normalisation (an image dataset has both)
-        if getattr(ds, stat, None) is not None:
-            info[stat] = np.asarray(getattr(ds, stat), np.float32).tolist()
+        if getattr(dataset, stat, None) is not None:
+            info[stat] = np.asarray(getattr(dataset, stat), np.float32).tolist()
 
     def describe(step, row=None):
         # What running the model needs besides its params (normalisation, input, precision)
