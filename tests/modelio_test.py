@@ -27,12 +27,17 @@ def saved(tmp_path_factory):
     """A workdir with one saved model, 'unpruned', and the model it holds."""
     workdir = str(tmp_path_factory.mktemp("modelio") / "work")
     model = models.get_model("lenet5", num_classes=10, input_shape=SHAPE, key=jax.random.key(0))
+    _save(workdir, model, model.params)
+    return workdir, model
+
+
+def _save(workdir, model, params):
+    """`modelio.save_model` of `params` as 'unpruned', for a digits-like dataset (fp32)."""
     dataset = types.SimpleNamespace(name="digits", num_classes=10, input_shape=SHAPE,
                                     mean=MEAN, std=STD)
     config = ml_collections.ConfigDict({"train": {"precision": "fp32"}})
-    modelio.save_model(workdir, "unpruned", model, model.params, model.batch_stats,
+    modelio.save_model(workdir, "unpruned", model, params, model.batch_stats,
                        dataset=dataset, config=config)
-    return workdir, model
 
 
 def _images(n=5, seed=0):
@@ -308,9 +313,6 @@ def test_a_replacement_stopped_before_model_json_leaves_the_old_model(saved, tmp
     workdir, model = saved
     copy = str(tmp_path / "w")
     shutil.copytree(os.path.join(workdir, "models"), os.path.join(copy, "models"))
-    dataset = types.SimpleNamespace(name="digits", num_classes=10, input_shape=SHAPE,
-                                    mean=MEAN, std=STD)
-    config = ml_collections.ConfigDict({"train": {"precision": "fp32"}})
     doubled = jax.tree.map(lambda a: a * 2, model.params)
     real = modelio._manifest
 
@@ -319,14 +321,12 @@ def test_a_replacement_stopped_before_model_json_leaves_the_old_model(saved, tmp
 
     monkeypatch.setattr(modelio, "_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
-        modelio.save_model(copy, "unpruned", model, doubled, model.batch_stats,
-                           dataset=dataset, config=config)
+        _save(copy, model, doubled)
     images = _images()
     np.testing.assert_allclose(modelio.load_predictor(copy, "unpruned")(images),
                                _reference(model, images), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(modelio, "_manifest", real)
-    modelio.save_model(copy, "unpruned", model, doubled, model.batch_stats,
-                       dataset=dataset, config=config)
+    _save(copy, model, doubled)
     _, params, _ = modelio.restore_model(copy, "unpruned")
     jax.tree.map(np.testing.assert_array_equal, params, doubled)
     assert [n for n in os.listdir(os.path.join(copy, "models", "unpruned")) if n.isdigit()] == \
@@ -344,11 +344,7 @@ def test_saving_again_over_a_damaged_model_keeps_the_damaged_step_aside(saved, t
     names = [n for n in _files(folder) if n.startswith(f"{step}/")]
     name = next(n for n in names if ("/d/" in n) == (damaged == "array"))
     _damage(os.path.join(folder, name), "flip")
-    dataset = types.SimpleNamespace(name="digits", num_classes=10, input_shape=SHAPE,
-                                    mean=MEAN, std=STD)
-    config = ml_collections.ConfigDict({"train": {"precision": "fp32"}})
-    modelio.save_model(copy, "unpruned", model, model.params, model.batch_stats,
-                       dataset=dataset, config=config)
+    _save(copy, model, model.params)
     images = _images()
     np.testing.assert_allclose(modelio.load_predictor(copy)(images), _reference(model, images),
                                rtol=1e-5, atol=1e-5)
