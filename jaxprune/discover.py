@@ -60,48 +60,10 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from jaxprune import masks as masks_lib
-from jaxprune.structure import ChannelGroup, Path
+from jaxprune.structure import ChannelGroup, Member, Path  # noqa: F401 (discover.Member)
 
 # --------------------------------------------------------------------------------------------
 # Members and groups (the result).
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One slice of one variable leaf indexed by a group's channels.
-
-    Channel c of the group is index `(o * period + offset + c) * inner + i` of `axis`, for
-    every o < outer and i < inner. A plain producer or per-channel leaf has offset 0,
-    period = size, outer = inner = 1; a Dense reading a flattened (H, W, C) map has
-    outer = H * W; a consumer of a concatenation has the operand's offset and the
-    concatenation's width as period.
-
-    Attributes:
-      path: path of the leaf in `variables` (tuple of str).
-      axis: the leaf axis (non-negative).
-      role: 'producer' (a conv / dense kernel's output axis), 'consumer' (a kernel's input
-        axis) or 'param' (a per-channel leaf: bias, norm scale / bias / statistics, a
-        depthwise kernel's output axis).
-      offset, period, outer, inner: the index layout above.
-      ndim: the leaf's rank.
-    """
-
-    path: Path
-    axis: int
-    role: str
-    offset: int = 0
-    period: int = 0
-    outer: int = 1
-    inner: int = 1
-    ndim: int = 0
-
-    def indices(self, channels: np.ndarray) -> np.ndarray:
-        """Leaf-axis indices of the given channel indices (every outer / inner copy)."""
-        channels = np.asarray(channels, np.int64)
-        o = np.arange(self.outer)[:, None, None]
-        i = np.arange(self.inner)[None, None, :]
-        c = channels[None, :, None]
-        return ((o * self.period + self.offset + c) * self.inner + i).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1213,8 +1175,9 @@ def discover_groups(apply_fn: Callable, variables, example_input) -> Discovery:
 
 
 # --------------------------------------------------------------------------------------------
-# Groups of any layout on params: scores, masks (what `Pruner` uses for groups that a
-# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs).
+# Groups of any layout on params (what `Pruner` uses for groups that a
+# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs;
+# `masks.channel_scores` / `masks.channel_masks` take them as they take ChannelGroups).
 
 
 def params_groups(discovery: Discovery, params_key: str = "params") -> Tuple[Group, ...]:
@@ -1231,53 +1194,6 @@ def unit_width(group: Group, shapes: Dict[Path, tuple]) -> int:
     widths = [m.inner * math.prod(shapes[m.path][m.axis + 1:]) for m in group.producers
               if len(shapes[m.path]) >= 2]
     return max(widths, default=1)
-
-
-def _member_values(m: Member, values, size: int):
-    """`values` [size] laid out along member `m`'s leaf axis: (indices, values per index)."""
-    idx = m.indices(np.arange(size))
-    vals = jnp.tile(jnp.repeat(jnp.asarray(values), m.inner), m.outer)
-    return idx, vals
-
-
-def member_channel_scores(weights, groups: Sequence[Group], reduce: str = "l1") -> Dict[str, Any]:
-    """{group name: float32[size]}: each producer kernel (ndim >= 2) of a group reduced over
-    everything but the group's channels (`masks.reduce_channels`), summed over the kernels
-    (per-channel leaves when the group has no kernel)."""
-    flat = dict(masks_lib.leaves_with_paths(weights)[0])
-    out = {}
-    for g in groups:
-        prods = [m for m in g.members if m.role in ("producer", "param")]
-        kernels = [m for m in prods if m.ndim >= 2] or prods
-        total = jnp.zeros((g.size,), jnp.float32)
-        for m in kernels:
-            x = jnp.take(jnp.asarray(flat[m.path]), jnp.asarray(m.indices(np.arange(g.size))),
-                         axis=m.axis)
-            x = jnp.moveaxis(x, m.axis, -1).reshape(x.shape[:m.axis] + x.shape[m.axis + 1:]
-                                                    + (m.outer, g.size, m.inner))
-            total = total + masks_lib.reduce_channels(jnp.moveaxis(x, -2, -1), reduce)
-        out[g.name] = total
-    return out
-
-
-def member_param_masks(keep, groups: Sequence[Group], params):
-    """Boolean masks shaped like `params` that zero every member slice of the channels
-    `keep` ({group name: bool[size]}) drops; groups not in `keep` are kept."""
-    leaves, treedef = masks_lib.leaves_with_paths(params)
-    index = {p: i for i, (p, _) in enumerate(leaves)}
-    out = [jnp.ones(jnp.shape(x), bool) for _, x in leaves]
-    for g in groups:
-        if g.name not in keep:
-            continue
-        for m in g.members:
-            i = index[m.path]
-            shape = jnp.shape(leaves[i][1])
-            idx, vals = _member_values(m, jnp.asarray(keep[g.name]).astype(bool), g.size)
-            vec = jnp.ones((shape[m.axis],), bool).at[idx].set(vals)
-            view = [1] * len(shape)
-            view[m.axis] = shape[m.axis]
-            out[i] = out[i] & vec.reshape(view)
-    return jax.tree.unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------------------------
