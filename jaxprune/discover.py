@@ -458,16 +458,29 @@ class _State:
         self.sizes.append(size)
         return self.uf.add()
 
-    def new_label(self, axis: int, size: int) -> Label:
-        """A label on `axis` for a new group of `size` channels."""
-        return Label(axis, ((self.new_group(size), 0, size),), size)
+    def new_label(self, axis: int, size: int, leaf_axes=(), role: str = "producer") -> Label:
+        """A label on `axis` for a new group of `size` channels, which `leaf_axes` join."""
+        label = Label(axis, ((self.new_group(size), 0, size),), size)
+        self.join(label, leaf_axes, role)
+        return label
 
-    def join(self, label: Label, path_idx: int, leaf_axis: int, role: str) -> None:
-        ndim = len(self.avals[self.prog.invars[path_idx]].shape)
-        for gid, start, _ in label.segs:
-            self.members.append((gid, Member(self.prog.var_paths[path_idx], leaf_axis, role,
-                                             start, label.period, label.outer, label.inner,
-                                             ndim)))
+    def join(self, label: Label, leaf_axes, role: str) -> None:
+        """Leaf axes `[(variables leaf index, leaf axis)]` join `label`'s groups as `role`."""
+        for path_idx, leaf_axis in leaf_axes:
+            ndim = len(self.avals[self.prog.invars[path_idx]].shape)
+            for gid, start, _ in label.segs:
+                self.members.append((gid, Member(self.prog.var_paths[path_idx], leaf_axis,
+                                                 role, start, label.period, label.outer,
+                                                 label.inner, ndim)))
+
+    def consume(self, label: Label, leaf_axes, e: "_Eq", operand: int) -> None:
+        """A kernel contracts `label`'s channels (operand `operand` of `e`): its leaf axes join
+        as consumers and the operand is a mask site."""
+        if not leaf_axes:
+            self.poison(label, f"{e.where} contracts the channels with a kernel that is not a "
+                               "param leaf axis")
+        self.join(label, leaf_axes, "consumer")
+        self.sites.append(Site(e.idx, operand, label))
 
     def union(self, a: int, b: int) -> None:
         """Merges groups a and b (and the coarser groups they were refined into)."""
@@ -551,6 +564,11 @@ class _Eq(NamedTuple):
     where: str
 
 
+def _leaf_axes(x: _Info, axis: int) -> List[Tuple[int, int]]:
+    """`[(variables leaf index, leaf axis)]` that axis `axis` of non-data value `x` indexes."""
+    return [(k, m[axis]) for k, m in x.srcs if m[axis] >= 0]
+
+
 def _same_layout(labels: Sequence[Label]) -> bool:
     """Whether labels index their axes alike (segment offsets, period, outer, inner)."""
     ref = labels[0]
@@ -589,12 +607,11 @@ def _rule_nary(st: _State, e: _Eq) -> List[_Info]:
                 st.poison(ref, f"{e.where} combines the channels with a value discovery "
                                "cannot follow (the model input, or an unsupported op)")
                 continue
-            mapped = [(k, m[a]) for k, m in x.srcs if m[a] >= 0]
+            mapped = _leaf_axes(x, a)
             if x.vary[a] and not mapped:
                 st.poison(ref, f"{e.where} combines the channels with a constant that "
                                "varies over them")
-            for k, leaf_axis in mapped:
-                st.join(ref, k, leaf_axis, "param")
+            st.join(ref, mapped, "param")
         return [_Info(True, ref)]
     if e.any_data:  # where the result varies (a padding mask broadcast over the heads)
         vary = [False] * rank
@@ -839,14 +856,7 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     new_lab = None
     if lab is not None:
         if lab.axis in xc:
-            ka = kc[xc.index(lab.axis)]
-            mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
-            if not mapped:
-                st.poison(lab, f"{e.where} contracts the channels with a kernel that is "
-                               "not a param leaf axis")
-            for k, leaf_axis in mapped:
-                st.join(lab, k, leaf_axis, "consumer")
-            st.sites.append(Site(e.idx, x_idx, lab))
+            st.consume(lab, _leaf_axes(k_info, kc[xc.index(lab.axis)]), e, x_idx)
         elif lab.axis in pos_x:
             new_lab = lab.moved(pos_x[lab.axis])
         else:
@@ -857,13 +867,11 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     kfree = [a for a in pos_k if ks[a] != 1]
     if kfree:
         ka = kfree[0]
-        mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+        mapped = _leaf_axes(k_info, ka)
         if mapped:
             if new_lab is not None:
                 st.poison(new_lab, f"{e.where} keeps the channels on a free axis")
-            new_lab = st.new_label(pos_k[ka], ks[ka])
-            for k, leaf_axis in mapped:
-                st.join(new_lab, k, leaf_axis, "producer")
+            new_lab = st.new_label(pos_k[ka], ks[ka], mapped)
     return [_Info(True, new_lab)]
 
 
@@ -878,15 +886,12 @@ def _grouped_conv(st: _State, e: _Eq, lab, k_in, k_out, fgc, in_ch, out_ch):
             st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}) over "
                            "channels laid out in a way discovery does not follow")
         else:
-            for k, leaf_axis in k_in:
-                st.join(coarse, k, leaf_axis, "consumer")
+            st.join(coarse, k_in, "consumer")
             st.sites.append(Site(e.idx, 0, lab))
     if not k_out:
         return None
     out_spec = e.eqn.params["dimension_numbers"].out_spec
-    new_lab = st.new_label(out_spec[1], out_ch)
-    for k, leaf_axis in k_out:
-        st.join(new_lab, k, leaf_axis, "producer")
+    new_lab = st.new_label(out_spec[1], out_ch, k_out)
     st.refine(new_lab, fgc, 1, out_spec[1])
     return new_lab
 
@@ -910,40 +915,26 @@ def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
                        f"(batch_group_count={bgc})")
         return [_Info(True)]
     new_lab = None
-    k_out = [(k, m[rhs_spec[0]]) for k, m in k_info.srcs if m[rhs_spec[0]] >= 0]
-    k_in = [(k, m[rhs_spec[1]]) for k, m in k_info.srcs if m[rhs_spec[1]] >= 0]
+    k_out, k_in = _leaf_axes(k_info, rhs_spec[0]), _leaf_axes(k_info, rhs_spec[1])
     if lab is not None and (lab.axis != lhs_spec[1] or not lab.plain):
         st.poison(lab, f"{e.where} convolves over the channel axis")
         lab = None
     if fgc == 1:
         if lab is not None:
-            if not k_in:
-                st.poison(lab, f"{e.where} contracts the channels with a kernel that "
-                               "is not a param leaf axis")
-            for k, leaf_axis in k_in:
-                st.join(lab, k, leaf_axis, "consumer")
-            st.sites.append(Site(e.idx, 0, lab))
+            st.consume(lab, k_in, e, 0)
         if k_out:
-            new_lab = st.new_label(out_spec[1], out_ch)
-            for k, leaf_axis in k_out:
-                st.join(new_lab, k, leaf_axis, "producer")
-    elif fgc == in_ch == out_ch and lab is not None:
-        # depthwise: output channel c reads input channel c only.
-        new_lab = lab.moved(out_spec[1])
-        for k, leaf_axis in k_out:
-            st.join(lab, k, leaf_axis, "param")
-        st.depthwise.add(e.idx)
+            new_lab = st.new_label(out_spec[1], out_ch, k_out)
     elif fgc != in_ch or in_ch != out_ch:
         new_lab = _grouped_conv(st, e, lab, k_in, k_out, fgc, in_ch, out_ch)
-    else:
-        st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}, "
-                       f"{in_ch} -> {out_ch} channels) discovery does not follow")
-        if k_out and fgc == in_ch == out_ch:
-            new_lab = st.new_label(out_spec[1], out_ch)
-            for k, leaf_axis in k_out:
-                st.join(new_lab, k, leaf_axis, "param")
-            st.poison(new_lab, f"{e.where} is a depthwise conv of a value whose "
-                               "channels cannot be pruned")
+    elif lab is not None:
+        # depthwise: output channel c reads input channel c only.
+        new_lab = lab.moved(out_spec[1])
+        st.join(lab, k_out, "param")
+        st.depthwise.add(e.idx)
+    elif k_out:  # depthwise over channels that cannot be pruned (e.g. the model input)
+        new_lab = st.new_label(out_spec[1], out_ch, k_out, "param")
+        st.poison(new_lab, f"{e.where} is a depthwise conv of a value whose "
+                           "channels cannot be pruned")
     return [_Info(True, new_lab)]
 
 
@@ -1020,12 +1011,10 @@ def _rule_gather(st: _State, e: _Eq) -> List[_Info]:
     if table.data or not idx.data or e.labels or not table.srcs or last in dn.collapsed_slice_dims \
             or e.eqn.params["slice_sizes"][last] != e.in_shapes[0][last]:
         return _rule_default(st, e)
-    mapped = [(k, m[last]) for k, m in table.srcs if m[last] >= 0]
+    mapped = _leaf_axes(table, last)
     if not mapped:
         return _rule_default(st, e)
-    lab = st.new_label(dn.offset_dims[-1], e.in_shapes[0][last])
-    for k, leaf_axis in mapped:
-        st.join(lab, k, leaf_axis, "producer")
+    lab = st.new_label(dn.offset_dims[-1], e.in_shapes[0][last], mapped)
     st.poison(lab, f"{e.where} is an embedding lookup (discovery does not prune embeddings)")
     return [_Info(True, lab)]
 
