@@ -695,15 +695,14 @@ def _rule_reshape(st: _State, e: _Eq) -> List[_Info]:
 def _rule_broadcast(st: _State, e: _Eq) -> List[_Info]:
     x, s_in, s_out = e.ins[0], e.in_shapes[0], e.out_shapes[0]
     bd = e.eqn.params["broadcast_dimensions"]
+    keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
     if x.data:
         lab = x.label
         if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
             st.poison(lab, f"{e.where} broadcasts the channel axis")
             lab = None
-        keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
         vary = tuple(a in keep and (not x.vary or x.vary[keep[a]]) for a in range(len(s_out)))
         return [_Info(True, None if lab is None else lab.moved(bd[lab.axis]), frozenset(), vary)]
-    keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
     srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1 for a in range(len(s_out))))
                      for k, m in x.srcs)
     vary = tuple(a in keep and x.vary[keep[a]] for a in range(len(s_out)))
