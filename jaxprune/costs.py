@@ -328,24 +328,20 @@ def latency(fn: Callable, *args, warmup: int = 3, repeats: int = 20) -> Dict[str
 # --------------------------------------------------------------------------------------
 
 class _Terms:
-    """A cost sum_t unit_t * f(in_t) * f(out_t) + fixed, f(idx) = kept[idx] (1 if idx < 0).
+    """A cost sum_t unit_t * f(in_t) * f(out_t) + fixed, f(idx) = kept[idx] (1 if idx < 0)."""
 
-    `in_mult` multiplies the in-factor (the `spatial` of a flattened consumer).
-    """
-
-    def __init__(self, rows: Sequence[Tuple[int, int, int, int]], fixed: int):
+    def __init__(self, rows: Sequence[Tuple[int, int, int]], fixed: int):
         rows = list(rows)
         self.unit = np.asarray([r[0] for r in rows], np.int64).reshape(-1)
         self.in_idx = np.asarray([r[1] for r in rows], np.int32).reshape(-1)
-        self.in_mult = np.asarray([r[2] for r in rows], np.int64).reshape(-1)
-        self.out_idx = np.asarray([r[3] for r in rows], np.int32).reshape(-1)
+        self.out_idx = np.asarray([r[2] for r in rows], np.int32).reshape(-1)
         self.fixed = int(fixed)
 
     def host(self, kept: np.ndarray) -> int:
         """Exact Python-int value for a concrete kept-count vector."""
         total = self.fixed
-        for u, i, m, o in zip(self.unit, self.in_idx, self.in_mult, self.out_idx):
-            fi = int(kept[i]) * int(m) if i >= 0 else 1
+        for u, i, o in zip(self.unit, self.in_idx, self.out_idx):
+            fi = int(kept[i]) if i >= 0 else 1
             fo = int(kept[o]) if o >= 0 else 1
             total += int(u) * fi * fo
         return total
@@ -359,9 +355,7 @@ class _Terms:
         kept = kept.astype(dtype)
         nd = kept.ndim
         one = jnp.ones((), dtype)
-        fin = jnp.where(_lead(self.in_idx >= 0, nd),
-                        kept[..., np.maximum(self.in_idx, 0)]
-                        * _lead(self.in_mult.astype(dtype), nd), one)
+        fin = jnp.where(_lead(self.in_idx >= 0, nd), kept[..., np.maximum(self.in_idx, 0)], one)
         fout = jnp.where(_lead(self.out_idx >= 0, nd),
                          kept[..., np.maximum(self.out_idx, 0)], one)
         terms = _lead(self.unit.astype(dtype), nd) * fin * fout
@@ -456,37 +450,21 @@ def _finish(kind, names, sizes, macs_rows, macs_fixed, params_rows, params_fixed
         _macs_terms=macs_terms, _params_terms=params_terms)
 
 
-def _member_rows(g, group, groups, shapes, producer, consumer) -> None:
-    """Records a `discover.Group`'s leaves: members 'producer' / 'param' scale with the group
-    as producers, 'consumer' members as consumers."""
-    for m in group.members:
-        path = tuple(m.path)
-        if path not in shapes:
-            raise ValueError(f"group {group.name!r}: member {_fmt(path)!r} is not a param leaf.")
-        table = consumer if m.role == "consumer" else producer
-        if path in table:
-            other = table[path][0] if m.role == "consumer" else table[path]
-            if other == g:
-                continue
-            raise ValueError(f"{_fmt(path)!r} is a {m.role} of both {groups[other].name!r} and "
-                             f"{group.name!r}.")
-        table[path] = (g, 1) if m.role == "consumer" else g
-
-
 def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
                groups: Sequence[ChannelGroup]) -> CostModel:
     """Channel cost model: MACs / params as functions of one keep ratio per group.
 
-    A kernel listed as a producer of group o and a consumer of group i (with `spatial` s)
-    costs `unit * (s * kept_i) * kept_o` MACs, where unit = dense MACs / (in * out); other
-    producer leaves (biases, BN) scale with their producer group; leaves in no group are
-    fixed. `keep` is float32[G] in `groups` order.
+    A kernel listed as a producer of group o and a consumer of group i costs
+    `unit * kept_i * kept_o` MACs, where unit = dense MACs / (size_i * size_o) (a flattened
+    consumer's `spatial` factor is part of unit); other producer leaves (biases, BN) scale
+    with their producer group; leaves in no group are fixed. Every group is read through its
+    members (`masks.group_members`). `keep` is float32[G] in `groups` order.
 
     Args:
       apply_fn, params, batch_stats, input_shape: as for `count_macs`.
       groups: the model's `ChannelGroup`s, or `discover.Group`s (members on any axis, as
         `discover.params_groups` gives them); each leaf may produce at most one group and
-        consume at most one group.
+        consume at most one group (a member listed twice in one group counts once).
 
     Raises:
       ValueError: a group names a missing leaf, an axis size disagrees with the group size, or
@@ -494,45 +472,22 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
     """
     groups = tuple(groups)
     shapes = _leaf_shapes(params)
-    producer: Dict[Path, int] = {}
-    consumer: Dict[Path, Tuple[int, int]] = {}
+    index = {path: i for i, path in enumerate(shapes)}
+    producer: Dict[Path, int] = {}  # 'producer' / 'param' members scale with their group
+    consumer: Dict[Path, int] = {}
     for g, group in enumerate(groups):
-        if hasattr(group, "members"):  # a `discover.Group`: any axis, sliced by its members
-            _member_rows(g, group, groups, shapes, producer, consumer)
-            continue
-        for path in group.producers:
-            path = tuple(path)
-            if path not in shapes:
-                raise ValueError(f"group {group.name!r}: producer {_fmt(path)!r} is not a param "
-                                 "leaf.")
-            if not shapes[path] or shapes[path][-1] != group.size:
-                raise ValueError(
-                    f"group {group.name!r} has size {group.size} but producer {_fmt(path)!r} "
-                    f"has shape {shapes[path]} (its last axis must equal the group size).")
-            if path in producer:
-                raise ValueError(f"{_fmt(path)!r} is a producer of both "
-                                 f"{groups[producer[path]].name!r} and {group.name!r}.")
-            producer[path] = g
-        for path, spatial in group.consumers:
-            path = tuple(path)
-            if path not in shapes:
-                raise ValueError(f"group {group.name!r}: consumer {_fmt(path)!r} is not a param "
-                                 "leaf.")
-            if len(shapes[path]) < 2 or shapes[path][-2] != spatial * group.size:
-                raise ValueError(
-                    f"group {group.name!r} (size {group.size}, spatial {spatial}) consumer "
-                    f"{_fmt(path)!r} has shape {shapes[path]}; its input axis (-2) must be "
-                    f"{spatial * group.size}.")
-            if path in consumer:
-                raise ValueError(f"{_fmt(path)!r} is a consumer of both "
-                                 f"{groups[consumer[path][0]].name!r} and {group.name!r}.")
-            consumer[path] = (g, int(spatial))
+        for _, m in masks_lib.group_members(group, index, list(shapes.values())):
+            path, role = tuple(m.path), ("consumer" if m.role == "consumer" else "producer")
+            table = consumer if role == "consumer" else producer
+            if table.get(path, g) != g:
+                raise ValueError(f"{_fmt(path)!r} is a {role} of both "
+                                 f"{groups[table[path]].name!r} and {group.name!r}.")
+            table[path] = g
 
     def row(path: Path, total: int, what: str):
-        i, s = consumer.get(path, (-1, 1))
-        o = producer.get(path, -1)
-        divisor = (s * groups[i].size if i >= 0 else 1) * (groups[o].size if o >= 0 else 1)
-        return (_unit(total, divisor, f"{what} of {_fmt(path)!r}"), i, s, o)
+        i, o = consumer.get(path, -1), producer.get(path, -1)
+        divisor = (groups[i].size if i >= 0 else 1) * (groups[o].size if o >= 0 else 1)
+        return (_unit(total, divisor, f"{what} of {_fmt(path)!r}"), i, o)
 
     per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape)
     macs_rows = []
@@ -587,10 +542,10 @@ def unstructured_cost_model(apply_fn: Callable, params, batch_stats,
     for path, macs in per_leaf.items():
         if path in index:
             l = index[path]
-            macs_rows.append((_unit(macs, sizes[l], f"MACs of {_fmt(path)!r}"), -1, 1, l))
+            macs_rows.append((_unit(macs, sizes[l], f"MACs of {_fmt(path)!r}"), -1, l))
         else:
             macs_fixed += macs
-    params_rows = [(1, -1, 1, l) for l in range(len(paths))]
+    params_rows = [(1, -1, l) for l in range(len(paths))]
     params_fixed = sum(int(math.prod(s)) for p, s in shapes.items() if p not in index)
     return _finish("unstructured", [_fmt(p) for p in paths], sizes,
                    macs_rows, macs_fixed, params_rows, params_fixed)

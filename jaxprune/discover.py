@@ -60,48 +60,10 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from jaxprune import masks as masks_lib
-from jaxprune.structure import ChannelGroup, Path
+from jaxprune.structure import ChannelGroup, Member, Path  # noqa: F401 (discover.Member)
 
 # --------------------------------------------------------------------------------------------
 # Members and groups (the result).
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One slice of one variable leaf indexed by a group's channels.
-
-    Channel c of the group is index `(o * period + offset + c) * inner + i` of `axis`, for
-    every o < outer and i < inner. A plain producer or per-channel leaf has offset 0,
-    period = size, outer = inner = 1; a Dense reading a flattened (H, W, C) map has
-    outer = H * W; a consumer of a concatenation has the operand's offset and the
-    concatenation's width as period.
-
-    Attributes:
-      path: path of the leaf in `variables` (tuple of str).
-      axis: the leaf axis (non-negative).
-      role: 'producer' (a conv / dense kernel's output axis), 'consumer' (a kernel's input
-        axis) or 'param' (a per-channel leaf: bias, norm scale / bias / statistics, a
-        depthwise kernel's output axis).
-      offset, period, outer, inner: the index layout above.
-      ndim: the leaf's rank.
-    """
-
-    path: Path
-    axis: int
-    role: str
-    offset: int = 0
-    period: int = 0
-    outer: int = 1
-    inner: int = 1
-    ndim: int = 0
-
-    def indices(self, channels: np.ndarray) -> np.ndarray:
-        """Leaf-axis indices of the given channel indices (every outer / inner copy)."""
-        channels = np.asarray(channels, np.int64)
-        o = np.arange(self.outer)[:, None, None]
-        i = np.arange(self.inner)[None, None, :]
-        c = channels[None, :, None]
-        return ((o * self.period + self.offset + c) * self.inner + i).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,16 +458,29 @@ class _State:
         self.sizes.append(size)
         return self.uf.add()
 
-    def new_label(self, axis: int, size: int) -> Label:
-        """A label on `axis` for a new group of `size` channels."""
-        return Label(axis, ((self.new_group(size), 0, size),), size)
+    def new_label(self, axis: int, size: int, leaf_axes=(), role: str = "producer") -> Label:
+        """A label on `axis` for a new group of `size` channels, which `leaf_axes` join."""
+        label = Label(axis, ((self.new_group(size), 0, size),), size)
+        self.join(label, leaf_axes, role)
+        return label
 
-    def join(self, label: Label, path_idx: int, leaf_axis: int, role: str) -> None:
-        ndim = len(self.avals[self.prog.invars[path_idx]].shape)
-        for gid, start, _ in label.segs:
-            self.members.append((gid, Member(self.prog.var_paths[path_idx], leaf_axis, role,
-                                             start, label.period, label.outer, label.inner,
-                                             ndim)))
+    def join(self, label: Label, leaf_axes, role: str) -> None:
+        """Leaf axes `[(variables leaf index, leaf axis)]` join `label`'s groups as `role`."""
+        for path_idx, leaf_axis in leaf_axes:
+            ndim = len(self.avals[self.prog.invars[path_idx]].shape)
+            for gid, start, _ in label.segs:
+                self.members.append((gid, Member(self.prog.var_paths[path_idx], leaf_axis,
+                                                 role, start, label.period, label.outer,
+                                                 label.inner, ndim)))
+
+    def consume(self, label: Label, leaf_axes, e: "_Eq", operand: int) -> None:
+        """A kernel contracts `label`'s channels (operand `operand` of `e`): its leaf axes join
+        as consumers and the operand is a mask site."""
+        if not leaf_axes:
+            self.poison(label, f"{e.where} contracts the channels with a kernel that is not a "
+                               "param leaf axis")
+        self.join(label, leaf_axes, "consumer")
+        self.sites.append(Site(e.idx, operand, label))
 
     def union(self, a: int, b: int) -> None:
         """Merges groups a and b (and the coarser groups they were refined into)."""
@@ -589,6 +564,11 @@ class _Eq(NamedTuple):
     where: str
 
 
+def _leaf_axes(x: _Info, axis: int) -> List[Tuple[int, int]]:
+    """`[(variables leaf index, leaf axis)]` that axis `axis` of non-data value `x` indexes."""
+    return [(k, m[axis]) for k, m in x.srcs if m[axis] >= 0]
+
+
 def _same_layout(labels: Sequence[Label]) -> bool:
     """Whether labels index their axes alike (segment offsets, period, outer, inner)."""
     ref = labels[0]
@@ -627,12 +607,11 @@ def _rule_nary(st: _State, e: _Eq) -> List[_Info]:
                 st.poison(ref, f"{e.where} combines the channels with a value discovery "
                                "cannot follow (the model input, or an unsupported op)")
                 continue
-            mapped = [(k, m[a]) for k, m in x.srcs if m[a] >= 0]
+            mapped = _leaf_axes(x, a)
             if x.vary[a] and not mapped:
                 st.poison(ref, f"{e.where} combines the channels with a constant that "
                                "varies over them")
-            for k, leaf_axis in mapped:
-                st.join(ref, k, leaf_axis, "param")
+            st.join(ref, mapped, "param")
         return [_Info(True, ref)]
     if e.any_data:  # where the result varies (a padding mask broadcast over the heads)
         vary = [False] * rank
@@ -716,15 +695,14 @@ def _rule_reshape(st: _State, e: _Eq) -> List[_Info]:
 def _rule_broadcast(st: _State, e: _Eq) -> List[_Info]:
     x, s_in, s_out = e.ins[0], e.in_shapes[0], e.out_shapes[0]
     bd = e.eqn.params["broadcast_dimensions"]
+    keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
     if x.data:
         lab = x.label
         if lab is not None and s_in[lab.axis] != s_out[bd[lab.axis]]:
             st.poison(lab, f"{e.where} broadcasts the channel axis")
             lab = None
-        keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
         vary = tuple(a in keep and (not x.vary or x.vary[keep[a]]) for a in range(len(s_out)))
         return [_Info(True, None if lab is None else lab.moved(bd[lab.axis]), frozenset(), vary)]
-    keep = {bd[a]: a for a in range(len(s_in)) if s_in[a] == s_out[bd[a]]}
     srcs = frozenset((k, tuple(m[keep[a]] if a in keep else -1 for a in range(len(s_out))))
                      for k, m in x.srcs)
     vary = tuple(a in keep and x.vary[keep[a]] for a in range(len(s_out)))
@@ -877,14 +855,7 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     new_lab = None
     if lab is not None:
         if lab.axis in xc:
-            ka = kc[xc.index(lab.axis)]
-            mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
-            if not mapped:
-                st.poison(lab, f"{e.where} contracts the channels with a kernel that is "
-                               "not a param leaf axis")
-            for k, leaf_axis in mapped:
-                st.join(lab, k, leaf_axis, "consumer")
-            st.sites.append(Site(e.idx, x_idx, lab))
+            st.consume(lab, _leaf_axes(k_info, kc[xc.index(lab.axis)]), e, x_idx)
         elif lab.axis in pos_x:
             new_lab = lab.moved(pos_x[lab.axis])
         else:
@@ -895,13 +866,11 @@ def _rule_dot_general(st: _State, e: _Eq) -> List[_Info]:
     kfree = [a for a in pos_k if ks[a] != 1]
     if kfree:
         ka = kfree[0]
-        mapped = [(k, m[ka]) for k, m in k_info.srcs if m[ka] >= 0]
+        mapped = _leaf_axes(k_info, ka)
         if mapped:
             if new_lab is not None:
                 st.poison(new_lab, f"{e.where} keeps the channels on a free axis")
-            new_lab = st.new_label(pos_k[ka], ks[ka])
-            for k, leaf_axis in mapped:
-                st.join(new_lab, k, leaf_axis, "producer")
+            new_lab = st.new_label(pos_k[ka], ks[ka], mapped)
     return [_Info(True, new_lab)]
 
 
@@ -916,15 +885,12 @@ def _grouped_conv(st: _State, e: _Eq, lab, k_in, k_out, fgc, in_ch, out_ch):
             st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}) over "
                            "channels laid out in a way discovery does not follow")
         else:
-            for k, leaf_axis in k_in:
-                st.join(coarse, k, leaf_axis, "consumer")
+            st.join(coarse, k_in, "consumer")
             st.sites.append(Site(e.idx, 0, lab))
     if not k_out:
         return None
     out_spec = e.eqn.params["dimension_numbers"].out_spec
-    new_lab = st.new_label(out_spec[1], out_ch)
-    for k, leaf_axis in k_out:
-        st.join(new_lab, k, leaf_axis, "producer")
+    new_lab = st.new_label(out_spec[1], out_ch, k_out)
     st.refine(new_lab, fgc, 1, out_spec[1])
     return new_lab
 
@@ -948,40 +914,26 @@ def _rule_conv(st: _State, e: _Eq) -> List[_Info]:
                        f"(batch_group_count={bgc})")
         return [_Info(True)]
     new_lab = None
-    k_out = [(k, m[rhs_spec[0]]) for k, m in k_info.srcs if m[rhs_spec[0]] >= 0]
-    k_in = [(k, m[rhs_spec[1]]) for k, m in k_info.srcs if m[rhs_spec[1]] >= 0]
+    k_out, k_in = _leaf_axes(k_info, rhs_spec[0]), _leaf_axes(k_info, rhs_spec[1])
     if lab is not None and (lab.axis != lhs_spec[1] or not lab.plain):
         st.poison(lab, f"{e.where} convolves over the channel axis")
         lab = None
     if fgc == 1:
         if lab is not None:
-            if not k_in:
-                st.poison(lab, f"{e.where} contracts the channels with a kernel that "
-                               "is not a param leaf axis")
-            for k, leaf_axis in k_in:
-                st.join(lab, k, leaf_axis, "consumer")
-            st.sites.append(Site(e.idx, 0, lab))
+            st.consume(lab, k_in, e, 0)
         if k_out:
-            new_lab = st.new_label(out_spec[1], out_ch)
-            for k, leaf_axis in k_out:
-                st.join(new_lab, k, leaf_axis, "producer")
-    elif fgc == in_ch == out_ch and lab is not None:
-        # depthwise: output channel c reads input channel c only.
-        new_lab = lab.moved(out_spec[1])
-        for k, leaf_axis in k_out:
-            st.join(lab, k, leaf_axis, "param")
-        st.depthwise.add(e.idx)
+            new_lab = st.new_label(out_spec[1], out_ch, k_out)
     elif fgc != in_ch or in_ch != out_ch:
         new_lab = _grouped_conv(st, e, lab, k_in, k_out, fgc, in_ch, out_ch)
-    else:
-        st.poison(lab, f"{e.where} is a grouped conv (feature_group_count={fgc}, "
-                       f"{in_ch} -> {out_ch} channels) discovery does not follow")
-        if k_out and fgc == in_ch == out_ch:
-            new_lab = st.new_label(out_spec[1], out_ch)
-            for k, leaf_axis in k_out:
-                st.join(new_lab, k, leaf_axis, "param")
-            st.poison(new_lab, f"{e.where} is a depthwise conv of a value whose "
-                               "channels cannot be pruned")
+    elif lab is not None:
+        # depthwise: output channel c reads input channel c only.
+        new_lab = lab.moved(out_spec[1])
+        st.join(lab, k_out, "param")
+        st.depthwise.add(e.idx)
+    elif k_out:  # depthwise over channels that cannot be pruned (e.g. the model input)
+        new_lab = st.new_label(out_spec[1], out_ch, k_out, "param")
+        st.poison(new_lab, f"{e.where} is a depthwise conv of a value whose "
+                           "channels cannot be pruned")
     return [_Info(True, new_lab)]
 
 
@@ -1058,12 +1010,10 @@ def _rule_gather(st: _State, e: _Eq) -> List[_Info]:
     if table.data or not idx.data or e.labels or not table.srcs or last in dn.collapsed_slice_dims \
             or e.eqn.params["slice_sizes"][last] != e.in_shapes[0][last]:
         return _rule_default(st, e)
-    mapped = [(k, m[last]) for k, m in table.srcs if m[last] >= 0]
+    mapped = _leaf_axes(table, last)
     if not mapped:
         return _rule_default(st, e)
-    lab = st.new_label(dn.offset_dims[-1], e.in_shapes[0][last])
-    for k, leaf_axis in mapped:
-        st.join(lab, k, leaf_axis, "producer")
+    lab = st.new_label(dn.offset_dims[-1], e.in_shapes[0][last], mapped)
     st.poison(lab, f"{e.where} is an embedding lookup (discovery does not prune embeddings)")
     return [_Info(True, lab)]
 
@@ -1213,8 +1163,9 @@ def discover_groups(apply_fn: Callable, variables, example_input) -> Discovery:
 
 
 # --------------------------------------------------------------------------------------------
-# Groups of any layout on params: scores, masks (what `Pruner` uses for groups that a
-# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs).
+# Groups of any layout on params (what `Pruner` uses for groups that a
+# `structure.ChannelGroup` cannot express, such as attention heads and grouped convs;
+# `masks.channel_scores` / `masks.channel_masks` take them as they take ChannelGroups).
 
 
 def params_groups(discovery: Discovery, params_key: str = "params") -> Tuple[Group, ...]:
@@ -1231,53 +1182,6 @@ def unit_width(group: Group, shapes: Dict[Path, tuple]) -> int:
     widths = [m.inner * math.prod(shapes[m.path][m.axis + 1:]) for m in group.producers
               if len(shapes[m.path]) >= 2]
     return max(widths, default=1)
-
-
-def _member_values(m: Member, values, size: int):
-    """`values` [size] laid out along member `m`'s leaf axis: (indices, values per index)."""
-    idx = m.indices(np.arange(size))
-    vals = jnp.tile(jnp.repeat(jnp.asarray(values), m.inner), m.outer)
-    return idx, vals
-
-
-def member_channel_scores(weights, groups: Sequence[Group], reduce: str = "l1") -> Dict[str, Any]:
-    """{group name: float32[size]}: each producer kernel (ndim >= 2) of a group reduced over
-    everything but the group's channels (`masks.reduce_channels`), summed over the kernels
-    (per-channel leaves when the group has no kernel)."""
-    flat = dict(masks_lib.leaves_with_paths(weights)[0])
-    out = {}
-    for g in groups:
-        prods = [m for m in g.members if m.role in ("producer", "param")]
-        kernels = [m for m in prods if m.ndim >= 2] or prods
-        total = jnp.zeros((g.size,), jnp.float32)
-        for m in kernels:
-            x = jnp.take(jnp.asarray(flat[m.path]), jnp.asarray(m.indices(np.arange(g.size))),
-                         axis=m.axis)
-            x = jnp.moveaxis(x, m.axis, -1).reshape(x.shape[:m.axis] + x.shape[m.axis + 1:]
-                                                    + (m.outer, g.size, m.inner))
-            total = total + masks_lib.reduce_channels(jnp.moveaxis(x, -2, -1), reduce)
-        out[g.name] = total
-    return out
-
-
-def member_param_masks(keep, groups: Sequence[Group], params):
-    """Boolean masks shaped like `params` that zero every member slice of the channels
-    `keep` ({group name: bool[size]}) drops; groups not in `keep` are kept."""
-    leaves, treedef = masks_lib.leaves_with_paths(params)
-    index = {p: i for i, (p, _) in enumerate(leaves)}
-    out = [jnp.ones(jnp.shape(x), bool) for _, x in leaves]
-    for g in groups:
-        if g.name not in keep:
-            continue
-        for m in g.members:
-            i = index[m.path]
-            shape = jnp.shape(leaves[i][1])
-            idx, vals = _member_values(m, jnp.asarray(keep[g.name]).astype(bool), g.size)
-            vec = jnp.ones((shape[m.axis],), bool).at[idx].set(vals)
-            view = [1] * len(shape)
-            view[m.axis] = shape[m.axis]
-            out[i] = out[i] & vec.reshape(view)
-    return jax.tree.unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------------------------

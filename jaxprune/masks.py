@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.structure import ChannelGroup, Path, as_path, leaves_with_paths, path_str  # noqa: F401
+from jaxprune.structure import (ChannelGroup, Member, Path, as_path,  # noqa: F401
+                                leaves_with_paths, path_str)
 
 PyTree = Any
 PrunableFn = Callable[[Path, Any], bool]
@@ -310,14 +311,57 @@ def _check_groups(groups) -> tuple[ChannelGroup, ...]:
     return groups
 
 
+def group_members(g, index: Mapping[Path, int], shapes: Sequence[tuple],
+                  roles: tuple = ("producer", "consumer")) -> list:
+    """`[(leaf position, Member)]` of group `g`'s members with a role in `roles` ('param'
+    members count as producers): how masks, scores and costs read any group.
+
+    A `discover.Group` lists its members (on any axis); a `ChannelGroup`'s producers are
+    members on their last axis and its consumers on their input axis (-2, `outer` = the
+    consumer's `spatial`), checked against `shapes` (the leaf shapes, in `index` order)."""
+    if hasattr(g, "members"):
+        return [(lookup_leaf(index, m.path, g, m.role), m) for m in g.members
+                if m.role in roles or (m.role == "param" and "producer" in roles)]
+    out = []
+    if "producer" in roles:
+        for path in g.producers:
+            i = lookup_leaf(index, path, g, "producer")
+            shape = tuple(shapes[i])
+            if not shape or shape[-1] != g.size:
+                raise ValueError(
+                    f"producer '{path_str(as_path(path))}' of channel group '{g.name}' has "
+                    f"shape {shape}; its last dimension must equal the group size {g.size}")
+            out.append((i, Member(as_path(path), len(shape) - 1, "producer", 0, g.size,
+                                  ndim=len(shape))))
+    if "consumer" in roles:
+        for path, spatial in g.consumers:
+            i = lookup_leaf(index, path, g, "consumer")
+            shape = tuple(shapes[i])
+            if len(shape) < 2 or shape[-2] != spatial * g.size:
+                raise ValueError(
+                    f"consumer '{path_str(as_path(path))}' of channel group '{g.name}' (size "
+                    f"{g.size}, spatial {spatial}) has shape {shape}; its input axis (-2) must be spatial * size = "
+                    f"{spatial} * {g.size} = {spatial * g.size}")
+            out.append((i, Member(as_path(path), len(shape) - 2, "consumer", 0, g.size,
+                                  outer=int(spatial), ndim=len(shape))))
+    return out
+
+
+def _covers(m: Member, size: int, length: int) -> bool:
+    """Whether member `m`'s indices are its whole axis in order (no gather / scatter)."""
+    return m.offset == 0 and m.period == size and m.outer * size * m.inner == length
+
+
 def channel_scores(scores: PyTree, groups: Sequence[ChannelGroup],
                    reduce: str = "l1") -> dict[str, jax.Array]:
     """Per-channel importance of each group from a param-shaped score pytree.
 
-    Each producer KERNEL (ndim >= 2) of the group is reduced over all axes but its last
+    Each producer KERNEL (ndim >= 2) of the group is reduced over all axes but its channels
     (`reduce`: 'l1' sum|s|, 'l2' sqrt(sum s^2), 'sum' sum s) and the results are summed over
     the group's producers. 1-D producers (biases, BatchNorm scale/bias) are used only when the
     group has no kernel producer; use `criteria.bn_scale` for BatchNorm-based importance.
+    `groups` are `ChannelGroup`s or `discover.Group`s (channels on any axis: attention heads,
+    grouped convs), with paths relative to `scores`.
 
     Returns dict group name -> float32[group.size].
     """
@@ -326,20 +370,22 @@ def channel_scores(scores: PyTree, groups: Sequence[ChannelGroup],
         raise ValueError(
             f"unknown channel reduction {reduce!r}; allowed: {sorted(CHANNEL_REDUCTIONS)}")
     index, leaves, _ = leaf_index(scores)
+    shapes = [jnp.shape(x) for x in leaves]
     out = {}
     for g in groups:
-        prod = [leaves[lookup_leaf(index, p, g, "producer")] for p in g.producers]
+        prod = group_members(g, index, shapes, ("producer",))
         if not prod:
             raise ValueError(f"channel group '{g.name}' has no producers")
-        kernels = [x for x in prod if jnp.ndim(x) >= 2] or prod
+        kernels = [(i, m) for i, m in prod if jnp.ndim(leaves[i]) >= 2] or prod
         total = jnp.zeros((g.size,), jnp.float32)
-        for path, x in zip(g.producers, prod):
-            if jnp.shape(x)[-1] != g.size:
-                raise ValueError(
-                    f"producer '{path_str(as_path(path))}' of channel group '{g.name}' has "
-                    f"last dimension {jnp.shape(x)[-1]} but the group has size {g.size}")
-        for x in kernels:
-            total = total + reduce_channels(x, reduce)
+        for i, m in kernels:
+            x = jnp.asarray(leaves[i])
+            if not _covers(m, g.size, x.shape[m.axis]):
+                x = jnp.take(x, jnp.asarray(m.indices(np.arange(g.size))), axis=m.axis)
+            # [..., outer, size, inner] -> [..., outer, inner, size]: reduce all but the last.
+            x = jnp.moveaxis(x, m.axis, -1).reshape(x.shape[:m.axis] + x.shape[m.axis + 1:]
+                                                    + (m.outer, g.size, m.inner))
+            total = total + reduce_channels(jnp.moveaxis(x, -2, -1), reduce)
         out[g.name] = total
     return out
 
@@ -390,7 +436,7 @@ def channel_keep_global(channel_scores: Mapping[str, jax.Array], keep,
 
 
 def _axis_mask(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
-    """Broadcast a 1-D keep vector along `axis` (negative) of `shape`."""
+    """Broadcast a 1-D keep vector along `axis` of `shape`."""
     view = [1] * len(shape)
     view[axis] = shape[axis]
     return jnp.broadcast_to(jnp.reshape(keep, view), shape)
@@ -398,9 +444,11 @@ def _axis_mask(keep: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
 
 def channel_masks(keep: Mapping[str, jax.Array], groups: Sequence[ChannelGroup],
                   params: PyTree) -> PyTree:
-    """Param masks for channel keeps: every producer's last axis and every consumer's input
-    axis (-2) are masked; a consumer with `spatial > 1` (an (H, W, C) map flattened into a
-    Dense) has input index p * C + c masked by keep[c]. Groups missing from `keep` are kept.
+    """Param masks for channel keeps: every member slice of a dropped channel is masked. For a
+    `ChannelGroup`: every producer's last axis and every consumer's input axis (-2); a
+    consumer with `spatial > 1` (an (H, W, C) map flattened into a Dense) has input index
+    p * C + c masked by keep[c]. A `discover.Group` masks its members on their axes. Groups
+    missing from `keep` are kept.
 
     The masked param count equals the param count of the compacted model.
     """
@@ -410,30 +458,20 @@ def channel_masks(keep: Mapping[str, jax.Array], groups: Sequence[ChannelGroup],
     if unknown:
         raise ValueError(f"keep has groups {unknown} not in groups {sorted(known)}")
     index, leaves, treedef = leaf_index(params)
-    out = [jnp.ones(jnp.shape(x), dtype=bool) for x in leaves]
+    shapes = [jnp.shape(x) for x in leaves]
+    out = [jnp.ones(shape, dtype=bool) for shape in shapes]
     for g in groups:
         if g.name not in keep:
             continue
         k = jnp.asarray(keep[g.name]).astype(bool)
         if k.shape != (g.size,):
             raise ValueError(f"keep['{g.name}'] has shape {k.shape}; expected ({g.size},)")
-        for path in g.producers:
-            i = lookup_leaf(index, path, g, "producer")
-            shape = jnp.shape(leaves[i])
-            if not shape or shape[-1] != g.size:
-                raise ValueError(
-                    f"producer '{path_str(as_path(path))}' of channel group '{g.name}' has "
-                    f"shape {shape}; its last dimension must equal the group size {g.size}")
-            out[i] = out[i] & _axis_mask(k, shape, -1)
-        for path, spatial in g.consumers:
-            i = lookup_leaf(index, path, g, "consumer")
-            shape = jnp.shape(leaves[i])
-            if len(shape) < 2 or shape[-2] != spatial * g.size:
-                raise ValueError(
-                    f"consumer '{path_str(as_path(path))}' of channel group '{g.name}' has "
-                    f"shape {shape}; its input axis (-2) must be spatial * size = "
-                    f"{spatial} * {g.size} = {spatial * g.size}")
-            out[i] = out[i] & _axis_mask(jnp.tile(k, spatial), shape, -2)
+        for i, m in group_members(g, index, shapes):
+            shape = shapes[i]
+            vec = jnp.tile(jnp.repeat(k, m.inner), m.outer)
+            if not _covers(m, g.size, shape[m.axis]):
+                vec = jnp.ones((shape[m.axis],), bool).at[m.indices(np.arange(g.size))].set(vec)
+            out[i] = out[i] & _axis_mask(vec, shape, m.axis)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -214,13 +214,14 @@ class Pruner:
         self.input_shape = tuple(int(d) for d in input_shape)
         self._apply = apply  # the model's own apply (discovery and surgery trace it)
         self.discovery, self.apply, self.groups = None, apply, ()
-        self._members = False
+        members = False
         if self.granularity == "channel":
             self.discovery, self._found, self._discovered = self._discover(discovery)
-            # Groups a ChannelGroup cannot express (attention heads, grouped convs) are
-            # scored, masked and costed through their members (`discover.params_groups`).
-            self._members = bool(self.discovery.inexpressible())
-            self.groups = (discover_lib.params_groups(self.discovery) if self._members
+            # Groups a ChannelGroup cannot express (attention heads, grouped convs) stay
+            # `discover.Group`s (`discover.params_groups`): masks, scores and costs read either
+            # through its members; the pipeline's zoo paths need ChannelGroups otherwise.
+            members = bool(self.discovery.inexpressible())
+            self.groups = (discover_lib.params_groups(self.discovery) if members
                            else self.discovery.channel_groups())
             self.apply = self._masked_apply(apply)
         self.prunable_fn = masks_lib.make_prunable_fn(exclude=tuple(unprunable))
@@ -236,9 +237,8 @@ class Pruner:
                 raise ValueError("granularity='channel' found no prunable channel group in this "
                                  "model; use granularity='unstructured'.")
             self.units = [g.name for g in self.groups]
-            self.channel_scores = scores.channels if scores.channels is not None else (
-                discover_lib.member_channel_scores(scores.weights, self.groups)
-                if self._members else masks_lib.channel_scores(scores.weights, self.groups))
+            self.channel_scores = scores.channels if scores.channels is not None else \
+                masks_lib.channel_scores(scores.weights, self.groups)
             self.cost = costs_lib.cost_model(self.apply, params, self.batch_stats,
                                              self.input_shape, self.groups)
         else:
@@ -265,7 +265,7 @@ class Pruner:
             # keeps whole channels (heads) on its grid, whatever `channel_multiple`.
             sizes = np.asarray([gr.size for gr in self.groups], np.float32)
             shapes = {p: np.shape(x) for p, x in masks_lib.leaves_with_paths(params)[0]}
-            multiple = np.asarray([1 if self._members and discover_lib.unit_width(gr, shapes) > 1
+            multiple = np.asarray([1 if members and discover_lib.unit_width(gr, shapes) > 1
                                    else max(int(channel_multiple), 1) for gr in self.groups],
                                   np.float32)
             self.step = np.minimum(multiple / sizes, 1.0).astype(np.float32)
@@ -328,8 +328,7 @@ class Pruner:
         keep = jnp.asarray(keep, jnp.float32)
         if self.granularity == "channel":
             channel_keep = masks_lib.channel_keep(self.channel_scores, keep, self.groups)
-            make = discover_lib.member_param_masks if self._members else masks_lib.channel_masks
-            return make(channel_keep, self.groups, self.params), channel_keep
+            return masks_lib.channel_masks(channel_keep, self.groups, self.params), channel_keep
         if self.granularity == "nm":
             n, m = self.nm
             return masks_lib.from_scores(self.scores, None, granularity="nm", n=n, m=m,

@@ -3,8 +3,9 @@
 A *channel group* is a set of channels that has to be pruned as one: the output channels of
 a conv (with its BatchNorm), or every tensor that writes into a ResNet stage's residual stream.
 Groups are found from a model's program (`discover.Discovery.channel_groups()`); masks,
-scores and costs read them as `ChannelGroup`s, and `surgery.slice_variables` cuts them out of
-the variables. It works on plain pytrees and never imports Flax.
+scores and costs read a `ChannelGroup`, or a discovered group on any axis, through its
+`Member`s (`masks.group_members`), and `surgery.slice_variables` cuts them out of the
+variables. It works on plain pytrees and never imports Flax.
 """
 from __future__ import annotations
 
@@ -67,6 +68,44 @@ class ChannelGroup:
     producers: Tuple[Path, ...]
     consumers: Tuple[Tuple[Path, int], ...] = ()
     stats: Tuple[Path, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One slice of one variable leaf indexed by a group's channels.
+
+    Channel c of the group is index `(o * period + offset + c) * inner + i` of `axis`, for
+    every o < outer and i < inner. A plain producer or per-channel leaf has offset 0,
+    period = size, outer = inner = 1; a Dense reading a flattened (H, W, C) map has
+    outer = H * W; a consumer of a concatenation has the operand's offset and the
+    concatenation's width as period.
+
+    Attributes:
+      path: path of the leaf in `variables` (tuple of str).
+      axis: the leaf axis (non-negative).
+      role: 'producer' (a conv / dense kernel's output axis), 'consumer' (a kernel's input
+        axis) or 'param' (a per-channel leaf: bias, norm scale / bias / statistics, a
+        depthwise kernel's output axis).
+      offset, period, outer, inner: the index layout above.
+      ndim: the leaf's rank.
+    """
+
+    path: Path
+    axis: int
+    role: str
+    offset: int = 0
+    period: int = 0
+    outer: int = 1
+    inner: int = 1
+    ndim: int = 0
+
+    def indices(self, channels: np.ndarray) -> np.ndarray:
+        """Leaf-axis indices of the given channel indices (every outer / inner copy)."""
+        channels = np.asarray(channels, np.int64)
+        o = np.arange(self.outer)[:, None, None]
+        i = np.arange(self.inner)[None, None, :]
+        c = channels[None, :, None]
+        return ((o * self.period + self.offset + c) * self.inner + i).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
