@@ -74,10 +74,14 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
     mean: Optional[np.ndarray]
     std: Optional[np.ndarray]
-    # What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the device)
-    # or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they are).
-    kind: str = "image"
-    tokenizer: Optional[str] = None  # kind 'tokens': the tokenizer's JSON
+    tokenizer: Optional[str] = None  # a text dataset's tokenizer, as JSON
+
+    @property
+    def kind(self) -> str:
+        """What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the
+        device) or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they
+        are)."""
+        return "image" if self.tokenizer is None else "tokens"
 
     @property
     def vocab_size(self) -> int:
@@ -269,7 +273,7 @@ def _tokenize(name, options, train_x, train_y, val_x, val_y, test_x, test_y) -> 
               for i, x in enumerate((train_x, train_y, val_x, val_y, test_x, test_y))]
     for a in arrays:
         a.setflags(write=False)
-    return Dataset(name, NUM_CLASSES[name], (seq_len,), *arrays, None, None, kind="tokens",
+    return Dataset(name, NUM_CLASSES[name], (seq_len,), *arrays, None, None,
                    tokenizer=text.to_json(tokenizer))
 
 
