@@ -66,20 +66,8 @@ def get_config(arg=None):
     config.search.lower = 0.2
 
     if arg == "smoke":
-        config.data.val_size = 32
-        config.data.train_size = 64
-        config.data.test_size = 32
-        config.train.epochs = 1
-        config.train.batch_size = 16
-        config.train.eval_batch_size = 16
-        config.train.checkpoint_every = 2
+        config_checks.smoke_sizes(config)
         config.prune.methods = "threshold"
         config.prune.sensitivity_batches = 1
-        config.finetune.epochs = 1
         config.search.methods = "random"
-        config.search.rounds = 1
-        config.search.candidates = 8
-        config.search.calib_batches = 1
-        config.search.calib_batch_size = 8
-        config.search.val_examples = 16
     return config

@@ -104,16 +104,6 @@ def get_config(arg=None):
         config.train.eval_batch_size = 1000
         config.search.chunk_size = 0
     elif arg == "smoke":
-        config.data.val_size = 32
-        config.data.train_size = 64
-        config.data.test_size = 32
+        config_checks.smoke_sizes(config)
         config.data.seq_len = 16
-        config.train.epochs = 1
-        config.train.batch_size = 16
-        config.train.eval_batch_size = 16
-        config.train.checkpoint_every = 2
-        config.search.rounds = 1
-        config.search.candidates = 8
-        config.search.calib_batch_size = 8
-        config.search.val_examples = 16
     return config

@@ -259,6 +259,25 @@ def common_config():
     return config
 
 
+def smoke_sizes(config) -> None:
+    """Shrinks `config` (in place) to the sizes every config's 'smoke' variant runs in seconds
+    for tests: 64 training / 32 validation / 32 test examples, one epoch of batch 16, one
+    search round of 8 candidates on 16 validation examples."""
+    config.data.val_size = 32
+    config.data.train_size = 64
+    config.data.test_size = 32
+    config.train.epochs = 1
+    config.train.batch_size = 16
+    config.train.eval_batch_size = 16
+    config.train.checkpoint_every = 2
+    config.finetune.epochs = 1
+    config.search.rounds = 1
+    config.search.candidates = 8
+    config.search.calib_batches = 1
+    config.search.calib_batch_size = 8
+    config.search.val_examples = 16
+
+
 _MISSING = object()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
