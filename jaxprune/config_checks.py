@@ -5,7 +5,8 @@
 Strict: a key that no config in configs/ defines (and `SCHEMA` / `OPTIONAL` do not know) is an
 error with the nearest known key suggested, and NaN / infinity is refused for every number.
 `phase_settings(config, phase)` is the part of the config that determines a phase's result (its
-checkpoint fingerprint).
+checkpoint fingerprint). The configs in configs/ start from `common_config()` (the sections and
+the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes(config)`.
 
 The allowed names are read from the registries themselves (`models.MODELS`,
 `search.controllers.CONTROLLERS`, `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`,
