@@ -15,20 +15,17 @@ Data: TFDS `mnist` from --config.data.data_dir or $TFDS_DATA_DIR, prepared befor
 never downloads). 5,000 training images are held out for validation; the test split is only
 used for the final numbers. No augmentation (flips and crops change digits).
 """
-import ml_collections
 from ml_collections import config_dict
 
-from jaxprune.search import controllers as controllers_lib
+from jaxprune import config_checks
 
 
 def get_config(arg=None):
     """arg: None (full run) or 'smoke' (tests, seconds)."""
     if arg not in (None, "", "smoke"):
         raise ValueError(f"configs/mnist.py: unknown variant {arg!r}; use '' or 'smoke'.")
-    config = ml_collections.ConfigDict()
-    config.seed = 0
+    config = config_checks.common_config()  # seed, sections, the pruning and search defaults
 
-    config.data = ml_collections.ConfigDict()
     config.data.name = "mnist"
     config.data.data_dir = config_dict.placeholder(str)  # None → $TFDS_DATA_DIR
     config.data.val_size = 5000
@@ -40,45 +37,26 @@ def get_config(arg=None):
     config.data.portable_path = config_dict.placeholder(str)  # `python -m jaxprune.data portable`
     config.data.download = False  # True: let TFDS download it (Colab); offline, keep False
 
-    config.model = ml_collections.ConfigDict()
     config.model.name = "lenet5"
 
-    config.train = ml_collections.ConfigDict()
     config.train.epochs = 10
     config.train.batch_size = 128
     config.train.eval_batch_size = 1024
     config.train.optimizer = "sgd"
     config.train.learning_rate = 0.05
-    config.train.momentum = 0.9
     config.train.weight_decay = 5e-4
-    config.train.schedule = "cosine"
-    config.train.l1 = 0.0
     config.train.l1_target = "weights"
     config.train.checkpoint_every = 1000
-    config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
     config.train.warmup_epochs = 0.0  # linear warm-up of the dense phase (for large batches)
-    config.train.label_smoothing = 0.0
-    config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
 
-    config.prune = ml_collections.ConfigDict()
     config.prune.methods = "threshold,sensitivity"
-    config.prune.granularity = "channel"
-    config.prune.scope = "layerwise"
-    config.prune.target = "macs"
     config.prune.sparsity = 0.5
-    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale (channels)
-    config.prune.schedule = "oneshot"
     config.prune.channel_multiple = 1  # LeNet-5 has 6 and 16 conv channels: no rounding
     config.prune.sensitivity_batches = 4  # training batches the gradient-sensitivity criteria (taylor, snip) average over
-    config.prune.imp_rounds = 3  # prune.schedule="imp": prune-rewind-train rounds
-    config.prune.n, config.prune.m = 2, 4  # prune.granularity="nm": keep n of every m weights
 
-    config.finetune = ml_collections.ConfigDict()
     config.finetune.epochs = 3
     config.finetune.learning_rate = 0.01
-    config.finetune.warmup_epochs = 0.0
 
-    config.search = ml_collections.ConfigDict()
     config.search.methods = "reinforce,gan,evolution,random,uniform"
     config.search.rounds = 20
     config.search.candidates = 32
@@ -86,38 +64,10 @@ def get_config(arg=None):
     config.search.calib_batch_size = 128
     config.search.val_examples = 2000
     config.search.lower = 0.2
-    config.search.step = 0.0
-    config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
-    # Keeps every controller asks first: comma-separated 'uniform', 'threshold', 'sensitivity'
-    # (the sensitivity pre-pass's evaluations are taken off the search's rounds); '' = none.
-    config.search.seed_keeps = ""
-    # Winner by successive halving over the search log (0: the best proxy score wins): the best
-    # select_top candidates re-scored on select_val_examples validation images (0: all), the
-    # best select_finetune of those fine-tuned select_epochs epochs, judged on the same images.
-    config.search.select_top = 0
-    config.search.select_val_examples = 0
-    config.search.select_finetune = 0
-    config.search.select_epochs = 1
-    # Controller hyper-parameters, defaults read off each factory (jaxprune/search/); override
-    # e.g. --config.search.reinforce.learning_rate=0.1.
-    for name in ("reinforce", "gan", "evolution"):
-        config.search[name] = ml_collections.ConfigDict(controllers_lib.default_hparams(name))
 
     if arg == "smoke":
-        config.data.val_size = 32
-        config.data.train_size = 64
-        config.data.test_size = 32
-        config.train.epochs = 1
-        config.train.batch_size = 16
-        config.train.eval_batch_size = 16
-        config.train.checkpoint_every = 2
+        config_checks.smoke_sizes(config)
         config.prune.methods = "threshold"
         config.prune.sensitivity_batches = 1
-        config.finetune.epochs = 1
         config.search.methods = "random"
-        config.search.rounds = 1
-        config.search.candidates = 8
-        config.search.calib_batches = 1
-        config.search.calib_batch_size = 8
-        config.search.val_examples = 16
     return config

@@ -42,10 +42,9 @@ seconds; `gpu` not measured.
 Expected result: `cpu` 82.45 % on GLUE validation (measured, see above; 872 sentences, so one
 run's standard error is about 1.3 points); `gpu` no prediction.
 """
-import ml_collections
 from ml_collections import config_dict
 
-from jaxprune.search import controllers as controllers_lib
+from jaxprune import config_checks
 
 VARIANTS = ("", "gpu", "cpu", "smoke")
 
@@ -56,10 +55,8 @@ def get_config(arg=None):
     if arg not in (None,) + VARIANTS:
         raise ValueError(f"configs/sst2.py: unknown variant {arg!r}; use one of "
                          f"{', '.join(repr(v) for v in VARIANTS)}.")
-    config = ml_collections.ConfigDict()
-    config.seed = 0
+    config = config_checks.common_config()  # seed, sections, the pruning and search defaults
 
-    config.data = ml_collections.ConfigDict()
     config.data.name = "sst2"
     config.data.data_dir = config_dict.placeholder(str)  # None → $TFDS_DATA_DIR
     config.data.val_size = 2000  # phrases of GLUE train held out for search and selection
@@ -71,45 +68,26 @@ def get_config(arg=None):
     config.data.cache = config_dict.placeholder(str)  # image datasets only (text is refused)
     config.data.download = False
 
-    config.model = ml_collections.ConfigDict()
     config.model.name = "transformer"
 
-    config.train = ml_collections.ConfigDict()
     config.train.epochs = 3
     config.train.batch_size = 64
     config.train.eval_batch_size = 500
     config.train.optimizer = "adam"  # AdamW: decoupled weight decay
     config.train.learning_rate = 1e-3
-    config.train.momentum = 0.9  # unused by adam
     config.train.weight_decay = 0.01
-    config.train.schedule = "cosine"
     config.train.warmup_epochs = 0.5
-    config.train.l1 = 0.0
     config.train.l1_target = "weights"
     config.train.checkpoint_every = 500
-    config.train.precision = "fp32"
-    config.train.label_smoothing = 0.0
-    config.train.compile_cache_dir = config_dict.placeholder(str)
 
-    config.prune = ml_collections.ConfigDict()
     config.prune.methods = ""  # none until discovery gives the Transformer's groups (see above)
-    config.prune.granularity = "channel"
-    config.prune.scope = "layerwise"
-    config.prune.target = "macs"
     config.prune.sparsity = 0.5  # remove 50 % of the MACs (at data.seq_len)
-    config.prune.criterion = "l1"
-    config.prune.schedule = "oneshot"
     config.prune.channel_multiple = 1
     config.prune.sensitivity_batches = 4
-    config.prune.imp_rounds = 3
-    config.prune.n, config.prune.m = 2, 4
 
-    config.finetune = ml_collections.ConfigDict()
     config.finetune.epochs = 1
     config.finetune.learning_rate = 3e-4
-    config.finetune.warmup_epochs = 0.0
 
-    config.search = ml_collections.ConfigDict()
     config.search.methods = ""  # none yet (see above)
     config.search.rounds = 8
     config.search.candidates = 16
@@ -117,15 +95,7 @@ def get_config(arg=None):
     config.search.calib_batch_size = 64
     config.search.val_examples = 2000
     config.search.lower = 0.2
-    config.search.step = 0.0
     config.search.chunk_size = 4
-    config.search.seed_keeps = ""
-    config.search.select_top = 0
-    config.search.select_val_examples = 0
-    config.search.select_finetune = 0
-    config.search.select_epochs = 1
-    for name in ("reinforce", "gan", "evolution"):
-        config.search[name] = ml_collections.ConfigDict(controllers_lib.default_hparams(name))
 
     if arg in (None, "", "gpu"):
         config.train.epochs = 6
@@ -134,16 +104,6 @@ def get_config(arg=None):
         config.train.eval_batch_size = 1000
         config.search.chunk_size = 0
     elif arg == "smoke":
-        config.data.val_size = 32
-        config.data.train_size = 64
-        config.data.test_size = 32
+        config_checks.smoke_sizes(config)
         config.data.seq_len = 16
-        config.train.epochs = 1
-        config.train.batch_size = 16
-        config.train.eval_batch_size = 16
-        config.train.checkpoint_every = 2
-        config.search.rounds = 1
-        config.search.candidates = 8
-        config.search.calib_batch_size = 8
-        config.search.val_examples = 16
     return config

@@ -5,7 +5,8 @@
 Strict: a key that no config in configs/ defines (and `SCHEMA` / `OPTIONAL` do not know) is an
 error with the nearest known key suggested, and NaN / infinity is refused for every number.
 `phase_settings(config, phase)` is the part of the config that determines a phase's result (its
-checkpoint fingerprint).
+checkpoint fingerprint). The configs in configs/ start from `common_config()` (the sections and
+the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes(config)`.
 
 The allowed names are read from the registries themselves (`models.MODELS`,
 `search.controllers.CONTROLLERS`, `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`,
@@ -207,6 +208,76 @@ OPTIONAL.update({f"search.{name}": check for name, check in {
     "evolution.mutation_std": _non_negative_number,
     "evolution.survival": _choice(("elitist", "aging")),
 }.items()})
+
+def common_config():
+    """A ConfigDict with the settings every config in configs/ starts from: the sections (data,
+    model, train, prune, finetune, search), seed 0 and the pruning and search machinery's
+    defaults. Each config file fills in its dataset, model and recipe and overrides what it
+    needs, so these defaults and their notes live here once."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    from jaxprune.search import controllers as controllers_lib
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    for section in ("data", "model", "train", "prune", "finetune", "search"):
+        config[section] = ml_collections.ConfigDict()
+
+    config.train.momentum = 0.9  # sgd's (adam does not use it)
+    config.train.schedule = "cosine"
+    config.train.l1 = 0.0
+    config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
+    config.train.label_smoothing = 0.0
+    config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
+
+    config.prune.granularity = "channel"
+    config.prune.scope = "layerwise"
+    config.prune.target = "macs"
+    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale (channels)
+    config.prune.schedule = "oneshot"
+    config.prune.imp_rounds = 3  # prune.schedule="imp": prune-rewind-train rounds
+    config.prune.n, config.prune.m = 2, 4  # prune.granularity="nm": keep n of every m weights
+
+    config.finetune.warmup_epochs = 0.0
+
+    config.search.step = 0.0
+    config.search.chunk_size = 0  # candidates per vmapped chunk (0: all K at once; 4 is faster on a CPU)
+    # Keeps every controller asks first: comma-separated 'uniform', 'threshold', 'sensitivity'
+    # (the sensitivity pre-pass's evaluations are taken off the search's rounds); '' = none.
+    config.search.seed_keeps = ""
+    # Winner by successive halving over the search log (0: the best proxy score wins): the best
+    # select_top candidates re-scored on select_val_examples validation images (0: all), the
+    # best select_finetune of those fine-tuned select_epochs epochs, judged on the same images.
+    config.search.select_top = 0
+    config.search.select_val_examples = 0
+    config.search.select_finetune = 0
+    config.search.select_epochs = 1
+    # Controller hyper-parameters, defaults read off each factory (jaxprune/search/); override
+    # e.g. --config.search.reinforce.learning_rate=0.1.
+    for name in ("reinforce", "gan", "evolution"):
+        config.search[name] = ml_collections.ConfigDict(controllers_lib.default_hparams(name))
+    return config
+
+
+def smoke_sizes(config) -> None:
+    """Shrinks `config` (in place) to the sizes every config's 'smoke' variant runs in seconds
+    for tests: 64 training / 32 validation / 32 test examples, one epoch of batch 16, one
+    search round of 8 candidates on 16 validation examples."""
+    config.data.val_size = 32
+    config.data.train_size = 64
+    config.data.test_size = 32
+    config.train.epochs = 1
+    config.train.batch_size = 16
+    config.train.eval_batch_size = 16
+    config.train.checkpoint_every = 2
+    config.finetune.epochs = 1
+    config.search.rounds = 1
+    config.search.candidates = 8
+    config.search.calib_batches = 1
+    config.search.calib_batch_size = 8
+    config.search.val_examples = 16
+
 
 _MISSING = object()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -74,10 +74,14 @@ class Dataset(NamedTuple):
     test_labels: np.ndarray
     mean: Optional[np.ndarray]
     std: Optional[np.ndarray]
-    # What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the device)
-    # or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they are).
-    kind: str = "image"
-    tokenizer: Optional[str] = None  # kind 'tokens': the tokenizer's JSON
+    tokenizer: Optional[str] = None  # a text dataset's tokenizer, as JSON
+
+    @property
+    def kind(self) -> str:
+        """What the examples are: 'image' (uint8 NHWC pixels, normalised and augmented on the
+        device) or 'tokens' (int32 [N, seq_len] ids from the dataset's tokenizer, used as they
+        are)."""
+        return "image" if self.tokenizer is None else "tokens"
 
     @property
     def vocab_size(self) -> int:
@@ -138,13 +142,20 @@ def _tfds_load(tfds, name: str, data_dir: Optional[str], download: bool, *,
 def _load_tfds(name: str, data_dir: Optional[str], download: bool = False):
     tfds = _import_tfds(name)
     splits = _tfds_load(tfds, name, data_dir, download, as_supervised=True)
+    return _read_splits(tfds, splits, lambda batch: (batch[0].astype(np.uint8), batch[1]))
+
+
+def _read_splits(tfds, splits, columns):
+    """(examples, int32 labels) of every split in turn, as numpy arrays in TFDS's order;
+    `columns(batch) -> (examples, labels)` picks them out of one numpy batch."""
     out = []
     for ds in splits:  # batch_size=-1 in tfds.load breaks under tfds.testing.mock_data
-        images, labels = [], []
-        for x, y in tfds.as_numpy(ds.batch(8192)):
-            images.append(x)
+        examples, labels = [], []
+        for batch in tfds.as_numpy(ds.batch(8192)):
+            x, y = columns(batch)
+            examples.append(x)
             labels.append(y)
-        out += [np.concatenate(images).astype(np.uint8), np.concatenate(labels).astype(np.int32)]
+        out += [np.concatenate(examples), np.concatenate(labels).astype(np.int32)]
     return tuple(out)
 
 
@@ -154,14 +165,8 @@ def _load_tfds_text(name: str, data_dir: Optional[str], download: bool = False):
     tfds = _import_tfds(name)
     builder, test_split = TEXT_DATASETS[name]
     splits = _tfds_load(tfds, builder, data_dir, download, splits=("train", test_split))
-    out = []
-    for ds in splits:
-        sentences, labels = [], []
-        for example in tfds.as_numpy(ds.batch(8192)):
-            sentences += [s.decode("utf-8") for s in example["sentence"]]
-            labels.append(example["label"])
-        out += [np.array(sentences, dtype=object), np.concatenate(labels).astype(np.int32)]
-    return tuple(out)
+    return _read_splits(tfds, splits, lambda batch: (
+        np.array([s.decode("utf-8") for s in batch["sentence"]], dtype=object), batch["label"]))
 
 
 def _load_portable(name: str, path: str):
@@ -268,7 +273,7 @@ def _tokenize(name, options, train_x, train_y, val_x, val_y, test_x, test_y) -> 
               for i, x in enumerate((train_x, train_y, val_x, val_y, test_x, test_y))]
     for a in arrays:
         a.setflags(write=False)
-    return Dataset(name, NUM_CLASSES[name], (seq_len,), *arrays, None, None, kind="tokens",
+    return Dataset(name, NUM_CLASSES[name], (seq_len,), *arrays, None, None,
                    tokenizer=text.to_json(tokenizer))
 
 

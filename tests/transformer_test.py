@@ -111,6 +111,13 @@ def test_bad_shapes_are_refused(kwargs, match):
         models.get_model("transformer", **{**args, **kwargs})
 
 
+def test_zoo_naming_of_discovered_groups_refuses_the_transformer_clearly():
+    # Its width arguments (heads, layers) are not channel widths: `models.discovery` cannot
+    # name groups after them and says so (the groups themselves: `discover.discover_groups`).
+    with pytest.raises(ValueError, match="not all independent channel widths"):
+        models.discovery(_model())
+
+
 def test_image_model_refuses_token_shape():
     with pytest.raises(ValueError, match=r"\(H, W, C\)"):
         models.get_model("lenet5", num_classes=2, input_shape=(16,), key=jax.random.key(0))

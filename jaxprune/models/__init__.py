@@ -150,7 +150,8 @@ def discovery(model: FunctionalModel) -> discover.Discovery:
 
     Raises:
       ValueError when a prunable group is not set by exactly one width argument (a model whose
-      program couples two arguments could not be rebuilt at the kept widths).
+      program couples two arguments could not be rebuilt at the kept widths), or when its
+      width arguments are not all channel widths (the Transformer's heads and layers).
     """
     spec = model.spec
     if spec not in _DISCOVERED:
@@ -172,9 +173,15 @@ def _width_names(spec: ModelSpec, found: discover.Discovery) -> dict:
     """{discovered group name: width argument}: the argument whose size a group's producers
     take in a probe build where every argument has its own width."""
     names = [name for name, _ in spec.widths]
-    probe = _build(spec.name, spec.num_classes, spec.input_shape,
-                   {name: _PROBE_WIDTH + i for i, name in enumerate(names)}, jax.random.key(0),
-                   abstract=True)
+    try:
+        probe = _build(spec.name, spec.num_classes, spec.input_shape,
+                       {name: _PROBE_WIDTH + i for i, name in enumerate(names)},
+                       jax.random.key(0), abstract=True)
+    except ValueError as e:  # e.g. the Transformer's heads must divide its embed width
+        raise ValueError(f"{spec.name}: its width arguments ({', '.join(names)}) are not all "
+                         f"independent channel widths, so its discovered groups cannot be named "
+                         f"after them (the probe build at distinct widths fails: {e}); use "
+                         f"discover.discover_groups on its apply instead") from e
     shapes = dict(structure.leaves_with_paths(
         {"params": probe.params, "batch_stats": probe.batch_stats})[0])
     out = {}

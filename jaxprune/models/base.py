@@ -25,7 +25,7 @@ class ModelSpec(NamedTuple):
     Attributes:
       name: registry name ('lenet5', 'resnet20', ...).
       num_classes: classifier outputs.
-      input_shape: (H, W, C) of one example.
+      input_shape: (H, W, C) of one example, or (seq_len,) for a token model (`INPUT_KIND`).
       widths: ((width argument, channels), ...) for every width argument of the module, in
         `default_widths` order (a discovered channel group is named after the one it sets).
     """
@@ -41,9 +41,10 @@ class FunctionalModel(NamedTuple):
 
     Attributes:
       apply: `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)`; pure and
-        jittable. `x` is float32 NHWC. With `train=False` BatchNorm uses the running
-        statistics and `batch_stats` is returned unchanged; with `train=True` it uses batch
-        statistics and returns updated running statistics (momentum 0.9).
+        jittable. `x` is float32 NHWC (int32 [batch, seq_len] token ids for a token model).
+        With `train=False` BatchNorm uses the running statistics and `batch_stats` is returned
+        unchanged; with `train=True` it uses batch statistics and returns updated running
+        statistics (momentum 0.9).
       params, batch_stats: nested dicts of arrays (str keys).
       spec: `ModelSpec`.
       unprunable: param paths excluded from unstructured / n:m pruning by default (first conv

@@ -78,7 +78,6 @@ class TransformerClassifier(nnx.Module):
         embed, heads = widths["embed"], widths["heads"]
         if embed % heads:
             raise ValueError(f"transformer: embed={embed} must be divisible by heads={heads}")
-        self.widths = tuple(widths.items())
         self.embed = nnx.Embed(widths["vocab"], embed, rngs=rngs)
         self.position = nnx.Embed(int(input_shape[0]), embed, rngs=rngs)
         self.num_layers = int(widths["layers"])
