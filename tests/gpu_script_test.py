@@ -14,8 +14,7 @@ import pytest
 from tables import assert_table_shows  # tests/ is on sys.path under pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.dirname(REPO), "shared",
-                                                    "tensorflow_datasets"))
+DATA = os.environ.get("TFDS_DATA_DIR", "")  # tests/conftest.py sets it to ../shared/... when there
 
 
 @pytest.mark.slow
@@ -25,8 +24,7 @@ def test_run_script_packs_a_smoke_run(tmp_path):
     from jaxprune import modelio, pipeline
 
     out, workdir = tmp_path / "out", str(tmp_path / "work")
-    env = dict(os.environ, TFDS_DATA_DIR=DATA, WORKDIR=workdir, PORTABLE="",
-               PYTHON=sys.executable)
+    env = dict(os.environ, WORKDIR=workdir, PORTABLE="", PYTHON=sys.executable)
     proc = subprocess.run(["bash", "experiments/gpu/run.sh", str(out), "configs/cifar10.py:smoke",
                            "--config.data.source=tfds"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
