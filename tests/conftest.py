@@ -56,6 +56,33 @@ def pytest_cmdline_main(config):
             config.option.dist = "loadfile"
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """JAX's persistent compilation cache for the whole session, in the session's temporary
+    folder (fresh each session, never in the repository): the xdist workers and every CLI child
+    inherit it through the environment, so a program that one of them compiled (the smoke
+    config's train and evaluation steps, the candidate scorers) is loaded by the others instead
+    of compiled again. A size limit turns on JAX's eviction, under which it reads and writes
+    entries holding a file lock (the `filelock` package; without it the cache stays off), so no
+    process reads a half-written entry. `JAXPRUNE_TEST_COMPILE_CACHE=0` turns it off."""
+    import importlib.util
+
+    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
+            or os.environ.get("JAXPRUNE_TEST_COMPILE_CACHE") == "0" \
+            or importlib.util.find_spec("filelock") is None:
+        return  # a worker (the controller set it up), the caller's own choice, or no lock
+    cache = config._tmp_path_factory.getbasetemp() / "jax_compile_cache"
+    settings = {"jax_compilation_cache_dir": str(cache),
+                "jax_persistent_cache_min_compile_time_secs": 0.1,
+                "jax_persistent_cache_min_entry_size_bytes": 0,
+                "jax_compilation_cache_max_size": 4 << 30}
+    os.environ.update({name.upper(): str(value) for name, value in settings.items()})
+    if "jax" in sys.modules:  # imported already (by a plugin): its flags have read the environment
+        import jax
+        for name, value in settings.items():
+            jax.config.update(name, value)
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow") or "slow" in (config.getoption("markexpr") or ""):
         return  # the -m expression chooses
