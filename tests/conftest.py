@@ -62,20 +62,18 @@ def pytest_configure(config):
     folder (fresh each session, never in the repository): the xdist workers and every CLI child
     inherit it through the environment, so a program that one of them compiled (the smoke
     config's train and evaluation steps, the candidate scorers) is loaded by the others instead
-    of compiled again. A size limit turns on JAX's eviction, under which it reads and writes
-    entries holding a file lock (the `filelock` package; without it the cache stays off), so no
-    process reads a half-written entry. `JAXPRUNE_TEST_COMPILE_CACHE=0` turns it off."""
-    import importlib.util
-
+    of compiled again. Only programs that took 0.5 s or more to compile are kept (tiny ones cost
+    about as much to write and read as to compile). No size limit: a limit turns on eviction,
+    which rescans the whole folder on every write. Two processes that compile one program at
+    once both write it; a reader that meets a half-written entry gets a warning from JAX and
+    compiles. `JAXPRUNE_TEST_COMPILE_CACHE=0` turns the cache off."""
     if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
-            or os.environ.get("JAXPRUNE_TEST_COMPILE_CACHE") == "0" \
-            or importlib.util.find_spec("filelock") is None:
-        return  # a worker (the controller set it up), the caller's own choice, or no lock
+            or os.environ.get("JAXPRUNE_TEST_COMPILE_CACHE") == "0":
+        return  # a worker (the controller set it up), or the caller's own choice
     cache = config._tmp_path_factory.getbasetemp() / "jax_compile_cache"
     settings = {"jax_compilation_cache_dir": str(cache),
-                "jax_persistent_cache_min_compile_time_secs": 0.1,
-                "jax_persistent_cache_min_entry_size_bytes": 0,
-                "jax_compilation_cache_max_size": 4 << 30}
+                "jax_persistent_cache_min_compile_time_secs": 0.5,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
     os.environ.update({name.upper(): str(value) for name, value in settings.items()})
     if "jax" in sys.modules:  # imported already (by a plugin): its flags have read the environment
         import jax
