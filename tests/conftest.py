@@ -56,31 +56,6 @@ def pytest_cmdline_main(config):
             config.option.dist = "loadfile"
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_configure(config):
-    """JAX's persistent compilation cache for the whole session, in the session's temporary
-    folder (fresh each session, never in the repository): the xdist workers and every CLI child
-    inherit it through the environment, so a program that one of them compiled (the smoke
-    config's train and evaluation steps, the candidate scorers) is loaded by the others instead
-    of compiled again. Only programs that took 0.5 s or more to compile are kept (tiny ones cost
-    about as much to write and read as to compile). No size limit: a limit turns on eviction,
-    which rescans the whole folder on every write. Two processes that compile one program at
-    once both write it; a reader that meets a half-written entry gets a warning from JAX and
-    compiles. `JAXPRUNE_TEST_COMPILE_CACHE=0` turns the cache off."""
-    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR") \
-            or os.environ.get("JAXPRUNE_TEST_COMPILE_CACHE") == "0":
-        return  # a worker (the controller set it up), or the caller's own choice
-    cache = config._tmp_path_factory.getbasetemp() / "jax_compile_cache"
-    settings = {"jax_compilation_cache_dir": str(cache),
-                "jax_persistent_cache_min_compile_time_secs": 0.5,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    os.environ.update({name.upper(): str(value) for name, value in settings.items()})
-    if "jax" in sys.modules:  # imported already (by a plugin): its flags have read the environment
-        import jax
-        for name, value in settings.items():
-            jax.config.update(name, value)
-
-
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow") or "slow" in (config.getoption("markexpr") or ""):
         return  # the -m expression chooses
