@@ -24,7 +24,9 @@ import re
 from typing import Any, Callable, Optional
 
 from jaxprune.data import DATASETS, SOURCES
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, NotFoundError, UserError, short
+
+
 class _Registry(collections.abc.Sequence):
     """The names of the registry `module.attr` (a dict or tuple), read on first use."""
 
@@ -44,9 +46,9 @@ class _Registry(collections.abc.Sequence):
 
 
 MODELS = _Registry("jaxprune.models", "MODELS")
-PRUNE_METHODS = _Registry("jaxprune.pipeline", "HANDSET_METHODS")
+PRUNE_METHODS = _Registry("jaxprune.methods", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
-SEED_KEEPS = _Registry("jaxprune.pipeline", "SEED_KEEPS")
+SEED_KEEPS = _Registry("jaxprune.methods", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
 CHOICES = {
     "train.optimizer": ("sgd", "adam"),
@@ -281,6 +283,61 @@ def smoke_sizes(config) -> None:
 
 _MISSING = object()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a config file by name or path (notebooks; the CLI uses config_flags)
+
+
+def config_path(name: str) -> str:
+    """The file of a config given by name ('quickstart', 'cifar10') or path: a path that exists
+    as given, else the repository's `configs/<name>.py` (a source checkout), else the copy
+    installed with the package (`jaxprune/configs/`, mapped from `configs/` by pyproject.toml)."""
+    if os.path.isfile(name):
+        return name
+    stem = os.path.splitext(os.path.basename(name))[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(os.path.dirname(here), "configs"), os.path.join(here, "configs")):
+        candidate = os.path.join(folder, stem + ".py")
+        if stem and os.path.isfile(candidate):
+            return candidate
+    return name
+
+
+def load_config(path: str, arg: Optional[str] = None):
+    """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags).
+
+    `path`: a file ('configs/cifar10.py') or a name ('quickstart', 'cifar10'), optionally with
+    the variant after ':' ('cifar10:smoke'); names work from an installed package too."""
+    import importlib.util
+
+    if arg is None and ":" in os.path.basename(path):
+        path, _, arg = path.rpartition(":")
+    path = config_path(path)
+    if not os.path.isfile(path):
+        raise NotFoundError(f"No config file at {path}; give a name (quickstart, cifar10, "
+                                   "mnist) or a file like configs/quickstart.py.")
+    spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise NotFoundError(f"{path} is not a Python config file; use one like "
+                                   "configs/quickstart.py.")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"{path} has no get_config(); a config file defines "
+                                     "get_config(arg=None) returning a ConfigDict.")
+        config = module.get_config(arg) if arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
+        raise ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
+                                 f"{short(e)}. Fix that file.") from e
+    if not hasattr(config, "to_dict"):
+        raise ConfigError(f"config file {path}{':' + arg if arg else ''}: get_config() "
+                                 f"returned {type(config).__name__}, not a ConfigDict; return "
+                                 "one (a missing `return config`?).")
+    return config
 
 
 def flatten(config) -> dict:

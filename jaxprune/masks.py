@@ -475,6 +475,18 @@ def channel_masks(keep: Mapping[str, jax.Array], groups: Sequence[ChannelGroup],
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def channel_keep_from_masks(masks: PyTree, groups: Sequence[ChannelGroup]) -> dict:
+    """Per-group kept channels {group: bool[size]} read off channel masks (any producer
+    kernel's output slices): the inverse of `channel_masks`, for masks a schedule grew."""
+    flat = dict(leaves_with_paths(masks)[0])
+    keep = {}
+    for g in groups:
+        kernels = [p for p in g.producers if np.ndim(flat[tuple(p)]) >= 2] or list(g.producers)
+        leaf = np.asarray(flat[tuple(kernels[0])])
+        keep[g.name] = leaf.reshape(-1, leaf.shape[-1]).any(axis=0)
+    return keep
+
+
 # --------------------------------------------------------------------------------------------
 # N:M
 # --------------------------------------------------------------------------------------------

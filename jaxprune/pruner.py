@@ -116,39 +116,43 @@ class Trained(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_train(apply, weight_decay, momentum, augment, mean, std, precision, batch_size):
-    """(optimizer, TrainFn) for these settings, compiled once: masks are state and the rate and
+def _trainer(apply, settings: train_lib.Settings, mean: tuple, std: tuple) -> train_lib.Trainer:
+    """The `train.Trainer` of these settings, compiled once: masks are state and the rate and
     length are arguments, so every fine-tune of one model reuses it."""
-    tx = train_lib.optimizer("sgd", weight_decay=weight_decay, momentum=momentum)
-    step = train_lib.make_train_step(apply, tx, schedule="cosine", mean=np.asarray(mean),
-                                     std=np.asarray(std), augment=augment, precision=precision)
-    return tx, train_lib.make_train_fn(step, batch_size=batch_size)
+    return train_lib.make_trainer(apply, settings, mean=np.asarray(mean), std=np.asarray(std))
 
 
 def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs: int,
-                key: jax.Array, masks=None, learning_rate: float = 0.05, batch_size: int = 128,
-                weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = False,
-                mean=0.0, std=1.0, precision: str = "fp32", progress: bool = False) -> Trained:
-    """Trains `apply`'s model with SGD + Nesterov momentum and a cosine schedule (the pipeline's
-    step: data on the device, one compiled step for every phase); with `masks` (bool, shaped
-    like params) pruned weights stay exactly 0. `images` are normalised with `mean` / `std`
-    inside the step (uint8 pixels with the dataset's statistics, or float inputs with the
-    default 0 / 1); `augment`: random crop and flip. For checkpointed, resumable training use
-    `train.fit` with a `checkpoint.Checkpointer`, as the pipeline does."""
+                key: jax.Array, masks=None, learning_rate: float = 0.05,
+                batch_size: Optional[int] = None, weight_decay: Optional[float] = None,
+                momentum: Optional[float] = None, augment: Optional[bool] = None,
+                mean=0.0, std=1.0, precision: Optional[str] = None, progress: bool = False,
+                warmup_epochs: float = 0.0,
+                settings: Optional[train_lib.Settings] = None) -> Trained:
+    """Trains `apply`'s model with `train.train`, the pipeline's training (its optimizer, its
+    compiled step, the data on the device): by default SGD with Nesterov momentum 0.9, weight
+    decay 5e-4, a cosine schedule and batches of 128 (`train.Settings()`); `settings` gives
+    another set (`train.Settings.from_config(config)`: a pipeline config's), and `batch_size`,
+    `weight_decay`, `momentum`, `augment` (random crop and flip), `precision` override single
+    fields of it. With `masks` (bool, shaped like params) pruned weights stay exactly 0.
+    `images` are normalised with `mean` / `std` inside the step (uint8 pixels with the
+    dataset's statistics, or float inputs with the default 0 / 1). For checkpointed, resumable
+    training pass a `checkpoint.Checkpointer` to `train.train`, as the pipeline does."""
+    given = {"batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum,
+             "augment": augment, "precision": precision}
+    settings = (settings or train_lib.Settings())._replace(
+        **{k: v for k, v in given.items() if v is not None})
     masks = masks_lib.ones_like(params) if masks is None else masks
     n = int(np.shape(images)[0])
-    if n < int(batch_size):
-        raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples.")
-    total = int(epochs) * (n // int(batch_size))
-    tx, train_fn = _compiled_train(apply, float(weight_decay), float(momentum), bool(augment),
-                                   tuple(np.ravel(mean).tolist()), tuple(np.ravel(std).tolist()),
-                                   str(precision), int(batch_size))
-    state = train_lib.create_state(params, batch_stats if batch_stats is not None else {}, masks, tx)
-    result = train_lib.fit(
-        state, train_fn, images=images, labels=labels, epochs=int(epochs),
-        batch_size=int(batch_size), key=key,
-        recipe=train_lib.make_recipe(float(learning_rate), total), progress=progress,
-        phase="train")
+    if n < settings.batch_size:
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the {n} training "
+                         "examples.")
+    trainer = _trainer(apply, settings, tuple(np.ravel(mean).tolist()),
+                       tuple(np.ravel(std).tolist()))
+    result = train_lib.train(trainer, params, batch_stats, masks, images, labels,
+                             epochs=int(epochs), learning_rate=float(learning_rate), key=key,
+                             warmup_epochs=float(warmup_epochs), progress=progress,
+                             phase="train")
     s = result.state
     return Trained(s.params, s.batch_stats, s.masks, result.history)
 
@@ -441,9 +445,10 @@ class Pruner:
 
     # -- the pruned model --------------------------------------------------------------------
     def finetune(self, keep, images, labels, *, epochs: int, key: jax.Array, **kwargs) -> Trained:
-        """`train_model` of the dense model masked at `keep`: pruned weights stay exactly 0."""
-        return train_model(self.apply, self.params, self.batch_stats, images, labels, epochs=epochs,
-                     key=key, masks=self.masks(keep)[0], **kwargs)
+        """`train_model` (the pipeline's training) of the dense model masked at `keep`: pruned
+        weights stay exactly 0. The model's own apply is trained (the masks are on the params)."""
+        return train_model(self._apply, self.params, self.batch_stats, images, labels,
+                           epochs=epochs, key=key, masks=self.masks(keep)[0], **kwargs)
 
     def channel_keep(self, keep) -> dict:
         """The kept channels {group: bool[size]} of a channel keep vector (numpy)."""
