@@ -8,9 +8,10 @@ error with the nearest known key suggested, and NaN / infinity is refused for ev
 checkpoint fingerprint). The configs in configs/ start from `common_config()` (the sections and
 the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes(config)`.
 
-The allowed names are read from the registries themselves (`models.MODELS`,
-`search.controllers.CONTROLLERS`, `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`,
-`data.DATASETS`) when a check first needs them, so importing this module stays light (the CLI
+The allowed names are read from the modules that own them (`models.MODELS`,
+`search.controllers.CONTROLLERS`, `methods.HANDSET_METHODS`, `criteria.CRITERIA`,
+`data.DATASETS`, `train.OPTIMIZERS`, `pruner.GRANULARITIES`, `schedules.SCHEDULES`, …) when a
+check first needs them, so importing this module stays light (the CLI
 uses it to name a mistyped key before JAX loads) and no list of names is copied here.
 """
 from __future__ import annotations
@@ -50,16 +51,17 @@ PRUNE_METHODS = _Registry("jaxprune.methods", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
 SEED_KEEPS = _Registry("jaxprune.methods", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
+# Each choice is read from the module that owns it (the names it dispatches on).
 CHOICES = {
-    "train.optimizer": ("sgd", "adam"),
-    "train.schedule": ("cosine", "step", "constant"),
-    "train.l1_target": ("weights", "bn"),
-    "train.precision": ("fp32", "bf16"),
-    "prune.granularity": ("channel", "unstructured", "nm"),
-    "prune.scope": ("layerwise", "global"),
-    "prune.target": ("macs", "params"),
+    "train.optimizer": _Registry("jaxprune.train", "OPTIMIZERS"),
+    "train.schedule": _Registry("jaxprune.train", "SCHEDULES"),
+    "train.l1_target": _Registry("jaxprune.train", "L1_TARGETS"),
+    "train.precision": _Registry("jaxprune.train", "PRECISIONS"),
+    "prune.granularity": _Registry("jaxprune.pruner", "GRANULARITIES"),
+    "prune.scope": _Registry("jaxprune.pruner", "SCOPES"),
+    "prune.target": _Registry("jaxprune.pruner", "TARGETS"),
     "prune.criterion": CRITERIA,
-    "prune.schedule": ("oneshot", "gradual", "imp"),
+    "prune.schedule": _Registry("jaxprune.schedules", "SCHEDULES"),
 }
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
@@ -485,7 +487,7 @@ NOT_RESULT = frozenset({
 # A key added to a phase's settings belongs here with its neutral value, so that older workdirs
 # stay resumable without --continue_older.
 NEUTRAL = {"search.seed_keeps": ""}
-# The winner's selection after a search (`pipeline.select_winner`) changes the fine-tune, not
+# The winner's selection after a search (`selection.select_winner`) changes the fine-tune, not
 # the search.
 SELECTION_PREFIX = "search.select_"
 # What the hand-set methods read from `search`: the keep-ratio space and, for sensitivity, the

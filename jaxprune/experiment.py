@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxprune import checkpoint as ckpt_lib
 from jaxprune import config_checks
+from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
@@ -68,14 +69,12 @@ def setup(config, workdir: str, progress: bool = True, bars: Optional[bool] = No
                                      widths=_data_widths(config, ds))
         _check_model_fits(config, model)
         workdir_lib.write_run_info(config, workdir, continued, continue_older)  # checks passed
-        capacity = max(ds.val_images.shape[0], ds.test_images.shape[0])
-        batch = int(config.train.eval_batch_size)
         exp = Experiment(
             config=config, workdir=workdir, dataset=ds, model=model, keys=keys,
             writer=report_lib.MetricWriter(workdir),
             train_data=(jnp.asarray(ds.train_images), jnp.asarray(ds.train_labels)),
-            val=train_lib.device_eval_data(ds.val_images, ds.val_labels, batch, capacity),
-            test=train_lib.device_eval_data(ds.test_images, ds.test_labels, batch, capacity),
+            val=eval_data(config, ds, ds.val_images, ds.val_labels),
+            test=eval_data(config, ds, ds.test_images, ds.test_labels),
             calib_order=np.asarray(jax.random.permutation(keys["calib"],
                                                           ds.train_images.shape[0])),
             trainer=train_lib.make_trainer(model.apply, train_lib.Settings.from_config(config),
@@ -105,10 +104,39 @@ def val_images(exp: Experiment, start: int, n: int) -> train_lib.EvalData:
     start, n = int(start), min(int(n), ds.val_images.shape[0] - int(start))
     if (start, n) == (0, ds.val_images.shape[0]):
         return exp.val
-    return train_lib.device_eval_data(ds.val_images[start:start + n],
-                                      ds.val_labels[start:start + n],
-                                      int(exp.config.train.eval_batch_size),
-                                      max(ds.val_images.shape[0], ds.test_images.shape[0]))
+    return eval_data(exp.config, ds, ds.val_images[start:start + n], ds.val_labels[start:start + n])
+
+
+def eval_data(config, dataset, images, labels) -> train_lib.EvalData:
+    """A split on the device, padded to the run's one evaluation capacity (the larger of the
+    validation and test splits), so one compiled evaluation per model serves every set."""
+    return train_lib.device_eval_data(
+        images, labels, int(config.train.eval_batch_size),
+        max(dataset.val_images.shape[0], dataset.test_images.shape[0]))
+
+
+def measure_row(exp: Experiment, method: str, *, model, params, batch_stats, masks=None,
+                train_seconds: float, extra: Optional[dict] = None) -> dict:
+    """Test accuracy, params, MACs, size, latency of a (compact or masked) model."""
+    evaluate = exp.evaluate if model.apply is exp.model.apply else \
+        eval_fn(exp, model.apply)
+    test = evaluate(params, batch_stats, exp.test)
+    shape = tuple(exp.dataset.input_shape)
+    n_params = costs_lib.count_params(params, masks)
+    dense_params = costs_lib.count_params(exp.model.params)
+    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
+    batch = int(exp.config.train.eval_batch_size)
+    x = jnp.zeros((batch,) + shape, jnp.float32)
+    forward = train_lib.mixed_apply(model.apply, str(exp.config.train.precision))
+    fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
+    latency = costs_lib.latency(fwd, params, batch_stats, x)
+    row = {"method": method, "accuracy": test["accuracy"], "test_loss": test["loss"],
+           "params": int(n_params), "macs": int(macs),
+           "size_mb": costs_lib.param_bytes(params) / 1e6,
+           "train_seconds": float(train_seconds), "latency_ms": float(latency["median_ms"]),
+           "latency_batch": batch, "sparsity": 1.0 - n_params / dense_params}
+    row.update(extra or {})
+    return row
 
 
 def fingerprint(exp: Experiment) -> dict:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import zlib
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import config_checks
+from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
 from jaxprune import experiment as experiment_lib
+from jaxprune import models as models_lib
 from jaxprune import pruner as pruner_lib
 
 HANDSET_METHODS = ("threshold", "sensitivity")
@@ -28,6 +31,29 @@ class HandsetKeep(NamedTuple):
     keep: np.ndarray
     extra: dict
     evaluations: int
+
+
+def make_pruner(exp: experiment_lib.Experiment, dense_state) -> pruner_lib.Pruner:
+    """The library `Pruner` of the trained dense model at the config's budget (channel groups
+    discovered from the model, named after its width arguments)."""
+    cfg, s, m, ds = exp.config.prune, exp.config.search, exp.model, exp.dataset
+    criterion = str(cfg.criterion)
+    score_batches = None
+    if criterion in criteria_lib.GRADIENT_CRITERIA:  # batches of the calibration images' order
+        n, bs = int(cfg.sensitivity_batches), int(s.calib_batch_size)
+        score_batches = [
+            (data_lib.normalize(jnp.asarray(ds.train_images[idx]), ds.mean, ds.std),
+             jnp.asarray(ds.train_labels[idx]))
+            for idx in np.array_split(exp.calib_order[:bs * n], n)]
+    return pruner_lib.Pruner(
+        m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape,
+        discovery=models_lib.discovery(m) if str(cfg.granularity) == "channel" else None,
+        unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
+        target=str(cfg.target), criterion=criterion, score_batches=score_batches,
+        key=jax.random.fold_in(exp.keys["calib"], 2), scope=str(cfg.scope),
+        lower=float(s.lower), step=float(s.step),
+        channel_multiple=int(cfg.get("channel_multiple", 1) or 1),
+        n=int(cfg.get("n", 2)), m=int(cfg.get("m", 4)))
 
 
 def handset_keep(pruner: pruner_lib.Pruner, method: str, evaluate: Callable, *,

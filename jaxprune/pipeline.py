@@ -22,8 +22,6 @@ import numpy as np
 
 from jaxprune import checkpoint as ckpt_lib
 from jaxprune import config_checks
-from jaxprune import costs as costs_lib
-from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
 from jaxprune import experiment as experiment_lib
@@ -74,66 +72,19 @@ def train_phase(exp: Experiment, phase: str, *, params, batch_stats, masks, epoc
     return result.state, result.train_seconds
 
 
-def measure_row(exp: Experiment, method: str, *, model, params, batch_stats, masks=None,
-                train_seconds: float, extra: Optional[dict] = None) -> dict:
-    """Test accuracy, params, MACs, size, latency of a (compact or masked) model."""
-    evaluate = exp.evaluate if model.apply is exp.model.apply else \
-        experiment_lib.eval_fn(exp, model.apply)
-    test = evaluate(params, batch_stats, exp.test)
-    shape = tuple(exp.dataset.input_shape)
-    n_params = costs_lib.count_params(params, masks)
-    dense_params = costs_lib.count_params(exp.model.params)
-    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
-    batch = int(exp.config.train.eval_batch_size)
-    x = jnp.zeros((batch,) + shape, jnp.float32)
-    forward = train_lib.mixed_apply(model.apply, str(exp.config.train.precision))
-    fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
-    latency = costs_lib.latency(fwd, params, batch_stats, x)
-    row = {"method": method, "accuracy": test["accuracy"], "test_loss": test["loss"],
-           "params": int(n_params), "macs": int(macs),
-           "size_mb": costs_lib.param_bytes(params) / 1e6,
-           "train_seconds": float(train_seconds), "latency_ms": float(latency["median_ms"]),
-           "latency_batch": batch, "sparsity": 1.0 - n_params / dense_params}
-    row.update(extra or {})
-    return row
-
-
 def dense_phase(exp: Experiment):
     m, cfg = exp.model, exp.config.train
     state, seconds = train_phase(exp, "dense", params=m.params, batch_stats=m.batch_stats,
                                  masks=masks_lib.ones_like(m.params), epochs=int(cfg.epochs),
                                  learning_rate=float(cfg.learning_rate),
                                  warmup_epochs=float(cfg.warmup_epochs), key=exp.keys["train"])
-    row = measure_row(exp, "unpruned", model=m, params=state.params, batch_stats=state.batch_stats,
-                      train_seconds=seconds)
+    row = experiment_lib.measure_row(exp, "unpruned", model=m, params=state.params,
+                                     batch_stats=state.batch_stats, train_seconds=seconds)
     return state, row
 
 
 # ----------------------------------------------------------------------------------------------
 # Pruning: keep vectors → masks → fine-tune → compact
-
-
-def make_pruner(exp: Experiment, dense_state) -> pruner_lib.Pruner:
-    """The library `Pruner` of the trained dense model at the config's budget (channel groups
-    discovered from the model, named after its width arguments)."""
-    cfg, s, m, ds = exp.config.prune, exp.config.search, exp.model, exp.dataset
-    criterion = str(cfg.criterion)
-    score_batches = None
-    if criterion in criteria_lib.GRADIENT_CRITERIA:  # batches of the calibration images' order
-        n, bs = int(cfg.sensitivity_batches), int(s.calib_batch_size)
-        score_batches = [
-            (data_lib.normalize(jnp.asarray(ds.train_images[idx]), ds.mean, ds.std),
-             jnp.asarray(ds.train_labels[idx]))
-            for idx in np.array_split(exp.calib_order[:bs * n], n)]
-    return pruner_lib.Pruner(
-        m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape,
-        discovery=models_lib.discovery(m) if str(cfg.granularity) == "channel" else None,
-        unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
-        target=str(cfg.target), criterion=criterion, score_batches=score_batches,
-        key=jax.random.fold_in(exp.keys["calib"], 2), scope=str(cfg.scope),
-        lower=float(s.lower), step=float(s.step),
-        channel_multiple=int(cfg.get("channel_multiple", 1) or 1),
-        n=int(cfg.get("n", 2)), m=int(cfg.get("m", 4)))
 
 
 def finish(exp: Experiment, pruner: pruner_lib.Pruner, method: str, keep, *,
@@ -169,8 +120,9 @@ def finish(exp: Experiment, pruner: pruner_lib.Pruner, method: str, keep, *,
         params, batch_stats, masks = state.params, state.batch_stats, state.masks
     modelio.save_model(exp.workdir, method, m, params, batch_stats, dataset=exp.dataset,
                        config=exp.config, masks=masks)
-    return measure_row(exp, method, model=m, params=params, batch_stats=batch_stats, masks=masks,
-                       train_seconds=seconds, extra=extra)
+    return experiment_lib.measure_row(exp, method, model=m, params=params,
+                                      batch_stats=batch_stats, masks=masks,
+                                      train_seconds=seconds, extra=extra)
 
 
 def finetune_phase(exp: Experiment, pruner: pruner_lib.Pruner, phase: str, masks, params,
@@ -343,7 +295,7 @@ def _run_phases(exp: Experiment) -> list:
     searches = config_checks.methods(config.search.methods)
     if not (handset or searches):
         return _report(exp, rows, None, {}, {}, t_start)
-    pruner = make_pruner(exp, dense_state)
+    pruner = methods_lib.make_pruner(exp, dense_state)
     evaluate = methods_lib.candidate_evaluator(exp, pruner)  # compiled once for every method
     k = int(config.search.candidates)
     made = {}  # the hand-set keeps, made once: the hand-set phases and the seeds share them
@@ -437,7 +389,7 @@ USER_ERRORS = (errors.UserError, data_lib.DataNotFoundError, budget_lib.Infeasib
 
 # Names that notebooks, benchmarks and scripts reach through `pipeline` (each lives in the
 # module named; `restore_model` / `load_predictor` are documented here in the README).
-make_context = experiment_lib.setup
+make_context, make_pruner = experiment_lib.setup, methods_lib.make_pruner
 restore_model, load_predictor = modelio.restore_model, modelio.load_predictor
 load_config, config_path = config_checks.load_config, config_checks.config_path
 check_workdir, write_run_info = workdir_lib.check_workdir, workdir_lib.write_run_info

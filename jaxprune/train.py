@@ -39,6 +39,7 @@ from jaxprune import masks as masks_lib
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
+L1_TARGETS = ("weights", "bn")  # `l1_penalty` on prunable kernels or on BatchNorm scales
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -158,7 +159,7 @@ def l1_penalty(params, target: str, unprunable=()) -> jax.Array:
         elif target == "weights":
             hit = leaf.ndim >= 2 and keys not in unprunable
         else:
-            raise ValueError(f"train.l1_target={target!r}: use 'weights' or 'bn'.")
+            raise ValueError(f"train.l1_target={target!r}: use one of {', '.join(L1_TARGETS)}.")
         if hit:
             total = total + jnp.sum(jnp.abs(leaf))
     return total
