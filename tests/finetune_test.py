@@ -18,6 +18,7 @@ def test_library_and_pipeline_finetune_give_identical_params(tmp_path):
         config.finetune.epochs = 2
         config.finetune.warmup_epochs = 0.5
         config.train.label_smoothing = 0.1  # settings beyond the library's keywords count too
+        config.model.name, config.prune.granularity = "mlp", "unstructured"  # fast to compile
     exp = experiment.setup(config, str(tmp_path), progress=False)
     try:
         dense = types.SimpleNamespace(params=exp.model.params, batch_stats=exp.model.batch_stats)
