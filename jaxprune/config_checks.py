@@ -7,12 +7,14 @@ error with the nearest known key suggested, and NaN / infinity is refused for ev
 `phase_settings(config, phase)` is the part of the config that determines a phase's result (its
 checkpoint fingerprint). The configs in configs/ start from `common_config()` (the sections and
 the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes(config)`.
+`load_config('cifar10:smoke')` loads a config file by name or path (notebooks; the CLI uses
+config_flags).
 
 The allowed names are read from the modules that own them (`models.MODELS`,
 `search.controllers.CONTROLLERS`, `methods.HANDSET_METHODS`, `criteria.CRITERIA`,
 `data.DATASETS`, `train.OPTIMIZERS`, `pruner.GRANULARITIES`, `schedules.SCHEDULES`, …) when a
-check first needs them, so importing this module stays light (the CLI
-uses it to name a mistyped key before JAX loads) and no list of names is copied here.
+check first needs them, so importing this module stays light (the CLI uses it to name a
+mistyped key before JAX loads) and no list of names is copied here.
 """
 from __future__ import annotations
 
