@@ -364,8 +364,7 @@ class Checkpointer:
 
     def latest_step(self) -> Optional[int]:
         """The newest finished step, or None when there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return max(self.all_steps(), default=None)
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(int(step)))
