@@ -462,9 +462,11 @@ class Checkpointer:
             if stored == wanted and last not in self._bad_steps:
                 try:
                     self._restore_step(last, None)
-                    return False
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
+                else:  # older steps left by a replacement stopped before removing them go now
+                    self._remove_old_steps()
+                    return False
         damaged = [s for s in steps if s in self._bad_steps]
         for s in damaged:  # replaced: kept aside, never removed by `max_to_keep`
             self._quarantine(s)
@@ -479,9 +481,13 @@ class Checkpointer:
         self.wait()
         if saved and on_saved is not None:
             on_saved(step)
-        for s in self._retention.removable(self.all_steps()):  # what orbax held back
-            self._manager.delete(s)
+        self._remove_old_steps()
         return saved
+
+    def _remove_old_steps(self) -> None:
+        """Applies `max_to_keep` outside orbax's saves (orbax applies it only in `save`)."""
+        for s in self._retention.removable(self.all_steps()):
+            self._manager.delete(s)
 
     def mark_damaged(self, step: int) -> None:
         """Records that `step` is damaged (found so by a check of the caller's): it is never

@@ -78,6 +78,23 @@ def test_save_replacing_runs_on_saved_while_the_old_step_is_on_disk(tmp_path):
     ckpt.close()
 
 
+def test_save_replacing_stopped_in_on_saved_keeps_the_old_step_until_the_next_call(tmp_path):
+    ckpt = ckpt_lib.Checkpointer(tmp_path, max_to_keep=1, fingerprint=FINGERPRINT)
+    assert ckpt.save_replacing(make_state(1.0), {"v": 1})
+
+    def stopped(step):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_replacing(make_state(2.0), {"v": 2}, on_saved=stopped)
+    ckpt.close()
+    assert ckpt.all_steps_on_disk() == [0, 1]  # the old step outlives a stop before it is described
+    again = ckpt_lib.Checkpointer(tmp_path, max_to_keep=1, fingerprint=FINGERPRINT)
+    assert not again.save_replacing(make_state(2.0), {"v": 2})  # the same state: not rewritten
+    assert again.all_steps_on_disk() == [1]
+    again.close()
+
+
 def _layout(step_dir):
     """Relative paths of a step's files, content-addressed names replaced by `*`."""
     out = set()
