@@ -88,19 +88,20 @@ def bn_scale(params: PyTree, groups: Sequence[ChannelGroup]) -> dict[str, jax.Ar
     producers (producer leaves whose path ends in 'scale'). Returns dict group -> float[size].
     """
     index, leaves, _ = masks_lib.leaf_index(params)
+    shapes = [jnp.shape(x) for x in leaves]
     out = {}
-    for g in groups:
-        bn = [p for p in g.producers if masks_lib.as_path(p)[-1] == "scale"]
+    for g in groups:  # ChannelGroups or discover.Groups, read through their members
+        producers = masks_lib.group_members(g, index, shapes, ("producer",))
+        bn = [(i, m.path) for i, m in producers if masks_lib.as_path(m.path)[-1] == "scale"]
         if not bn:
             raise ValueError(
                 f"bn_scale: channel group '{g.name}' has no BatchNorm producer (a producer "
                 f"path ending in 'scale'); its producers are "
-                f"{[masks_lib.path_str(masks_lib.as_path(p)) for p in g.producers]}. "
+                f"{[masks_lib.path_str(masks_lib.as_path(m.path)) for _, m in producers]}. "
                 f"Use criterion 'l1' for models without BatchNorm.")
         total = jnp.zeros((g.size,), jnp.float32)
-        for p in bn:
-            gamma = leaves[masks_lib.lookup_leaf(index, p, g, "producer")]
-            gamma = jnp.asarray(gamma, jnp.float32)
+        for i, p in bn:
+            gamma = jnp.asarray(leaves[i], jnp.float32)
             if gamma.shape != (g.size,):
                 raise ValueError(f"BatchNorm scale '{masks_lib.path_str(masks_lib.as_path(p))}'"
                                  f" has shape {gamma.shape}; group '{g.name}' has {g.size}")

@@ -24,6 +24,7 @@ from jaxprune import config_checks
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
+from jaxprune import discover as discover_lib
 from jaxprune import errors
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
@@ -308,7 +309,8 @@ def _check_model_fits(config, model) -> None:
     if str(p.criterion) == "bn_scale" and config_checks.methods(p.methods) + \
             config_checks.methods(config.search.methods):
         try:
-            criteria_lib.bn_scale(model.params, models_lib.channel_groups(model))
+            criteria_lib.bn_scale(model.params,
+                                  discover_lib.params_groups(models_lib.discovery(model)))
         except ValueError as e:
             raise errors.ConfigError(f"prune.criterion='bn_scale' does not fit "
                                      f"{config.model.name}: {e}") from None
@@ -410,11 +412,13 @@ def measure_row(ctx: Context, method: str, *, model, params, batch_stats, masks=
     evaluate = eval_fn(ctx, model.apply)
     test = evaluate(params, batch_stats, "test")
     shape = tuple(ds.input_shape)
+    batch = int(ctx.config.train.eval_batch_size)
+    example = models_lib.input_example(model.spec, batch)  # float32 images or int32 token ids
     n_params = costs_lib.count_params(params, masks)
     dense_params = costs_lib.count_params(ctx.model.params)
-    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
-    batch = int(ctx.config.train.eval_batch_size)
-    x = jnp.zeros((batch,) + shape, jnp.float32)
+    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks,
+                                input_dtype=example.dtype)
+    x = jnp.zeros(example.shape, example.dtype)
     forward = train_lib.mixed_apply(model.apply, str(ctx.config.train.precision))
     fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
     latency = costs_lib.latency(fwd, params, batch_stats, x)
@@ -457,6 +461,7 @@ def make_pruner(ctx: Context, dense_state) -> pruner_lib.Pruner:
             for idx in np.array_split(ctx.calib_order[:bs * n], n)]
     return pruner_lib.Pruner(
         m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape,
+        input_dtype=models_lib.input_example(m.spec).dtype,
         discovery=models_lib.discovery(m) if str(cfg.granularity) == "channel" else None,
         unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
         target=str(cfg.target), criterion=criterion, score_batches=score_batches,
@@ -485,7 +490,7 @@ def finish(ctx: Context, pruner: pruner_lib.Pruner, method: str, keep, *,
         state, seconds = _scheduled(ctx, pruner, method, schedule, keep, masks)
         masks = state.masks
         if pruner.granularity == "channel":
-            channel_keep = channel_keep_from_masks(masks, pruner.groups)
+            channel_keep = masks_lib.channel_keep_from_masks(masks, pruner.groups)
     keep_list = [float(v) for v in np.asarray(keep)]
     extra = dict(extra or {}, keep=keep_list, units=pruner.units,
                  granularity=pruner.granularity, schedule=schedule)
@@ -558,17 +563,6 @@ def _scheduled(ctx: Context, pruner: pruner_lib.Pruner, method: str, schedule: s
         state, sec = finetune_phase(ctx, pruner, f"finetune_{method}_imp{r + 1}", masks, params)
         params, seconds = state.params, seconds + sec
     return state, seconds
-
-
-def channel_keep_from_masks(masks, groups) -> dict:
-    """Per-group kept channels read off channel masks (any producer kernel's output slices)."""
-    flat = dict(masks_lib.leaves_with_paths(masks)[0])
-    keep = {}
-    for g in groups:
-        kernels = [p for p in g.producers if np.ndim(flat[tuple(p)]) >= 2] or list(g.producers)
-        leaf = np.asarray(flat[tuple(kernels[0])])
-        keep[g.name] = leaf.reshape(-1, leaf.shape[-1]).any(axis=0)
-    return keep
 
 
 def stable_hash(text: str) -> int:
