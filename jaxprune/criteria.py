@@ -110,6 +110,28 @@ def bn_scale(params: PyTree, groups: Sequence[ChannelGroup]) -> dict[str, jax.Ar
     return out
 
 
+def mask_gradient(mask_loss_fn: Callable, sizes: Mapping[str, int],
+                  batches: Iterable) -> dict[str, jax.Array]:
+    """Channel importance from the gradient of a channel mask: |dL/dξ_c| at ξ = 1, where the
+    model's channel c (an attention head's output, an FFN neuron, a conv channel) is multiplied
+    by ξ_c; the absolute value is taken per batch and averaged over `batches` (Michel et al.
+    2019's head importance, for every kind of group).
+
+    `mask_loss_fn(channel_masks {group: float32[size]}, batch) -> scalar`; `sizes`: {group:
+    size}. Returns dict group -> float32[size].
+    """
+    if isinstance(batches, Mapping):
+        raise ValueError("batches must be an iterable of batches (e.g. a list), not a single "
+                         "batch dict; wrap it: [batch]")
+    ones = {name: jnp.ones((int(n),), jnp.float32) for name, n in sizes.items()}
+    grad_fn = jax.jit(jax.grad(mask_loss_fn))
+    grads = [grad_fn(ones, batch) for batch in batches]
+    if not grads:
+        raise ValueError("batches is empty; gradient-based criteria need at least one batch")
+    return {name: (sum(jnp.abs(g[name]) for g in grads) / len(grads)).astype(jnp.float32)
+            for name in ones}
+
+
 CRITERIA: dict[str, Callable] = {
     "l1": functools.partial(magnitude, p=1),
     "l2": functools.partial(magnitude, p=2),
@@ -118,6 +140,7 @@ CRITERIA: dict[str, Callable] = {
     "snip": snip,
     "random": random,
     "bn_scale": bn_scale,
+    "mask_gradient": mask_gradient,
 }
 
 
@@ -136,19 +159,27 @@ class Scores(NamedTuple):
     channels: dict | None = None
 
 
-GRADIENT_CRITERIA = ("taylor", "snip")
+GRADIENT_CRITERIA = ("taylor", "snip", "mask_gradient")  # need a loss and training batches
 
 
 def score(name: str, params: PyTree, *, groups: Sequence[ChannelGroup] = (),
           loss_fn: Callable | None = None, batches: Iterable | None = None,
-          key: jax.Array | None = None) -> Scores:
+          key: jax.Array | None = None, mask_loss_fn: Callable | None = None) -> Scores:
     """Every criterion of `CRITERIA` behind one signature.
 
     Args:
       name: 'l1', 'l2' (|w|, w^2), 'taylor', 'snip' (need `loss_fn(params, batch)` and
-        `batches`), 'random' (needs `key`), 'bn_scale' (needs `groups`; channels only).
+        `batches`), 'random' (needs `key`), 'bn_scale' (needs `groups`; channels only),
+        'mask_gradient' (needs `groups`, `mask_loss_fn(channel_masks, batch)` and `batches`;
+        channels only).
     """
     get_criterion(name)
+    if name == "mask_gradient":
+        if mask_loss_fn is None or batches is None or not groups:
+            raise ValueError("criterion 'mask_gradient' scores channel groups by the gradient of "
+                             "their masks: pass groups, mask_loss_fn(channel_masks, batch) and "
+                             "batches (granularity 'channel').")
+        return Scores(None, mask_gradient(mask_loss_fn, {g.name: g.size for g in groups}, batches))
     if name in GRADIENT_CRITERIA:
         if loss_fn is None or batches is None:
             raise ValueError(f"criterion {name!r} is gradient-based: pass loss_fn and batches "

@@ -190,7 +190,8 @@ class Pruner:
       target: 'macs' or 'params'.
       criterion: any name of `criteria.CRITERIA`; `scores` overrides it with given scores
         (a `criteria.Scores`). Gradient criteria need `score_batches`, 'random' a `key`.
-      score_batches: [(inputs, labels int)] for 'taylor' / 'snip' (inputs as `apply` takes).
+      score_batches: [(inputs, labels int)] for 'taylor' / 'snip' / 'mask_gradient' (inputs
+        as `apply` takes).
       scope: 'layerwise' or 'global' (the threshold method's ranking).
       lower: smallest keep ratio of a unit; step: keep grid (0: continuous);
         channel_multiple: kept channel counts in whole multiples of it (channel only).
@@ -232,11 +233,17 @@ class Pruner:
             self.apply = self._masked_apply(apply)
         self.prunable_fn = masks_lib.make_prunable_fn(exclude=tuple(unprunable))
         if scores is None:
-            def loss_fn(p, batch):  # for the gradient criteria: the loss on (images, labels)
+            def loss_fn(p, batch):  # for the gradient criteria: the loss on (inputs, labels)
                 logits, _ = apply(p, self.batch_stats, batch[0], train=False)
                 return jnp.mean(train_lib.cross_entropy(logits, batch[1]))
+
+            def mask_loss_fn(channel_masks, batch):  # 'mask_gradient': d loss / d mask
+                logits, _ = self.apply(params, self.batch_stats, batch[0], train=False,
+                                       channel_masks=channel_masks)
+                return jnp.mean(train_lib.cross_entropy(logits, batch[1]))
             scores = criteria_lib.score(criterion, params, groups=self.groups, loss_fn=loss_fn,
-                                        batches=score_batches, key=key)
+                                        batches=score_batches, key=key,
+                                        mask_loss_fn=mask_loss_fn if self.groups else None)
         self.scores = scores.weights
         if self.granularity == "channel":
             if not self.groups:

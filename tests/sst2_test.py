@@ -174,6 +174,49 @@ def test_every_method_prunes_heads_and_neurons_under_the_budget(smoke_workdir, m
     np.testing.assert_allclose(logits, np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+def _prune_on_dense(smoke_workdir, tmp_path, monkeypatch, **prune):
+    """The smoke config's threshold method with `prune` settings, on the smoke run's dense
+    checkpoint (restored, not retrained): (dense row, pruned row, workdir)."""
+    import shutil
+    monkeypatch.setattr(data, "_load_tfds_text", lambda name, data_dir, download=False: _synthetic())
+    data.clear_cache()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(smoke_workdir[0], "checkpoints", "dense"),
+                    os.path.join(workdir, "checkpoints", "dense"))
+    config = pipeline.load_config("sst2:smoke")
+    config.prune.methods, config.search.methods = "threshold", ""
+    config.prune.update(prune)
+    try:
+        dense, row = pipeline.run(config, workdir, progress=False)
+    finally:
+        data.clear_cache()
+    return dense, row, workdir
+
+
+@pytest.mark.slow  # ~25 CPU s each (a train fn with mask updates compiles)
+@pytest.mark.parametrize("prune", [
+    dict(schedule="gradual", criterion="taylor"),
+    dict(schedule="imp", imp_rounds=2, criterion="mask_gradient")],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_schedules_and_gradient_criteria_prune_heads(smoke_workdir, tmp_path, monkeypatch, prune):
+    """Gradient criteria score heads and neurons from token inputs; the gradual / iterative
+    schedules' final masks are read back into kept heads (`masks.channel_keep_from_masks`)."""
+    dense, row, workdir = _prune_on_dense(smoke_workdir, tmp_path, monkeypatch, **prune)
+    assert row["schedule"] == prune["schedule"] and row["macs"] <= 0.5 * dense["macs"]
+    model, params, batch_stats = pipeline.restore_model(workdir, "threshold")
+    widths = dict(model.spec.widths)
+    assert {k: widths[k] for k in row["kept_channels"]} == row["kept_channels"]
+    assert widths["block0.heads"] + widths["block1.heads"] < 2 * widths["heads"]
+
+
+def test_bn_scale_is_refused_for_the_transformer_before_training(fake_sst2, tmp_path):
+    config = pipeline.load_config("sst2:smoke")
+    config.prune.criterion = "bn_scale"
+    with pytest.raises(errors.ConfigError, match="no BatchNorm producer.*Use criterion 'l1'"):
+        pipeline.run(config, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "dense")
+
+
 def test_damaged_tokenizer_is_named(smoke_workdir, tmp_path):
     import shutil
     workdir = str(tmp_path / "copy")
