@@ -167,6 +167,9 @@ def test_discovery_finds_the_ffn_neurons_and_compacts_them():
 
 
 def test_discovery_finds_the_heads_despite_the_padding_mask():
-    _, _, _, found = _discovered(_model())
+    apply_fn, variables, x, found = _discovered(_model())
     heads = [g for g in found.groups if g.size == WIDTHS["heads"]]
     assert len(heads) == WIDTHS["layers"], found.unprunable
+    keep = {g.name: np.arange(g.size) % 2 == i % 2 for i, g in enumerate(found.groups)}
+    small = assert_compact_equals_masked(apply_fn, variables, x, found, keep)
+    assert small["params"]["block0"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
