@@ -79,7 +79,7 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
     if int(num_classes) < 1:
         raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
     num_classes = int(num_classes)
-    resolved = resolve_widths(name, default_widths(name, input_shape, widths), widths)
+    resolved = resolve_widths(name, _default_widths(name, input_shape, widths), widths)
     widths_items = tuple(resolved.items())
     if abstract:
         module = nnx.eval_shape(
@@ -96,7 +96,7 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
                            batch_stats=batch_stats, spec=spec, unprunable=tuple(cls.UNPRUNABLE))
 
 
-def default_widths(name: str, input_shape, widths=None) -> dict:
+def _default_widths(name: str, input_shape, widths=None) -> dict:
     """{width argument: default} of the zoo model `name`: the class's `default_widths`, plus the
     widths that default to others' values (`derived_widths`, e.g. the Transformer's per-block
     heads and FFN, one pair per layer), derived from `widths` where it sets those others."""
