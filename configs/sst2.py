@@ -25,11 +25,13 @@ Pruning: every method (`prune.methods` threshold and sensitivity; `search.method
 gan, evolution, random and uniform) at `prune.sparsity = 0.5`: 50 % of the dense MACs at
 `data.seq_len` (64; attention's QK^T and AV grow with it) removed by pruning attention heads and
 FFN neurons, one keep ratio per block for each (`block{i}.heads`, `block{i}.ffn`: groups that
-discovery finds in the traced program; a head group keeps whole heads). Threshold ranks heads and
-neurons by the L1 norm of their producer weights (a head's q/k/v kernel slices, a neuron's
-input weights: `prune.criterion` l1); sensitivity prunes each group
-alone on the keep grid, scored on the held-out phrases. Every winner is fine-tuned with the
-config's optimizer (AdamW) and cut out of the model (fewer heads, narrower FFNs).
+discovery finds in the traced program; a head group keeps whole heads). The methods choose the
+keep ratios; within a group every method keeps the heads and neurons with the highest
+`prune.criterion` scores (l1: the L1 norm of a head's q/k/v kernel slices, of a neuron's input
+weights; `--config.prune.criterion=mask_gradient`: the gradient of their masks on training
+batches, Michel et al. 2019's head importance). Sensitivity prunes each group alone on the keep
+grid, scored on the held-out phrases. Every winner is fine-tuned with the config's optimizer
+(AdamW) and cut out of the model (fewer heads, narrower FFNs).
 
 Variants:
   '' / gpu  The cpu recipe with more epochs on one accelerator (not run yet; no prediction
