@@ -289,6 +289,13 @@ def count_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
     return fixed + sum(_scaled(macs, *nnz[path]) for path, macs in per_leaf.items())
 
 
+def param_free_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int], *,
+                    input_dtype=jnp.float32) -> int:
+    """Per-example MACs of the products that no param leaf takes part in (attention's QK^T and
+    AV); arguments as for `count_macs`."""
+    return _kernel_macs(apply_fn, params, batch_stats, input_shape, input_dtype)[1]
+
+
 def count_params(params, masks=None) -> int:
     """Number of parameters; with `masks`, the number of True (kept) mask entries."""
     if masks is None:
@@ -452,7 +459,8 @@ def _finish(kind, names, sizes, macs_rows, macs_fixed, params_rows, params_fixed
 
 
 def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
-               groups: Sequence[ChannelGroup], *, input_dtype=jnp.float32) -> CostModel:
+               groups: Sequence[ChannelGroup], *, input_dtype=jnp.float32,
+               channel_macs: Optional[Sequence[int]] = None) -> CostModel:
     """Channel cost model: MACs / params as functions of one keep ratio per group.
 
     A kernel listed as a producer of group o and a consumer of group i costs
@@ -466,6 +474,9 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
       groups: the model's `ChannelGroup`s, or `discover.Group`s (members on any axis, as
         `discover.params_groups` gives them); each leaf may produce at most one group and
         consume at most one group (a member listed twice in one group counts once).
+      channel_macs: per group (in `groups` order), the MACs per kept channel that no param
+        leaf carries (attention's QK^T and AV shrink with the heads kept; `param_free_macs`
+        measures them): taken off the fixed MACs, they scale with the group's kept count.
 
     Raises:
       ValueError: a group names a missing leaf, an axis size disagrees with the group size, or
@@ -498,6 +509,13 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
             macs_rows.append(row(path, macs, "MACs"))
         else:
             macs_fixed += macs
+    for g, per_channel in enumerate(channel_macs or ()):
+        if int(per_channel) > 0:
+            macs_rows.append((int(per_channel), g, -1))
+            macs_fixed -= int(per_channel) * groups[g].size
+    if macs_fixed < 0:
+        raise ValueError(f"channel_macs {list(channel_macs)} exceed the MACs that no param leaf "
+                         "carries; measure them with param_free_macs.")
     params_rows, params_fixed = [], 0
     for path, shape in shapes.items():
         size = int(math.prod(shape))

@@ -254,7 +254,8 @@ class Pruner:
                 masks_lib.channel_scores(scores.weights, self.groups)
             self.cost = costs_lib.cost_model(self.apply, params, self.batch_stats,
                                              self.input_shape, self.groups,
-                                             input_dtype=self.input_dtype)
+                                             input_dtype=self.input_dtype,
+                                             channel_macs=self._param_free_macs())
         else:
             if scores.weights is None:
                 raise ValueError(f"criterion {criterion!r} scores channels only; use "
@@ -308,6 +309,29 @@ class Pruner:
                              "the discovery of this apply at these variables' shapes.")
         return named, found, {g.name: by_members[frozenset(g.members)]
                               for g in named.all_groups}
+
+    def _param_free_macs(self) -> Optional[list]:
+        """Per group, the MACs per kept channel that no param leaf carries (attention's QK^T
+        and AV shrink with the heads kept), or None when the program has none (convs and dense
+        layers only): the param-free MACs of the dense program less those of the program
+        compacted with one channel of the group dropped."""
+        def param_free(fn, variables):
+            apply = lambda p, s, x, *, train: (fn({"params": p, "batch_stats": s}, x), s)  # noqa: E731
+            return costs_lib.param_free_macs(apply, variables["params"], variables["batch_stats"],
+                                             self.input_shape, input_dtype=self.input_dtype)
+
+        fn, variables = _eval_logits(self._apply), self._variables(None, None)
+        dense = param_free(fn, variables)
+        if dense == 0:
+            return None
+        out = []
+        for g in self.groups:
+            if g.size < 2:
+                out.append(0)
+                continue
+            keep = {self._discovered[g.name]: np.arange(g.size) > 0}
+            out.append(max(dense - param_free(*surgery.compact(fn, variables, self._found, keep)), 0))
+        return out
 
     def _masked_apply(self, apply: Callable) -> Callable:
         """`apply(..., channel_masks={group name: float[size]})`: the activation masks of

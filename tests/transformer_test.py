@@ -173,3 +173,25 @@ def test_discovery_finds_the_heads_despite_the_padding_mask():
     keep = {g.name: np.arange(g.size) % 2 == i % 2 for i, g in enumerate(found.groups)}
     small = assert_compact_equals_masked(apply_fn, variables, x, found, keep)
     assert small["params"]["block0"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
+
+
+def test_pruner_cost_model_counts_attention_matmuls_per_head():
+    """QK^T and AV shrink with the heads kept: the Pruner's planned MACs of a keep equal the
+    MACs counted in the compacted program, so a 50 % budget is used, not undershot."""
+    import jax.numpy as jnp
+    from jaxprune import costs
+    from jaxprune import pruner as pruner_lib
+    model = _model(seq_len=32)
+    pruner = pruner_lib.Pruner(model.apply, model.params, model.batch_stats, (32,),
+                               input_dtype=jnp.int32, discovery=models.discovery(model),
+                               sparsity=0.5)
+    dense = costs.count_macs(model.apply, model.params, model.batch_stats, (32,),
+                             input_dtype=jnp.int32)
+    assert pruner.cost.dense_macs == dense
+    for keep in (pruner.threshold_keep(), np.asarray([0.25, 1.0, 0.75, 0.5], np.float32)):
+        small_fn, small_vars = pruner.compact(keep)
+        counted = costs.count_macs(
+            lambda p, s, x, *, train: (small_fn({"params": p, "batch_stats": s}, x), s),
+            small_vars["params"], small_vars["batch_stats"], (32,), input_dtype=jnp.int32)
+        assert pruner.cost.macs_exact(keep) == counted
+    assert 0.45 * dense <= pruner.cost.macs_exact(pruner.threshold_keep()) <= pruner.budget
