@@ -240,7 +240,7 @@ def common_config():
     config.prune.granularity = "channel"
     config.prune.scope = "layerwise"
     config.prune.target = "macs"
-    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale (channels)
+    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale, mask_gradient (channels)
     config.prune.schedule = "oneshot"
     config.prune.imp_rounds = 3  # prune.schedule="imp": prune-rewind-train rounds
     config.prune.n, config.prune.m = 2, 4  # prune.granularity="nm": keep n of every m weights
@@ -460,10 +460,12 @@ def problems(config) -> list[str]:
                      "and search.methods='' with it, or granularity 'channel' / 'unstructured'")
     if granularity == "nm" and _lookup(config, "prune.schedule") != "oneshot":
         found.append("prune.granularity='nm' supports only prune.schedule='oneshot'")
-    if _lookup(config, "prune.criterion") == "bn_scale" and granularity != "channel":
-        found.append(f"prune.criterion='bn_scale' scores channels (BatchNorm scales), not the "
-                     f"weights that prune.granularity={granularity!r} prunes; use granularity "
-                     "'channel' or a weight criterion (l1, l2, taylor, snip, random)")
+    criterion = _lookup(config, "prune.criterion")
+    if criterion in ("bn_scale", "mask_gradient") and granularity != "channel":
+        found.append(f"prune.criterion={criterion!r} scores channels (BatchNorm scales, mask "
+                     f"gradients), not the weights that prune.granularity={granularity!r} "
+                     "prunes; use granularity 'channel' or a weight criterion (l1, l2, taylor, "
+                     "snip, random)")
     return found
 
 

@@ -20,6 +20,7 @@ from jaxprune import config_checks
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
+from jaxprune import discover as discover_lib
 from jaxprune import errors
 from jaxprune import masks as masks_lib
 from jaxprune import models as models_lib
@@ -122,11 +123,13 @@ def measure_row(exp: Experiment, method: str, *, model, params, batch_stats, mas
         eval_fn(exp, model.apply)
     test = evaluate(params, batch_stats, exp.test)
     shape = tuple(exp.dataset.input_shape)
+    batch = int(exp.config.train.eval_batch_size)
+    example = models_lib.input_example(model.spec, batch)  # float32 images or int32 token ids
     n_params = costs_lib.count_params(params, masks)
     dense_params = costs_lib.count_params(exp.model.params)
-    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks)
-    batch = int(exp.config.train.eval_batch_size)
-    x = jnp.zeros((batch,) + shape, jnp.float32)
+    macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks,
+                                input_dtype=example.dtype)
+    x = jnp.zeros(example.shape, example.dtype)
     forward = train_lib.mixed_apply(model.apply, str(exp.config.train.precision))
     fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
     latency = costs_lib.latency(fwd, params, batch_stats, x)
@@ -215,7 +218,8 @@ def _check_model_fits(config, model) -> None:
     if str(p.criterion) == "bn_scale" and config_checks.methods(p.methods) + \
             config_checks.methods(config.search.methods):
         try:
-            criteria_lib.bn_scale(model.params, models_lib.channel_groups(model))
+            criteria_lib.bn_scale(model.params,
+                                  discover_lib.params_groups(models_lib.discovery(model)))
         except ValueError as e:
             raise errors.ConfigError(f"prune.criterion='bn_scale' does not fit "
                                      f"{config.model.name}: {e}") from None

@@ -476,15 +476,20 @@ def channel_masks(keep: Mapping[str, jax.Array], groups: Sequence[ChannelGroup],
 
 
 def channel_keep_from_masks(masks: PyTree, groups: Sequence[ChannelGroup]) -> dict:
-    """Per-group kept channels {group: bool[size]} read off channel masks (any producer
-    kernel's output slices): the inverse of `channel_masks`, for masks a schedule grew."""
-    flat = dict(leaves_with_paths(masks)[0])
-    keep = {}
-    for g in groups:
-        kernels = [p for p in g.producers if np.ndim(flat[tuple(p)]) >= 2] or list(g.producers)
-        leaf = np.asarray(flat[tuple(kernels[0])])
-        keep[g.name] = leaf.reshape(-1, leaf.shape[-1]).any(axis=0)
-    return keep
+    """The inverse of `channel_masks`: {group name: bool[size]}, a channel kept where a
+    producer kernel of its group (else its first producer) keeps any of its slice. Any group,
+    read through its members (attention heads on a middle axis, concatenation offsets)."""
+    index, leaves, _ = leaf_index(masks)
+    shapes = [np.shape(x) for x in leaves]
+    out = {}
+    for g in _check_groups(groups):
+        producers = group_members(g, index, shapes, ("producer",))
+        i, m = ([p for p in producers if len(shapes[p[0]]) >= 2] or producers)[0]
+        leaf = np.moveaxis(np.asarray(leaves[i]), m.axis, 0)
+        along = leaf.reshape(leaf.shape[0], -1).any(axis=1)
+        out[g.name] = along[m.indices(np.arange(g.size))].reshape(
+            m.outer, g.size, m.inner).any(axis=(0, 2))
+    return out
 
 
 # --------------------------------------------------------------------------------------------

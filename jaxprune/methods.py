@@ -47,6 +47,7 @@ def make_pruner(exp: experiment_lib.Experiment, dense_state) -> pruner_lib.Prune
             for idx in np.array_split(exp.calib_order[:bs * n], n)]
     return pruner_lib.Pruner(
         m.apply, dense_state.params, dense_state.batch_stats, ds.input_shape,
+        input_dtype=models_lib.input_example(m.spec).dtype,
         discovery=models_lib.discovery(m) if str(cfg.granularity) == "channel" else None,
         unprunable=m.unprunable, granularity=str(cfg.granularity), sparsity=float(cfg.sparsity),
         target=str(cfg.target), criterion=criterion, score_batches=score_batches,

@@ -196,8 +196,8 @@ def mixed_apply(apply_fn: Callable, precision: str) -> Callable:
         return apply_fn
 
     def apply(params, batch_stats, x, **kwargs):
-        logits, new_stats = apply_fn(_cast_floats(params, dtype), batch_stats, x.astype(dtype),
-                                     **kwargs)
+        x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # not token ids
+        logits, new_stats = apply_fn(_cast_floats(params, dtype), batch_stats, x, **kwargs)
         return logits.astype(jnp.float32), _cast_floats(new_stats, jnp.float32)
 
     return apply
