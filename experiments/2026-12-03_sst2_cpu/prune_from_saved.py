@@ -15,7 +15,7 @@ import types
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxprune import modelio, pipeline
+from jaxprune import experiment, modelio, pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(HERE, "..", "..", "configs", "sst2.py:cpu"),
@@ -23,15 +23,15 @@ config_flags.DEFINE_config_file("config", os.path.join(HERE, "..", "..", "config
 flags.DEFINE_string("workdir", None, "run folder (checkpoints, results, saved models)")
 
 
-def dense_from_saved(ctx):
+def dense_from_saved(exp):
     """`pipeline.dense_phase`'s (state, row), from the saved model instead of training."""
     model, params, batch_stats = modelio.restore_model(HERE, "unpruned")
-    if model.spec != ctx.model.spec:
-        sys.exit(f"the saved model is {model.spec}, this run's {ctx.model.spec}")
+    if model.spec != exp.model.spec:
+        sys.exit(f"the saved model is {model.spec}, this run's {exp.model.spec}")
     saved_row = modelio.read_model_info(HERE, "unpruned")["row"]
-    row = pipeline.measure_row(ctx, "unpruned", model=ctx.model, params=params,
-                               batch_stats=batch_stats,
-                               train_seconds=float(saved_row["train_seconds"]))
+    row = experiment.measure_row(exp, "unpruned", model=exp.model, params=params,
+                                 batch_stats=batch_stats,
+                                 train_seconds=float(saved_row["train_seconds"]))
     print(f"[dense] restored {HERE}/models/unpruned: test accuracy {row['accuracy']:.4f} "
           f"(saved row {saved_row['accuracy']:.4f})", flush=True)
     return types.SimpleNamespace(params=params, batch_stats=batch_stats), row
