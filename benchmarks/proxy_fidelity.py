@@ -153,18 +153,18 @@ def main(argv=None) -> int:
 
     # Ground truth: the same fine-tune for every candidate, test accuracy.
     epochs = int(args.epochs or config.finetune.epochs)
-    evaluate_test = pipeline.eval_fn(ctx, ctx.model.apply)
+    from jaxprune import train as train_lib
+
+    settings = train_lib.Settings.from_config(config)  # the pipeline's fine-tune, exactly
     truth, macs = [], []
     t_ft = time.perf_counter()
     for i, keep in enumerate(cands):
         tuned = pruner.finetune(keep, ds.train_images, ds.train_labels, epochs=epochs,
                                 key=jax.random.fold_in(jax.random.key(args.seed), i),
                                 learning_rate=float(config.finetune.learning_rate),
-                                batch_size=int(config.train.batch_size),
-                                weight_decay=float(config.train.weight_decay),
-                                momentum=float(config.train.momentum),
-                                augment=bool(config.data.augment), mean=ds.mean, std=ds.std)
-        truth.append(float(evaluate_test(tuned.params, tuned.batch_stats, "test")["accuracy"]))
+                                warmup_epochs=float(config.finetune.warmup_epochs),
+                                settings=settings, mean=ds.mean, std=ds.std)
+        truth.append(float(ctx.evaluate(tuned.params, tuned.batch_stats, ctx.test)["accuracy"]))
         macs.append(float(pruner.cost.macs(keep)) / pruner.cost.dense_macs)
         print(f"[{i + 1}/{len(cands)}] keep {np.round(keep, 3).tolist()} MACs {100 * macs[-1]:.1f} % "
               f"proxy {100 * proxy_scores[proxies[0]['name']][i]:.2f} % → fine-tuned test "

@@ -160,17 +160,18 @@ def _run_dir(settings: dict, prefix: str = "") -> str:
 def unseen_start(ctx) -> int:
     """The first validation image that neither the search's proxy (`search.val_examples`) nor
     the selection (`search.select_*`) scored."""
-    from jaxprune import pipeline
+    from jaxprune import selection
 
-    return max(int(ctx.config.search.val_examples), pipeline.select_val_examples(ctx))
+    return max(int(ctx.config.search.val_examples),
+               selection.select_val_examples(ctx.config, ctx.dataset.val_images.shape[0]))
 
 
 def selection_suffix(config) -> str:
     """Names the selection settings in the fine-tunes' folders ('' when selection is off), so a
     winner picked another way is never restored from another study's fine-tune."""
-    from jaxprune import pipeline
+    from jaxprune import selection
 
-    s = pipeline.selection_settings(config)
+    s = selection.selection_settings(config)
     return (f"_sel{s['select_top']}v{s['select_val_examples']}f{s['select_finetune']}"
             f"e{s['select_epochs']}") if s else ""
 
@@ -194,7 +195,7 @@ def run_study(args, config) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxprune import modelio, pipeline
+    from jaxprune import experiment, modelio, pipeline, selection
     from jaxprune.search import controllers as controllers_lib
     from jaxprune.search import loop as loop_lib
 
@@ -211,7 +212,7 @@ def run_study(args, config) -> dict:
     if args.dense_params:
         params, batch_stats = modelio.load_dense_params(args.dense_params, ctx.model)
         dense_state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
-        dense_row = pipeline.eval_fn(ctx, ctx.model.apply)(params, batch_stats, "test")
+        dense_row = ctx.evaluate(params, batch_stats, ctx.test)
     else:
         dense_state, dense_row = pipeline.dense_phase(ctx)
     dense_seconds = time.perf_counter() - t0
@@ -237,6 +238,8 @@ def run_study(args, config) -> dict:
           f"one round of {k} candidates {round_seconds:.2f} s.", flush=True)
 
     select = selection_suffix(config)
+    validate = pipeline.candidate_evaluator(ctx, pruner, val=(0, selection.select_val_examples(
+        config, ctx.dataset.val_images.shape[0]))) if select else None  # compiled once
     held_fn, n_held = (holdout_evaluator(ctx, pruner, args.holdout) if args.holdout else (None, 0))
     fine_tune, n_unseen = finetuner(ctx, pruner) if args.finetune else (None, 0)
     uniform = {"keep": [round(float(v), 5) for v in ref_keep[1]],
@@ -258,7 +261,7 @@ def run_study(args, config) -> dict:
             "target": str(config.prune.target), "lower": float(config.search.lower),
             "val_examples": int(min(int(config.search.val_examples), ctx.dataset.val_images.shape[0])),
             "holdout_examples": n_held, "unseen_val_examples": n_unseen,
-            "selection": pipeline.selection_settings(config) or None,
+            "selection": selection.selection_settings(config) or None,
             "finetune": {"epochs": int(config.finetune.epochs),
                          "learning_rate": float(config.finetune.learning_rate),
                          "train_examples": int(ctx.dataset.train_images.shape[0])}
@@ -280,7 +283,8 @@ def run_study(args, config) -> dict:
     for seed in seeds:  # seeds outer: a study stopped early still holds whole pairs
         for method in methods:
             settings = _settings(config, method, seed)
-            checkpointer = None if args.no_resume else ctx.checkpointer(_run_dir(settings), extra=settings)
+            checkpointer = None if args.no_resume else experiment.checkpointer(
+                ctx, _run_dir(settings), extra=settings)
             saved = None if checkpointer is None else checkpointer.latest_step()
             key = jax.random.fold_in(jax.random.key(seed), pipeline.stable_hash(method))
             t0 = time.perf_counter()
@@ -310,7 +314,7 @@ def run_study(args, config) -> dict:
             winner = log.keep[best]
             if select:  # successive halving over the log, the same stages for every method
                 picked = pipeline.select_winner(
-                    ctx, pruner, _run_dir(settings).split("/", 1)[1] + select, log)
+                    ctx, pruner, _run_dir(settings).split("/", 1)[1] + select, log, validate)
                 winner = picked["best_keep"]
                 run.update(selected_keep=[round(float(v), 5) for v in winner],
                            selection_score=max(picked["stages"][-1]["scores"]),
@@ -348,20 +352,20 @@ def finetuner(ctx, pruner):
     import jax
     import numpy as np
 
-    from jaxprune import pipeline
+    from jaxprune import experiment, pipeline
 
     ds = ctx.dataset
     start = min(unseen_start(ctx), ds.val_images.shape[0])
     unseen = ds.val_images.shape[0] - start
-    evaluate = pipeline.eval_fn(ctx, ctx.model.apply)
-    held = ctx.val_images(start, unseen) if unseen > 0 else None
+    evaluate = ctx.evaluate
+    held = experiment.val_images(ctx, start, unseen) if unseen > 0 else None
 
     def fine_tune(keep, seed: int, phase: str) -> dict:
         masks = pruner.masks(np.asarray(keep, np.float32))[0]
         state, seconds = pipeline.finetune_phase(
             ctx, pruner, phase, masks, pruner.params,
             key=jax.random.fold_in(ctx.keys["finetune"], int(seed)))
-        out = {"test_accuracy": evaluate(state.params, state.batch_stats, "test")["accuracy"],
+        out = {"test_accuracy": evaluate(state.params, state.batch_stats, ctx.test)["accuracy"],
                "train_seconds": float(seconds)}
         if held is not None:
             out["unseen_val_accuracy"] = evaluate(state.params, state.batch_stats, held)["accuracy"]

@@ -26,6 +26,23 @@ Safety rules, in order of importance:
   * A directory with steps but without `fingerprint.json` is refused: it is unknown what wrote it.
   * `save_replacing` (saved models) writes a new step before the old one is removed, so a kill at
     any moment leaves a readable model.
+
+orbax's `CheckpointManager` (0.12) does the step folders (`<step>/{state,meta}`, the layout of
+older runs, which resume unchanged), the atomic, asynchronous saves, which steps to save
+(`should_save`: none older than the newest) and the deletions of `max_to_keep` (a
+`preservation_policy`, applied by orbax once the newer step is on disk). What stays here, with
+the orbax limitation that keeps it here:
+  * Retention counts readable steps only and keeps damaged ones: `max_to_keep` / `LatestN` count
+    every step folder and delete any, so orbax gets `_KeepReadable` as its policy instead.
+  * Per-array CRC-32: TensorStore's CRC-32C covers OCDBT tree nodes and zarr3 shard indexes, not
+    the array bytes; orbax reads a flipped data byte back as a silently changed value.
+  * Damaged steps renamed `<step>.corrupt-<time>` and restore falling back to the newest good step:
+    orbax restores the step it is asked for, and `todelete_subdir` only moves what retention drops.
+  * Replacing a step (`force=True`): orbax refuses to save over one (`StepAlreadyExistsError`), so
+    the old step waits as `<step>.replaced` until the new one is on disk.
+  * `save_replacing`'s `on_saved` between "new step on disk" and "old step removed": orbax deletes
+    in the same finalize step that commits a save, so retention is held and applied after it.
+  * Fingerprints: orbax writes root metadata but never compares it.
 """
 from __future__ import annotations
 
@@ -41,6 +58,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from jaxprune import errors
 from jaxprune import files
@@ -250,6 +268,25 @@ def _verify(tree, expected: dict) -> Optional[str]:
 # Checkpointer
 
 
+class _KeepReadable(preservation_policy.PreservationPolicy):
+    """orbax preservation policy: the newest `n` readable steps (all when None) and every damaged
+    one. Orbax asks it in `save`, before the new step (`writing`) is on disk, and deletes what it
+    does not keep once that step is; `hold` keeps everything (see `save_replacing`)."""
+
+    def __init__(self, n: Optional[int], damaged_fn):
+        self.n, self.damaged_fn, self.writing, self.hold = n, damaged_fn, None, False
+
+    def removable(self, steps) -> list[int]:
+        if self.n is None or self.hold:
+            return []
+        readable = sorted(s for s in steps if s == self.writing or not self.damaged_fn(s))
+        return readable[:-self.n]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        removed = set(self.removable([c.step for c in checkpoints]))
+        return [c.step not in removed for c in checkpoints]
+
+
 class Checkpointer:
     """Numbered checkpoints of one run in one directory (orbax `CheckpointManager`).
 
@@ -293,11 +330,12 @@ class Checkpointer:
                 "Checkpoint directory %s has unfinished saves %s (a run was stopped while saving). "
                 "They are ignored; remove them yourself once you no longer need them.",
                 self.directory, leftovers)
+        self._retention = _KeepReadable(self.max_to_keep, self._damaged)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None,  # deletion is done here so that damaged steps are never deleted
-                create=True, enable_async_checkpointing=bool(async_save)),
+                preservation_policy=self._retention, create=True,
+                enable_async_checkpointing=bool(async_save)),
             item_handlers={_STATE: ocp.StandardCheckpointHandler(),
                            _META: ocp.JsonCheckpointHandler()})
 
@@ -322,14 +360,11 @@ class Checkpointer:
 
     def all_steps_on_disk(self) -> list[int]:
         """Step folders present right now (without asking orbax); used in messages."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(int(n) for n in os.listdir(self.directory) if _STEP_DIR.match(n))
+        return _step_folders(self.directory)
 
     def latest_step(self) -> Optional[int]:
         """The newest finished step, or None when there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return max(self.all_steps(), default=None)
 
     def _step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(int(step)))
@@ -352,6 +387,10 @@ class Checkpointer:
             except (OSError, ValueError) as e:
                 return f"{os.path.relpath(path, self.directory)} is missing or truncated ({e})"
         return None
+
+    def _damaged(self, step: int) -> bool:
+        """Known damaged (a failed restore, `mark_damaged`) or failing the structural check."""
+        return step in self._bad_steps or self._check_step(step) is not None
 
     def _corrupt_error(self, step: int, problem: str) -> CorruptCheckpointError:
         """The error for a damaged `step`; the steps it suggests are never known-damaged ones
@@ -385,26 +424,22 @@ class Checkpointer:
         if step < 0:
             raise ValueError(f"step={step}: checkpoint steps are non-negative ints.")
         self.wait()
-        steps = self.all_steps()
-        if step in steps:
-            damaged = step in self._bad_steps or self._check_step(step) is not None
-            if not force and not damaged:
-                return False
-            if damaged:  # a newer save replaces a damaged step: keep it aside, never delete it
-                self._quarantine(step)
-            else:  # replace our own readable step, as asked: it is removed only once the new
+        if step in self.all_steps():
+            if self._damaged(step):  # a newer save replaces a damaged step: kept aside, never
+                self._quarantine(step)  # deleted
+            elif force:  # our own readable step, replaced as asked: removed only once the new
                 self._set_aside(step)  # one is on disk (a kill in between restores it)
             self._manager.reload()
-            steps = self.all_steps()
-        newer = [s for s in steps if s > step]
-        if newer and not force:
-            if not all(s in self._bad_steps or self._check_step(s) is not None for s in newer):
-                return False
+        newer = [s for s in self.all_steps() if s >= step]
+        if not force and newer and all(self._damaged(s) for s in newer):
             force = True  # only damaged steps are newer: continue past them (they are kept)
+        if not force and not self._manager.should_save(step):
+            return False  # orbax's rule: a step not newer than the newest one is not saved
         self._write_fingerprint()
         meta = dict(report.strict_json(dict(meta or {})), **{_CHECKSUMS: checksums(state)})
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
                                      _META: ocp.args.JsonSave(meta)})
+        self._retention.writing = step
         return bool(self._manager.save(step, args=args, force=force))
 
     def save_replacing(self, state: Any, meta: Optional[dict] = None, *, force: bool = False,
@@ -427,21 +462,32 @@ class Checkpointer:
             if stored == wanted and last not in self._bad_steps:
                 try:
                     self._restore_step(last, None)
-                    return False
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
+                else:  # older steps left by a replacement stopped before removing them go now
+                    self._remove_old_steps()
+                    return False
         damaged = [s for s in steps if s in self._bad_steps]
         for s in damaged:  # replaced: kept aside, never removed by `max_to_keep`
             self._quarantine(s)
         if damaged:
             self._manager.reload()
         step = (steps[-1] + 1) if steps else 0
-        saved = self.save(step, state, meta, force=True)
-        if saved and on_saved is not None:
-            self._manager.wait_until_finished()  # on disk, the older steps not yet removed
-            on_saved(step)
+        self._retention.hold = True  # orbax keeps the older steps: they go after `on_saved`
+        try:
+            saved = self.save(step, state, meta, force=True)
+        finally:
+            self._retention.hold = False
         self.wait()
+        if saved and on_saved is not None:
+            on_saved(step)
+        self._remove_old_steps()
         return saved
+
+    def _remove_old_steps(self) -> None:
+        """Applies `max_to_keep` outside orbax's saves (orbax applies it only in `save`)."""
+        for s in self._retention.removable(self.all_steps()):
+            self._manager.delete(s)
 
     def mark_damaged(self, step: int) -> None:
         """Records that `step` is damaged (found so by a check of the caller's): it is never
@@ -484,23 +530,14 @@ class Checkpointer:
                         src, dst)
         self._bad_steps.discard(step)
 
-    def _collect_garbage(self) -> None:
-        """Deletes the oldest readable steps beyond `max_to_keep` (never a damaged one)."""
-        if self.max_to_keep is None:
-            return
-        good = [s for s in self.all_steps()
-                if s not in self._bad_steps and self._check_step(s) is None]
-        for step in good[:-self.max_to_keep]:
-            self._manager.delete(step)
-
     def wait(self) -> None:
-        """Blocks until pending saves are on disk (then removes the steps they replaced and
-        applies `max_to_keep`)."""
+        """Blocks until pending saves are on disk (orbax has then removed the steps beyond
+        `max_to_keep`) and removes the steps they replaced."""
         self._manager.wait_until_finished()
+        self._retention.writing = None
         if self._pending_aside:
             self._pending_aside.clear()
             self._finish_replacements()
-        self._collect_garbage()
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's resources."""
@@ -513,8 +550,8 @@ class Checkpointer:
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
             self.close()
-        else:  # stopped (an error, Ctrl-C): release orbax, remove nothing (`max_to_keep` waits)
-            self._manager.close()
+        else:  # stopped (an error, Ctrl-C): release orbax (a save it finishes still applies
+            self._manager.close()  # `max_to_keep`); steps set aside are sorted out at next start
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -577,10 +614,7 @@ class Checkpointer:
             raise self._corrupt_error(step, problem)
         abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         try:
-            if abstract is None:
-                abstract = self._abstract_from_metadata(step)
-            out = self._manager.restore(step, args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
+            out = self._read(step, abstract)
         except Exception as e:  # orbax/tensorstore raise many types; sort them out below
             # Their messages run to thousands of characters (TensorStore specs): the log gets
             # them whole, the error their first line.
@@ -618,11 +652,16 @@ class Checkpointer:
 
         return jax.tree.map(leaf, tree)
 
+    def _read(self, step: int, abstract: Any) -> dict:
+        """orbax's restore of both items; `abstract` None: shaped as saved (see below)."""
+        if abstract is None:
+            abstract = self._abstract_from_metadata(step)
+        return self._manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardRestore(abstract), _META: ocp.args.JsonRestore()}))
+
     def _readable_without_template(self, step: int) -> bool:
         try:
-            self._manager.restore(step, args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(self._abstract_from_metadata(step)),
-                _META: ocp.args.JsonRestore()}))
+            self._read(step, None)
             return True
         except Exception:  # noqa: BLE001 - any failure means the files themselves are bad
             return False

@@ -7,11 +7,14 @@ error with the nearest known key suggested, and NaN / infinity is refused for ev
 `phase_settings(config, phase)` is the part of the config that determines a phase's result (its
 checkpoint fingerprint). The configs in configs/ start from `common_config()` (the sections and
 the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes(config)`.
+`load_config('cifar10:smoke')` loads a config file by name or path (notebooks; the CLI uses
+config_flags).
 
-The allowed names are read from the registries themselves (`models.MODELS`,
-`search.controllers.CONTROLLERS`, `pipeline.HANDSET_METHODS`, `criteria.CRITERIA`,
-`data.DATASETS`) when a check first needs them, so importing this module stays light (the CLI
-uses it to name a mistyped key before JAX loads) and no list of names is copied here.
+The allowed names are read from the modules that own them (`models.MODELS`,
+`search.controllers.CONTROLLERS`, `methods.HANDSET_METHODS`, `criteria.CRITERIA`,
+`data.DATASETS`, `train.OPTIMIZERS`, `pruner.GRANULARITIES`, `schedules.SCHEDULES`, …) when a
+check first needs them, so importing this module stays light (the CLI uses it to name a
+mistyped key before JAX loads) and no list of names is copied here.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import re
 from typing import Any, Callable, Optional
 
 from jaxprune.data import DATASETS, SOURCES
-from jaxprune.errors import ConfigError
+from jaxprune.errors import ConfigError, NotFoundError, UserError, short
+
+
 class _Registry(collections.abc.Sequence):
     """The names of the registry `module.attr` (a dict or tuple), read on first use."""
 
@@ -44,20 +49,21 @@ class _Registry(collections.abc.Sequence):
 
 
 MODELS = _Registry("jaxprune.models", "MODELS")
-PRUNE_METHODS = _Registry("jaxprune.pipeline", "HANDSET_METHODS")
+PRUNE_METHODS = _Registry("jaxprune.methods", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
-SEED_KEEPS = _Registry("jaxprune.pipeline", "SEED_KEEPS")
+SEED_KEEPS = _Registry("jaxprune.methods", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
+# Each choice is read from the module that owns it (the names it dispatches on).
 CHOICES = {
-    "train.optimizer": ("sgd", "adam"),
-    "train.schedule": ("cosine", "step", "constant"),
-    "train.l1_target": ("weights", "bn"),
-    "train.precision": ("fp32", "bf16"),
-    "prune.granularity": ("channel", "unstructured", "nm"),
-    "prune.scope": ("layerwise", "global"),
-    "prune.target": ("macs", "params"),
+    "train.optimizer": _Registry("jaxprune.train", "OPTIMIZERS"),
+    "train.schedule": _Registry("jaxprune.train", "SCHEDULES"),
+    "train.l1_target": _Registry("jaxprune.train", "L1_TARGETS"),
+    "train.precision": _Registry("jaxprune.train", "PRECISIONS"),
+    "prune.granularity": _Registry("jaxprune.pruner", "GRANULARITIES"),
+    "prune.scope": _Registry("jaxprune.pruner", "SCOPES"),
+    "prune.target": _Registry("jaxprune.pruner", "TARGETS"),
     "prune.criterion": CRITERIA,
-    "prune.schedule": ("oneshot", "gradual", "imp"),
+    "prune.schedule": _Registry("jaxprune.schedules", "SCHEDULES"),
 }
 
 Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
@@ -234,7 +240,7 @@ def common_config():
     config.prune.granularity = "channel"
     config.prune.scope = "layerwise"
     config.prune.target = "macs"
-    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale (channels)
+    config.prune.criterion = "l1"  # or l2, taylor, snip (gradients on sensitivity_batches), random, bn_scale, mask_gradient (channels)
     config.prune.schedule = "oneshot"
     config.prune.imp_rounds = 3  # prune.schedule="imp": prune-rewind-train rounds
     config.prune.n, config.prune.m = 2, 4  # prune.granularity="nm": keep n of every m weights
@@ -281,6 +287,61 @@ def smoke_sizes(config) -> None:
 
 _MISSING = object()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a config file by name or path (notebooks; the CLI uses config_flags)
+
+
+def config_path(name: str) -> str:
+    """The file of a config given by name ('quickstart', 'cifar10') or path: a path that exists
+    as given, else the repository's `configs/<name>.py` (a source checkout), else the copy
+    installed with the package (`jaxprune/configs/`, mapped from `configs/` by pyproject.toml)."""
+    if os.path.isfile(name):
+        return name
+    stem = os.path.splitext(os.path.basename(name))[0]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (os.path.join(os.path.dirname(here), "configs"), os.path.join(here, "configs")):
+        candidate = os.path.join(folder, stem + ".py")
+        if stem and os.path.isfile(candidate):
+            return candidate
+    return name
+
+
+def load_config(path: str, arg: Optional[str] = None):
+    """Loads `get_config(arg)` from a config file (for notebooks; the CLI uses config_flags).
+
+    `path`: a file ('configs/cifar10.py') or a name ('quickstart', 'cifar10'), optionally with
+    the variant after ':' ('cifar10:smoke'); names work from an installed package too."""
+    import importlib.util
+
+    if arg is None and ":" in os.path.basename(path):
+        path, _, arg = path.rpartition(":")
+    path = config_path(path)
+    if not os.path.isfile(path):
+        raise NotFoundError(f"No config file at {path}; give a name (quickstart, cifar10, "
+                                   "mnist) or a file like configs/quickstart.py.")
+    spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise NotFoundError(f"{path} is not a Python config file; use one like "
+                                   "configs/quickstart.py.")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            raise ConfigError(f"{path} has no get_config(); a config file defines "
+                                     "get_config(arg=None) returning a ConfigDict.")
+        config = module.get_config(arg) if arg else module.get_config()
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
+        raise ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
+                                 f"{short(e)}. Fix that file.") from e
+    if not hasattr(config, "to_dict"):
+        raise ConfigError(f"config file {path}{':' + arg if arg else ''}: get_config() "
+                                 f"returned {type(config).__name__}, not a ConfigDict; return "
+                                 "one (a missing `return config`?).")
+    return config
 
 
 def flatten(config) -> dict:
@@ -399,10 +460,12 @@ def problems(config) -> list[str]:
                      "and search.methods='' with it, or granularity 'channel' / 'unstructured'")
     if granularity == "nm" and _lookup(config, "prune.schedule") != "oneshot":
         found.append("prune.granularity='nm' supports only prune.schedule='oneshot'")
-    if _lookup(config, "prune.criterion") == "bn_scale" and granularity != "channel":
-        found.append(f"prune.criterion='bn_scale' scores channels (BatchNorm scales), not the "
-                     f"weights that prune.granularity={granularity!r} prunes; use granularity "
-                     "'channel' or a weight criterion (l1, l2, taylor, snip, random)")
+    criterion = _lookup(config, "prune.criterion")
+    if criterion in ("bn_scale", "mask_gradient") and granularity != "channel":
+        found.append(f"prune.criterion={criterion!r} scores channels (BatchNorm scales, mask "
+                     f"gradients), not the weights that prune.granularity={granularity!r} "
+                     "prunes; use granularity 'channel' or a weight criterion (l1, l2, taylor, "
+                     "snip, random)")
     return found
 
 
@@ -428,7 +491,7 @@ NOT_RESULT = frozenset({
 # A key added to a phase's settings belongs here with its neutral value, so that older workdirs
 # stay resumable without --continue_older.
 NEUTRAL = {"search.seed_keeps": ""}
-# The winner's selection after a search (`pipeline.select_winner`) changes the fine-tune, not
+# The winner's selection after a search (`selection.select_winner`) changes the fine-tune, not
 # the search.
 SELECTION_PREFIX = "search.select_"
 # What the hand-set methods read from `search`: the keep-ratio space and, for sensitivity, the

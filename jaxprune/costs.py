@@ -228,15 +228,15 @@ def _walk(jaxpr, env: Dict[Any, Path], records: List[Tuple[Optional[Path], int]]
     return env
 
 
-def _kernel_macs(apply_fn: Callable, params, batch_stats,
-                 input_shape: Sequence[int]) -> Tuple[Dict[Path, int], int]:
+def _kernel_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
+                 input_dtype=jnp.float32) -> Tuple[Dict[Path, int], int]:
     """Dense per-example MACs: ({kernel leaf path: MACs}, MACs not tied to any param leaf)."""
     input_shape = tuple(int(d) for d in input_shape)
     if not input_shape or any(d < 1 for d in input_shape):
         raise ValueError(
             f"input_shape must be the per-example shape without the batch axis, e.g. "
             f"(32, 32, 3), got {input_shape}.")
-    x = jax.ShapeDtypeStruct((1,) + input_shape, jnp.float32)
+    x = jax.ShapeDtypeStruct((1,) + input_shape, input_dtype)
 
     def forward(p, s, x):
         return apply_fn(p, s, x, train=False)
@@ -267,7 +267,7 @@ def _scaled(dense: int, nnz: int, size: int) -> int:
 # --------------------------------------------------------------------------------------
 
 def count_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
-               masks=None) -> int:
+               masks=None, *, input_dtype=jnp.float32) -> int:
     """Per-example MACs of the conv and dense layers of `apply_fn`, from its jaxpr.
 
     Args:
@@ -277,15 +277,23 @@ def count_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
       masks: optional bool pytree shaped like `params`; a kernel's MACs are scaled by the
         fraction of its mask that is nonzero (channel masks: kept_in * kept_out channels;
         unstructured masks: nonzero weights). Must be concrete.
+      input_dtype: the dtype `apply_fn` takes: float32 (images), int32 (token ids).
 
     Returns:
       MACs per example (int). Elementwise ops (activations, BN, adds, pooling) are not counted.
     """
-    per_leaf, fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape)
+    per_leaf, fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape, input_dtype)
     if masks is None:
         return fixed + sum(per_leaf.values())
     nnz = _mask_nnz(params, masks)
     return fixed + sum(_scaled(macs, *nnz[path]) for path, macs in per_leaf.items())
+
+
+def param_free_macs(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int], *,
+                    input_dtype=jnp.float32) -> int:
+    """Per-example MACs of the products that no param leaf takes part in (attention's QK^T and
+    AV); arguments as for `count_macs`."""
+    return _kernel_macs(apply_fn, params, batch_stats, input_shape, input_dtype)[1]
 
 
 def count_params(params, masks=None) -> int:
@@ -451,7 +459,8 @@ def _finish(kind, names, sizes, macs_rows, macs_fixed, params_rows, params_fixed
 
 
 def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[int],
-               groups: Sequence[ChannelGroup]) -> CostModel:
+               groups: Sequence[ChannelGroup], *, input_dtype=jnp.float32,
+               channel_macs: Optional[Sequence[int]] = None) -> CostModel:
     """Channel cost model: MACs / params as functions of one keep ratio per group.
 
     A kernel listed as a producer of group o and a consumer of group i costs
@@ -461,10 +470,13 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
     members (`masks.group_members`). `keep` is float32[G] in `groups` order.
 
     Args:
-      apply_fn, params, batch_stats, input_shape: as for `count_macs`.
+      apply_fn, params, batch_stats, input_shape, input_dtype: as for `count_macs`.
       groups: the model's `ChannelGroup`s, or `discover.Group`s (members on any axis, as
         `discover.params_groups` gives them); each leaf may produce at most one group and
         consume at most one group (a member listed twice in one group counts once).
+      channel_macs: per group (in `groups` order), the MACs per kept channel that no param
+        leaf carries (attention's QK^T and AV shrink with the heads kept; `param_free_macs`
+        measures them): taken off the fixed MACs, they scale with the group's kept count.
 
     Raises:
       ValueError: a group names a missing leaf, an axis size disagrees with the group size, or
@@ -489,13 +501,21 @@ def cost_model(apply_fn: Callable, params, batch_stats, input_shape: Sequence[in
         divisor = (groups[i].size if i >= 0 else 1) * (groups[o].size if o >= 0 else 1)
         return (_unit(total, divisor, f"{what} of {_fmt(path)!r}"), i, o)
 
-    per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape)
+    per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape,
+                                         input_dtype)
     macs_rows = []
     for path, macs in per_leaf.items():
         if path in producer or path in consumer:
             macs_rows.append(row(path, macs, "MACs"))
         else:
             macs_fixed += macs
+    for g, per_channel in enumerate(channel_macs or ()):
+        if int(per_channel) > 0:
+            macs_rows.append((int(per_channel), g, -1))
+            macs_fixed -= int(per_channel) * groups[g].size
+    if macs_fixed < 0:
+        raise ValueError(f"channel_macs {list(channel_macs)} exceed the MACs that no param leaf "
+                         "carries; measure them with param_free_macs.")
     params_rows, params_fixed = [], 0
     for path, shape in shapes.items():
         size = int(math.prod(shape))
@@ -515,8 +535,8 @@ def _default_prunable(path: Path, leaf) -> bool:
 
 def unstructured_cost_model(apply_fn: Callable, params, batch_stats,
                             input_shape: Sequence[int],
-                            prunable_fn: Optional[Callable[[Path, Any], bool]] = None
-                            ) -> CostModel:
+                            prunable_fn: Optional[Callable[[Path, Any], bool]] = None, *,
+                            input_dtype=jnp.float32) -> CostModel:
     """Layer-wise unstructured cost model: one keep ratio per prunable leaf.
 
     Entry l (in `masks.prunable_paths` order: tree-flatten order of the leaves with
@@ -524,7 +544,7 @@ def unstructured_cost_model(apply_fn: Callable, params, batch_stats,
     weights; MACs = fixed + sum_l dense_macs_l * kept_l / size_l, params = fixed + sum_l kept_l.
 
     Args:
-      apply_fn, params, batch_stats, input_shape: as for `count_macs`.
+      apply_fn, params, batch_stats, input_shape, input_dtype: as for `count_macs`.
       prunable_fn: `(path, leaf) -> bool`; defaults to `leaf.ndim >= 2` (as
         `masks.default_prunable`).
     """
@@ -537,7 +557,8 @@ def unstructured_cost_model(apply_fn: Callable, params, batch_stats,
     shapes = _leaf_shapes(params)
     sizes = [int(math.prod(shapes[p])) for p in paths]
 
-    per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape)
+    per_leaf, macs_fixed = _kernel_macs(apply_fn, params, batch_stats, input_shape,
+                                         input_dtype)
     macs_rows = []
     for path, macs in per_leaf.items():
         if path in index:

@@ -88,25 +88,48 @@ def bn_scale(params: PyTree, groups: Sequence[ChannelGroup]) -> dict[str, jax.Ar
     producers (producer leaves whose path ends in 'scale'). Returns dict group -> float[size].
     """
     index, leaves, _ = masks_lib.leaf_index(params)
+    shapes = [jnp.shape(x) for x in leaves]
     out = {}
-    for g in groups:
-        bn = [p for p in g.producers if masks_lib.as_path(p)[-1] == "scale"]
+    for g in groups:  # ChannelGroups or discover.Groups, read through their members
+        producers = masks_lib.group_members(g, index, shapes, ("producer",))
+        bn = [(i, m.path) for i, m in producers if masks_lib.as_path(m.path)[-1] == "scale"]
         if not bn:
             raise ValueError(
                 f"bn_scale: channel group '{g.name}' has no BatchNorm producer (a producer "
                 f"path ending in 'scale'); its producers are "
-                f"{[masks_lib.path_str(masks_lib.as_path(p)) for p in g.producers]}. "
+                f"{[masks_lib.path_str(masks_lib.as_path(m.path)) for _, m in producers]}. "
                 f"Use criterion 'l1' for models without BatchNorm.")
         total = jnp.zeros((g.size,), jnp.float32)
-        for p in bn:
-            gamma = leaves[masks_lib.lookup_leaf(index, p, g, "producer")]
-            gamma = jnp.asarray(gamma, jnp.float32)
+        for i, p in bn:
+            gamma = jnp.asarray(leaves[i], jnp.float32)
             if gamma.shape != (g.size,):
                 raise ValueError(f"BatchNorm scale '{masks_lib.path_str(masks_lib.as_path(p))}'"
                                  f" has shape {gamma.shape}; group '{g.name}' has {g.size}")
             total = total + jnp.abs(gamma)
         out[g.name] = total
     return out
+
+
+def mask_gradient(mask_loss_fn: Callable, sizes: Mapping[str, int],
+                  batches: Iterable) -> dict[str, jax.Array]:
+    """Channel importance from the gradient of a channel mask: |dL/dξ_c| at ξ = 1, where the
+    model's channel c (an attention head's output, an FFN neuron, a conv channel) is multiplied
+    by ξ_c; the absolute value is taken per batch and averaged over `batches` (Michel et al.
+    2019's head importance, for every kind of group).
+
+    `mask_loss_fn(channel_masks {group: float32[size]}, batch) -> scalar`; `sizes`: {group:
+    size}. Returns dict group -> float32[size].
+    """
+    if isinstance(batches, Mapping):
+        raise ValueError("batches must be an iterable of batches (e.g. a list), not a single "
+                         "batch dict; wrap it: [batch]")
+    ones = {name: jnp.ones((int(n),), jnp.float32) for name, n in sizes.items()}
+    grad_fn = jax.jit(jax.grad(mask_loss_fn))
+    grads = [grad_fn(ones, batch) for batch in batches]
+    if not grads:
+        raise ValueError("batches is empty; gradient-based criteria need at least one batch")
+    return {name: (sum(jnp.abs(g[name]) for g in grads) / len(grads)).astype(jnp.float32)
+            for name in ones}
 
 
 CRITERIA: dict[str, Callable] = {
@@ -117,6 +140,7 @@ CRITERIA: dict[str, Callable] = {
     "snip": snip,
     "random": random,
     "bn_scale": bn_scale,
+    "mask_gradient": mask_gradient,
 }
 
 
@@ -135,19 +159,27 @@ class Scores(NamedTuple):
     channels: dict | None = None
 
 
-GRADIENT_CRITERIA = ("taylor", "snip")
+GRADIENT_CRITERIA = ("taylor", "snip", "mask_gradient")  # need a loss and training batches
 
 
 def score(name: str, params: PyTree, *, groups: Sequence[ChannelGroup] = (),
           loss_fn: Callable | None = None, batches: Iterable | None = None,
-          key: jax.Array | None = None) -> Scores:
+          key: jax.Array | None = None, mask_loss_fn: Callable | None = None) -> Scores:
     """Every criterion of `CRITERIA` behind one signature.
 
     Args:
       name: 'l1', 'l2' (|w|, w^2), 'taylor', 'snip' (need `loss_fn(params, batch)` and
-        `batches`), 'random' (needs `key`), 'bn_scale' (needs `groups`; channels only).
+        `batches`), 'random' (needs `key`), 'bn_scale' (needs `groups`; channels only),
+        'mask_gradient' (needs `groups`, `mask_loss_fn(channel_masks, batch)` and `batches`;
+        channels only).
     """
     get_criterion(name)
+    if name == "mask_gradient":
+        if mask_loss_fn is None or batches is None or not groups:
+            raise ValueError("criterion 'mask_gradient' scores channel groups by the gradient of "
+                             "their masks: pass groups, mask_loss_fn(channel_masks, batch) and "
+                             "batches (granularity 'channel').")
+        return Scores(None, mask_gradient(mask_loss_fn, {g.name: g.size for g in groups}, batches))
     if name in GRADIENT_CRITERIA:
         if loss_fn is None or batches is None:
             raise ValueError(f"criterion {name!r} is gradient-based: pass loss_fn and batches "

@@ -475,6 +475,23 @@ def channel_masks(keep: Mapping[str, jax.Array], groups: Sequence[ChannelGroup],
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def channel_keep_from_masks(masks: PyTree, groups: Sequence[ChannelGroup]) -> dict:
+    """The inverse of `channel_masks`: {group name: bool[size]}, a channel kept where a
+    producer kernel of its group (else its first producer) keeps any of its slice. Any group,
+    read through its members (attention heads on a middle axis, concatenation offsets)."""
+    index, leaves, _ = leaf_index(masks)
+    shapes = [np.shape(x) for x in leaves]
+    out = {}
+    for g in _check_groups(groups):
+        producers = group_members(g, index, shapes, ("producer",))
+        i, m = ([p for p in producers if len(shapes[p[0]]) >= 2] or producers)[0]
+        leaf = np.moveaxis(np.asarray(leaves[i]), m.axis, 0)
+        along = leaf.reshape(leaf.shape[0], -1).any(axis=1)
+        out[g.name] = along[m.indices(np.arange(g.size))].reshape(
+            m.outer, g.size, m.inner).any(axis=(0, 2))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # N:M
 # --------------------------------------------------------------------------------------------

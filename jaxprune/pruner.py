@@ -116,39 +116,45 @@ class Trained(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_train(apply, weight_decay, momentum, augment, mean, std, precision, batch_size):
-    """(optimizer, TrainFn) for these settings, compiled once: masks are state and the rate and
+def _trainer(apply, settings: train_lib.Settings, mean: tuple, std: tuple) -> train_lib.Trainer:
+    """The `train.Trainer` of these settings, compiled once: masks are state and the rate and
     length are arguments, so every fine-tune of one model reuses it."""
-    tx = train_lib.optimizer("sgd", weight_decay=weight_decay, momentum=momentum)
-    step = train_lib.make_train_step(apply, tx, schedule="cosine", mean=np.asarray(mean),
-                                     std=np.asarray(std), augment=augment, precision=precision)
-    return tx, train_lib.make_train_fn(step, batch_size=batch_size)
+    return train_lib.make_trainer(apply, settings, mean=None if mean is None else np.asarray(mean),
+                                  std=None if std is None else np.asarray(std))
 
 
 def train_model(apply: Callable, params, batch_stats, images, labels, *, epochs: int,
-                key: jax.Array, masks=None, learning_rate: float = 0.05, batch_size: int = 128,
-                weight_decay: float = 5e-4, momentum: float = 0.9, augment: bool = False,
-                mean=0.0, std=1.0, precision: str = "fp32", progress: bool = False) -> Trained:
-    """Trains `apply`'s model with SGD + Nesterov momentum and a cosine schedule (the pipeline's
-    step: data on the device, one compiled step for every phase); with `masks` (bool, shaped
-    like params) pruned weights stay exactly 0. `images` are normalised with `mean` / `std`
-    inside the step (uint8 pixels with the dataset's statistics, or float inputs with the
-    default 0 / 1); `augment`: random crop and flip. For checkpointed, resumable training use
-    `train.fit` with a `checkpoint.Checkpointer`, as the pipeline does."""
+                key: jax.Array, masks=None, learning_rate: float = 0.05,
+                batch_size: Optional[int] = None, weight_decay: Optional[float] = None,
+                momentum: Optional[float] = None, augment: Optional[bool] = None,
+                mean=0.0, std=1.0, precision: Optional[str] = None, progress: bool = False,
+                warmup_epochs: float = 0.0,
+                settings: Optional[train_lib.Settings] = None) -> Trained:
+    """Trains `apply`'s model with `train.train`, the pipeline's training (its optimizer, its
+    compiled step, the data on the device): by default SGD with Nesterov momentum 0.9, weight
+    decay 5e-4, a cosine schedule and batches of 128 (`train.Settings()`); `settings` gives
+    another set (`train.Settings.from_config(config)`: a pipeline config's), and `batch_size`,
+    `weight_decay`, `momentum`, `augment` (random crop and flip), `precision` override single
+    fields of it. With `masks` (bool, shaped like params) pruned weights stay exactly 0.
+    `images` are normalised with `mean` / `std` inside the step (uint8 pixels with the
+    dataset's statistics, or float inputs with the default 0 / 1; `mean=None`: used as they
+    are, e.g. token ids). For checkpointed, resumable
+    training pass a `checkpoint.Checkpointer` to `train.train`, as the pipeline does."""
+    given = {"batch_size": batch_size, "weight_decay": weight_decay, "momentum": momentum,
+             "augment": augment, "precision": precision}
+    settings = (settings or train_lib.Settings())._replace(
+        **{k: v for k, v in given.items() if v is not None})
     masks = masks_lib.ones_like(params) if masks is None else masks
     n = int(np.shape(images)[0])
-    if n < int(batch_size):
-        raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples.")
-    total = int(epochs) * (n // int(batch_size))
-    tx, train_fn = _compiled_train(apply, float(weight_decay), float(momentum), bool(augment),
-                                   tuple(np.ravel(mean).tolist()), tuple(np.ravel(std).tolist()),
-                                   str(precision), int(batch_size))
-    state = train_lib.create_state(params, batch_stats if batch_stats is not None else {}, masks, tx)
-    result = train_lib.fit(
-        state, train_fn, images=images, labels=labels, epochs=int(epochs),
-        batch_size=int(batch_size), key=key,
-        recipe=train_lib.make_recipe(float(learning_rate), total), progress=progress,
-        phase="train")
+    if n < settings.batch_size:
+        raise ValueError(f"batch_size={settings.batch_size} is larger than the {n} training "
+                         "examples.")
+    stats = [None if v is None else tuple(np.ravel(v).tolist()) for v in (mean, std)]
+    trainer = _trainer(apply, settings, *stats)
+    result = train_lib.train(trainer, params, batch_stats, masks, images, labels,
+                             epochs=int(epochs), learning_rate=float(learning_rate), key=key,
+                             warmup_epochs=float(warmup_epochs), progress=progress,
+                             phase="train")
     s = result.state
     return Trained(s.params, s.batch_stats, s.masks, result.history)
 
@@ -173,7 +179,9 @@ class Pruner:
     Args:
       apply: `apply(params, batch_stats, x, *, train) -> (logits, new_batch_stats)`.
       params, batch_stats: the trained (dense) variables.
-      input_shape: one example's shape, e.g. (32, 32, 3).
+      input_shape: one example's shape, e.g. (32, 32, 3), or (seq_len,) of token ids.
+      input_dtype: what `apply` takes: float32 (normalised images, the default) or an integer
+        dtype (token ids: int32; used as they are, never normalised).
       discovery: the channel groups of `apply` at these variables' shapes as
         `discover.discover_groups` finds them, possibly renamed and reordered (a zoo model's:
         `models.discovery(model)`); None discovers them here. Channel granularity only.
@@ -185,7 +193,8 @@ class Pruner:
       target: 'macs' or 'params'.
       criterion: any name of `criteria.CRITERIA`; `scores` overrides it with given scores
         (a `criteria.Scores`). Gradient criteria need `score_batches`, 'random' a `key`.
-      score_batches: [(images float32, labels int)] for 'taylor' / 'snip'.
+      score_batches: [(inputs, labels int)] for 'taylor' / 'snip' / 'mask_gradient' (inputs
+        as `apply` takes).
       scope: 'layerwise' or 'global' (the threshold method's ranking).
       lower: smallest keep ratio of a unit; step: keep grid (0: continuous);
         channel_multiple: kept channel counts in whole multiples of it (channel only).
@@ -198,7 +207,7 @@ class Pruner:
     """
 
     def __init__(self, apply: Callable, params, batch_stats, input_shape: Sequence[int], *,
-                 discovery: Optional[discover_lib.Discovery] = None,
+                 input_dtype=jnp.float32, discovery: Optional[discover_lib.Discovery] = None,
                  unprunable: Sequence = (),
                  granularity: str = "channel", sparsity: float = 0.5, target: str = "macs",
                  criterion: str = "l1", scores: Optional[criteria_lib.Scores] = None,
@@ -212,6 +221,7 @@ class Pruner:
             raise ValueError(f"sparsity={sparsity!r}; must be in [0, 1).")
         self.params, self.batch_stats = params, batch_stats if batch_stats is not None else {}
         self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_dtype = jnp.dtype(input_dtype)
         self._apply = apply  # the model's own apply (discovery and surgery trace it)
         self.discovery, self.apply, self.groups = None, apply, ()
         members = False
@@ -226,11 +236,17 @@ class Pruner:
             self.apply = self._masked_apply(apply)
         self.prunable_fn = masks_lib.make_prunable_fn(exclude=tuple(unprunable))
         if scores is None:
-            def loss_fn(p, batch):  # for the gradient criteria: the loss on (images, labels)
+            def loss_fn(p, batch):  # for the gradient criteria: the loss on (inputs, labels)
                 logits, _ = apply(p, self.batch_stats, batch[0], train=False)
                 return jnp.mean(train_lib.cross_entropy(logits, batch[1]))
+
+            def mask_loss_fn(channel_masks, batch):  # 'mask_gradient': d loss / d mask
+                logits, _ = self.apply(params, self.batch_stats, batch[0], train=False,
+                                       channel_masks=channel_masks)
+                return jnp.mean(train_lib.cross_entropy(logits, batch[1]))
             scores = criteria_lib.score(criterion, params, groups=self.groups, loss_fn=loss_fn,
-                                        batches=score_batches, key=key)
+                                        batches=score_batches, key=key,
+                                        mask_loss_fn=mask_loss_fn if self.groups else None)
         self.scores = scores.weights
         if self.granularity == "channel":
             if not self.groups:
@@ -240,7 +256,9 @@ class Pruner:
             self.channel_scores = scores.channels if scores.channels is not None else \
                 masks_lib.channel_scores(scores.weights, self.groups)
             self.cost = costs_lib.cost_model(self.apply, params, self.batch_stats,
-                                             self.input_shape, self.groups)
+                                             self.input_shape, self.groups,
+                                             input_dtype=self.input_dtype,
+                                             channel_macs=self._param_free_macs())
         else:
             if scores.weights is None:
                 raise ValueError(f"criterion {criterion!r} scores channels only; use "
@@ -249,7 +267,7 @@ class Pruner:
             self.channel_scores = None
             self.cost = costs_lib.unstructured_cost_model(
                 self.apply, params, self.batch_stats, self.input_shape,
-                prunable_fn=self.prunable_fn)
+                prunable_fn=self.prunable_fn, input_dtype=self.input_dtype)
         self.dense_cost = self.cost.dense_macs if self.target == "macs" else self.cost.dense_params
         self.budget_fn = self.cost.macs if self.target == "macs" else self.cost.params
         self.budget = float((1.0 - float(sparsity)) * self.dense_cost)
@@ -284,7 +302,7 @@ class Pruner:
         """`(discovery, found, {group name: discovered name})`: `named` (or what discovery
         finds) and the groups as `discover_groups` named them, matched by their members."""
         variables = {"params": self.params, "batch_stats": self.batch_stats}
-        x = jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((1, *self.input_shape), self.input_dtype)
         found = discover_lib.discover_groups(_eval_logits(self._apply), variables, x)
         named = found if named is None else named
         by_members = {frozenset(g.members): g.name for g in found.all_groups}
@@ -294,6 +312,29 @@ class Pruner:
                              "the discovery of this apply at these variables' shapes.")
         return named, found, {g.name: by_members[frozenset(g.members)]
                               for g in named.all_groups}
+
+    def _param_free_macs(self) -> Optional[list]:
+        """Per group, the MACs per kept channel that no param leaf carries (attention's QK^T
+        and AV shrink with the heads kept), or None when the program has none (convs and dense
+        layers only): the param-free MACs of the dense program less those of the program
+        compacted with one channel of the group dropped."""
+        def param_free(fn, variables):
+            apply = lambda p, s, x, *, train: (fn({"params": p, "batch_stats": s}, x), s)  # noqa: E731
+            return costs_lib.param_free_macs(apply, variables["params"], variables["batch_stats"],
+                                             self.input_shape, input_dtype=self.input_dtype)
+
+        fn, variables = _eval_logits(self._apply), self._variables(None, None)
+        dense = param_free(fn, variables)
+        if dense == 0:
+            return None
+        out = []
+        for g in self.groups:
+            if g.size < 2:
+                out.append(0)
+                continue
+            keep = {self._discovered[g.name]: np.arange(g.size) > 0}
+            out.append(max(dense - param_free(*surgery.compact(fn, variables, self._found, keep)), 0))
+        return out
 
     def _masked_apply(self, apply: Callable) -> Callable:
         """`apply(..., channel_masks={group name: float[size]})`: the activation masks of
@@ -346,7 +387,8 @@ class Pruner:
         """`evaluate(keep float32[K, G]) -> float32[K]`: each candidate's `metric` ('accuracy' or
         'loss') on the validation arrays after BatchNorm recalibration on `calib_images` (None:
         no recalibration), all K in one compiled call, vmapped and sharded over the devices.
-        Images are float32 as `apply` takes them (already normalised)."""
+        Inputs are as `apply` takes them (`input_dtype`: normalised float32 images, or token
+        ids)."""
         _choice("metric", metric, ("accuracy", "loss"))
         mode = "channel" if self.granularity == "channel" else "unstructured"
         evaluate = evaluate_lib.make_evaluator(
@@ -354,8 +396,8 @@ class Pruner:
             chunk_size=chunk_size, eval_batch_size=eval_batch_size,
             calib_batch_size=calib_batch_size, prunable_fn=self.prunable_fn)
         scores = self.channel_scores if mode == "channel" else self.scores
-        calib = None if calib_images is None else jnp.asarray(calib_images, jnp.float32)
-        val_x, val_y = jnp.asarray(val_images, jnp.float32), jnp.asarray(val_labels)
+        calib = None if calib_images is None else jnp.asarray(calib_images, self.input_dtype)
+        val_x, val_y = jnp.asarray(val_images, self.input_dtype), jnp.asarray(val_labels)
 
         def evaluate_fn(keep):
             return evaluate(self.params, self.batch_stats, scores,
@@ -441,9 +483,13 @@ class Pruner:
 
     # -- the pruned model --------------------------------------------------------------------
     def finetune(self, keep, images, labels, *, epochs: int, key: jax.Array, **kwargs) -> Trained:
-        """`train_model` of the dense model masked at `keep`: pruned weights stay exactly 0."""
-        return train_model(self.apply, self.params, self.batch_stats, images, labels, epochs=epochs,
-                     key=key, masks=self.masks(keep)[0], **kwargs)
+        """`train_model` (the pipeline's training) of the dense model masked at `keep`: pruned
+        weights stay exactly 0. The model's own apply is trained (the masks are on the params).
+        Inputs of an integer `input_dtype` (token ids) are not normalised."""
+        if jnp.issubdtype(self.input_dtype, jnp.integer):
+            kwargs = {"mean": None, "std": None, **kwargs}
+        return train_model(self._apply, self.params, self.batch_stats, images, labels,
+                           epochs=epochs, key=key, masks=self.masks(keep)[0], **kwargs)
 
     def channel_keep(self, keep) -> dict:
         """The kept channels {group: bool[size]} of a channel keep vector (numpy)."""

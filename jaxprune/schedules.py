@@ -22,6 +22,9 @@ from jaxprune import masks as masks_lib
 from jaxprune.structure import ChannelGroup
 
 PyTree = Any
+# `prune.schedule`: the threshold method pruned at once, along `polynomial` while fine-tuning,
+# or in `imp` rounds with rewinding (the pipeline's `finish` dispatches on these names).
+SCHEDULES = ("oneshot", "gradual", "imp")
 
 
 @dataclasses.dataclass(frozen=True)

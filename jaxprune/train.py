@@ -39,6 +39,7 @@ from jaxprune import masks as masks_lib
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam")
+L1_TARGETS = ("weights", "bn")  # `l1_penalty` on prunable kernels or on BatchNorm scales
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -158,7 +159,7 @@ def l1_penalty(params, target: str, unprunable=()) -> jax.Array:
         elif target == "weights":
             hit = leaf.ndim >= 2 and keys not in unprunable
         else:
-            raise ValueError(f"train.l1_target={target!r}: use 'weights' or 'bn'.")
+            raise ValueError(f"train.l1_target={target!r}: use one of {', '.join(L1_TARGETS)}.")
         if hit:
             total = total + jnp.sum(jnp.abs(leaf))
     return total
@@ -195,8 +196,8 @@ def mixed_apply(apply_fn: Callable, precision: str) -> Callable:
         return apply_fn
 
     def apply(params, batch_stats, x, **kwargs):
-        logits, new_stats = apply_fn(_cast_floats(params, dtype), batch_stats, x.astype(dtype),
-                                     **kwargs)
+        x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # not token ids
+        logits, new_stats = apply_fn(_cast_floats(params, dtype), batch_stats, x, **kwargs)
         return logits.astype(jnp.float32), _cast_floats(new_stats, jnp.float32)
 
     return apply
@@ -524,6 +525,86 @@ def fit(state: TrainState, train_fn, *, images, labels, epochs: int, batch_size:
                                                        train_seconds=seconds), force=True)
         checkpointer.wait()
     return FitResult(state=state, train_seconds=seconds, history=history)
+
+
+class Settings(NamedTuple):
+    """How a model is trained, one set for the library (`pruner.train_model`,
+    `Pruner.finetune`) and the pipeline (`train.*` of a config): the optimizer and its
+    schedule, the batch and the step's options. The peak rate, the length and the warm-up are
+    per call (`train`), so one compiled program serves every phase of a model."""
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    batch_size: int = 128
+    augment: bool = False
+    precision: str = "fp32"
+    label_smoothing: float = 0.0
+    l1: float = 0.0
+    l1_target: str = "weights"
+
+    @classmethod
+    def from_config(cls, config) -> "Settings":
+        """The settings of a pipeline config (`train.*`, `data.augment`)."""
+        t = config.train
+        return cls(optimizer=str(t.optimizer), weight_decay=float(t.weight_decay),
+                   momentum=float(t.momentum), schedule=str(t.schedule),
+                   batch_size=int(t.batch_size), augment=bool(config.data.augment),
+                   precision=str(t.precision), label_smoothing=float(t.label_smoothing),
+                   l1=float(t.l1), l1_target=str(t.l1_target))
+
+
+class Trainer(NamedTuple):
+    """A model's compiled training program under `settings`: the optimizer and the `TrainFn`
+    (masks are state, rate and length arguments: the dense phase and every fine-tune share it)."""
+    settings: Settings
+    tx: Any
+    train_fn: TrainFn
+
+
+def make_trainer(apply_fn: Callable, settings: Settings, *, mean, std, unprunable=(),
+                 mask_update_fn=None) -> Trainer:
+    """The `Trainer` of `apply_fn`: `make_optimizer` / `make_train_step` / `make_train_fn` with
+    `settings`; inputs are normalised with `mean` / `std` inside the step."""
+    s = settings
+    tx = optimizer(s.optimizer, weight_decay=s.weight_decay, momentum=s.momentum)
+    step = make_train_step(apply_fn, tx, schedule=s.schedule, mean=mean, std=std,
+                           augment=s.augment, precision=s.precision,
+                           label_smoothing=s.label_smoothing, l1=s.l1, l1_target=s.l1_target,
+                           unprunable=unprunable, mask_update_fn=mask_update_fn)
+    return Trainer(s, tx, make_train_fn(step, batch_size=s.batch_size))
+
+
+def train(trainer: Trainer, params, batch_stats, masks, images, labels, *, epochs: int,
+          learning_rate: float, key, warmup_epochs: float = 0.0, checkpointer=None,
+          phase: str = "train", progress: bool = False, log: Optional[Callable] = None,
+          **fit_kwargs) -> FitResult:
+    """THE training of a (masked) model, for the library and the pipeline alike: `epochs` epochs
+    of `trainer` from fresh state at `params` under `masks` (pruned weights start and stay 0),
+    peak `learning_rate` with `warmup_epochs` of linear warm-up, data order from `key`.
+
+    With a `checkpointer` holding a step, training resumes from it (a finished phase is
+    restored, not redone; `log` is told which). `fit_kwargs` go to `fit` (evaluate / val,
+    checkpoint_every, writer, bars). `train_seconds` counts the restored phase's time too."""
+    batch_size = trainer.settings.batch_size
+    steps_per_epoch = int(np.shape(images)[0]) // batch_size  # 0: `fit` says what to change
+    recipe = make_recipe(learning_rate, int(epochs) * steps_per_epoch,
+                         round(float(warmup_epochs) * steps_per_epoch))
+    state = create_state(params, batch_stats if batch_stats is not None else {}, masks,
+                         trainer.tx)
+    seconds = 0.0
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(like=state, fallback=True)
+        seconds = float(meta.get("train_seconds", 0.0))
+        if meta.get("done"):
+            if log is not None:
+                log(f"[{phase}] finished earlier (step {int(state.step)}); restored from checkpoint.")
+            return FitResult(state=state, train_seconds=seconds, history=[])
+        if log is not None:
+            log(f"[{phase}] resuming from step {int(state.step)}.")
+    return fit(state, trainer.train_fn, images=images, labels=labels, epochs=int(epochs),
+               batch_size=batch_size, key=key, recipe=recipe, checkpointer=checkpointer,
+               phase=phase, seconds_so_far=seconds, progress=progress, **fit_kwargs)
 
 
 def enable_compile_cache(directory: Optional[str]) -> None:

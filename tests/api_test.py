@@ -121,7 +121,7 @@ def test_every_criterion_behind_one_signature():
         logits, _ = model.apply(p, model.batch_stats, batch[0], train=False)
         return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(8), batch[1]])
 
-    for name in set(criteria.CRITERIA) - {"bn_scale"}:
+    for name in set(criteria.CRITERIA) - {"bn_scale", "mask_gradient"}:  # channel criteria
         out = criteria.score(name, model.params, groups=models.channel_groups(model),
                              loss_fn=loss_fn,
                              batches=[(x, y)], key=jax.random.key(0))
@@ -133,6 +133,11 @@ def test_every_criterion_behind_one_signature():
     groups = models.channel_groups(resnet)
     out = criteria.score("bn_scale", resnet.params, groups=groups)
     assert out.weights is None and set(out.channels) == {g.name for g in groups}
+    lenet_groups = models.channel_groups(model)
+    out = criteria.score("mask_gradient", model.params, groups=lenet_groups, batches=[(x, y)] * 2,
+                         mask_loss_fn=lambda m, batch: -2.0 * sum(jnp.sum(v) for v in m.values()))
+    assert out.weights is None and {k: np.asarray(v).tolist() for k, v in out.channels.items()} \
+        == {g.name: [2.0] * g.size for g in lenet_groups}
     with pytest.raises(ValueError, match="gradient-based"):
         criteria.score("taylor", model.params)
     with pytest.raises(ValueError, match="unknown criterion"):

@@ -19,7 +19,7 @@ TFDS = os.environ.get("TFDS_DATA_DIR", "")
 def test_the_notebooks_are_there():
     names = {os.path.basename(p) for p in NOTEBOOKS}
     assert {"quickstart.ipynb", "cifar10_search.ipynb", "restore_finetune_export.ipynb",
-            "prune_your_own_model.ipynb"} <= names
+            "prune_your_own_model.ipynb", "sst2_prune.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -32,7 +32,7 @@ def test_notebook_is_colab_ready(path):
     code = [c.source for c in nb.cells if c.cell_type == "code"]
     first = code[0]
     assert 'REPO_URL = "https://github.com/jaxprune/jaxprune"' in first
-    assert 'pip install -q "jaxprune[data] @ git+{REPO_URL}"' in first
+    assert re.search(r'pip install -q "jaxprune\[data(,text)?\] @ git\+\{REPO_URL\}"', first)
     assert 'find_spec("jaxprune") is None' in first  # skipped where it is installed
     assert 'os.environ.get("JAXPRUNE_SMOKE") == "1"' in first
     assert sum("REPO_URL" in c for c in code) == 1  # set once
@@ -85,9 +85,25 @@ def _check_prune_your_own_model(out, workdir):
     assert 0.0 <= accuracy <= 1.0
 
 
+def _check_sst2_prune(out, workdir):
+    rows = report.read_results(workdir)
+    assert [r["method"] for r in rows] == ["unpruned", "threshold", "sensitivity", "reinforce",
+                                           "gan", "evolution", "random", "uniform"]
+    assert_table_shows("\n".join(out), rows)
+    text = "\n".join(out)
+    for row in rows[1:]:
+        widths = dict(pipeline.restore_model(workdir, row["method"])[0].spec.widths)
+        heads = [widths[f"block{i}.heads"] for i in range(widths["layers"])]
+        assert f"{row['method']}: heads per block {heads} of {widths['heads']}" in text
+        assert sum(heads) < widths["heads"] * widths["layers"]  # heads were cut out
+        assert row["macs"] <= 0.5 * rows[0]["macs"]
+    assert len(re.findall(r": P\(positive\) [\d.]+ ", out[-1])) == 3, out[-1]
+
+
 CHECKS = {"quickstart.ipynb": _check_quickstart, "cifar10_search.ipynb": _check_cifar10_search,
           "restore_finetune_export.ipynb": _check_restore_finetune_export,
-          "prune_your_own_model.ipynb": _check_prune_your_own_model}
+          "prune_your_own_model.ipynb": _check_prune_your_own_model,
+          "sst2_prune.ipynb": _check_sst2_prune}
 
 
 def test_every_notebook_has_its_output_checks():
@@ -102,6 +118,8 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     if "cifar10" in os.path.basename(path) and not os.path.isdir(os.path.join(TFDS, "cifar10")):
         pytest.skip("needs the local TFDS CIFAR-10 copy ($TFDS_DATA_DIR/cifar10)")
+    if "sst2" in os.path.basename(path) and not os.path.isdir(os.path.join(TFDS, "glue", "sst2")):
+        pytest.skip("needs the local TFDS SST-2 copy ($TFDS_DATA_DIR/glue/sst2)")
     workdir = str(tmp_path / "work")
     monkeypatch.setenv("JAXPRUNE_SMOKE", "1")
     monkeypatch.setenv("JAXPRUNE_WORKDIR", workdir)

@@ -16,6 +16,7 @@ import pytest
 from checkpoint_test import _flip_bytes_in_arrays  # tests/ is on sys.path under pytest
 from jaxprune import checkpoint as ckpt_lib
 from jaxprune import config_checks, errors, pipeline
+from jaxprune import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINGERPRINT = {"model": "lenet5", "dataset": "digits"}
@@ -109,11 +110,11 @@ def test_a_key_older_versions_lacked_continues_with_the_flag(tmp_path):
     assert "--continue_older" in text and "`train.newer_key` (now 3)" in text, text
     assert pipeline.check_workdir(config, workdir, continue_older=True) == {
         "dense": {"train.newer_key": 3}}
-    assert not pipeline._continued_before(workdir)
+    assert not workdir_lib.continued_before(workdir)
     pipeline.write_run_info(config, workdir, {"dense": {"train.newer_key": 3}})
     info = json.load(open(os.path.join(workdir, "run_info.json")))
     assert info["continued_older"] == {"dense": {"train.newer_key": 3}}
-    assert pipeline._continued_before(workdir)  # the same command resumes it without the flag
+    assert workdir_lib.continued_before(workdir)  # the same command resumes it without the flag
 
 
 def test_a_neutral_key_continues_by_itself_and_names_its_value_otherwise(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jaxprune import checkpoint as ckpt_lib
-from jaxprune import config_checks, errors, pipeline
+from jaxprune import config_checks, errors, experiment, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(REPO, "configs", "quickstart.py")
@@ -289,16 +289,16 @@ def test_tensorflow_read_errors_are_data_errors(monkeypatch):
     def load(data_config):
         raise DataLossError("truncated record at 1048576")
 
-    monkeypatch.setattr(pipeline.data_lib, "load", load)
+    monkeypatch.setattr(experiment.data_lib, "load", load)
     with pytest.raises(errors.DataError, match="truncated record.*download the dataset again"):
-        pipeline._load_data(smoke().data)
+        experiment.load_data(smoke().data)
 
     def bug(data_config):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(pipeline.data_lib, "load", bug)
+    monkeypatch.setattr(experiment.data_lib, "load", bug)
     with pytest.raises(KeyError):  # not bad input: not converted
-        pipeline._load_data(smoke().data)
+        experiment.load_data(smoke().data)
 
 
 SHARED_TFDS = os.path.join(REPO, "..", "shared", "tensorflow_datasets", "cifar10")

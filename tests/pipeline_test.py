@@ -89,14 +89,15 @@ def test_one_compiled_train_fn_and_eval_fn_serve_dense_and_finetune(tmp_path):
         config.train.checkpoint_every = 0
         config.finetune.epochs = 2
         config.finetune.learning_rate = 0.003
-    ctx = pipeline.make_context(config, str(tmp_path), progress=False)
-    dense_state, _ = pipeline.dense_phase(ctx)
-    pruner = pipeline.make_pruner(ctx, dense_state)
-    pipeline.handset_phase(ctx, pruner, "threshold")
-    assert len(ctx._train_fns) == 1
-    (train_fn,) = ctx._train_fns.values()
-    assert train_fn._cache_size() == 1  # one chunk length (a whole epoch) for both phases
-    assert ctx._eval_fns[ctx.model.apply].compiled._cache_size() == 1
+    from jaxprune import methods
+    exp = pipeline.make_context(config, str(tmp_path), progress=False)
+    dense_state, _ = pipeline.dense_phase(exp)
+    pruner = pipeline.make_pruner(exp, dense_state)
+    made = methods.handset_keep(pruner, "threshold", None, candidates=8)
+    pipeline.handset_phase(exp, pruner, "threshold", made)
+    # one chunk length (a whole epoch) for both phases
+    assert exp.trainer.train_fn._cache_size() == 1
+    assert exp.evaluate.compiled._cache_size() == 1
 
 
 @pytest.mark.parametrize("multiple", [1, 2])
@@ -108,9 +109,9 @@ def test_projected_channel_keeps_are_whole_channels(tmp_path, multiple):
     with config.unlocked():
         config.prune.channel_multiple = multiple
         config.prune.sparsity = 0.5
-    ctx = pipeline.make_context(config, str(tmp_path), progress=False)
-    dense = types.SimpleNamespace(params=ctx.model.params, batch_stats=ctx.model.batch_stats)
-    pruner = pipeline.make_pruner(ctx, dense)
+    exp = pipeline.make_context(config, str(tmp_path), progress=False)
+    dense = types.SimpleNamespace(params=exp.model.params, batch_stats=exp.model.batch_stats)
+    pruner = pipeline.make_pruner(exp, dense)
     sizes = np.asarray([g.size for g in pruner.groups])
     rng = np.random.default_rng(0)
     for keep in [np.ones(len(sizes))] + [rng.uniform(0.2, 1.0, len(sizes)) for _ in range(5)]:

@@ -117,9 +117,13 @@ def smoke_workdir(tmp_path_factory):
     return workdir, rows, dataset
 
 
+METHODS = ["unpruned", "threshold", "sensitivity", "reinforce", "gan", "evolution", "random",
+           "uniform"]
+
+
 def test_smoke_run_reports_the_unpruned_transformer(smoke_workdir):
     workdir, rows, _ = smoke_workdir
-    assert [r["method"] for r in rows] == ["unpruned"]
+    assert [r["method"] for r in rows] == METHODS
     row = rows[0]
     assert 0.0 <= row["accuracy"] <= 1.0 and row["macs"] > 0 and row["params"] > 0
     saved = os.path.join(workdir, "models", "unpruned")
@@ -127,6 +131,90 @@ def test_smoke_run_reports_the_unpruned_transformer(smoke_workdir):
     info = modelio.read_model_info(workdir, "unpruned")
     assert info["input"]["kind"] == "text" and info["input"]["seq_len"] == 16
     assert "mean" not in info and "std" not in info
+
+
+@pytest.mark.parametrize("method", METHODS[1:])
+def test_every_method_prunes_heads_and_neurons_under_the_budget(smoke_workdir, method):
+    """Each pruned row is at most 50 % of the dense MACs (at the config's seq_len); its saved
+    model is the compacted Transformer (fewer heads, narrower FFNs) whose logits equal the
+    masked fine-tuned model's (the phase's checkpoint); its predictor on raw text reproduces
+    them."""
+    from jaxprune import checkpoint
+    workdir, rows, dataset = smoke_workdir
+    row = {r["method"]: r for r in rows}[method]
+    dense_macs = rows[0]["macs"]
+    assert 0 < row["macs"] <= 0.5 * dense_macs and row["params"] < rows[0]["params"]
+    assert set(row["kept_channels"]) == {"block0.heads", "block0.ffn", "block1.heads",
+                                         "block1.ffn"}
+    model, params, batch_stats = pipeline.restore_model(workdir, method)
+    widths = dict(model.spec.widths)
+    heads = [widths[f"block{i}.heads"] for i in range(widths["layers"])]
+    ffn = [widths[f"block{i}.ffn"] for i in range(widths["layers"])]
+    assert sum(heads) < widths["heads"] * widths["layers"] and min(heads) >= 1  # heads removed
+    assert sum(ffn) < widths["ffn"] * widths["layers"]
+    for i in range(widths["layers"]):
+        attn = params[f"block{i}"]["attn"]
+        assert attn["query"]["kernel"].shape[1] == heads[i] == attn["out"]["kernel"].shape[0]
+        assert params[f"block{i}"]["ffn1"]["kernel"].shape[1] == ffn[i]
+    assert {k: widths[k] for k in row["kept_channels"]} == row["kept_channels"]
+
+    dense_model, _, _ = pipeline.restore_model(workdir, "unpruned")
+    state, meta = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints", f"finetune_{method}")).restore()
+    assert meta["done"]
+    ids = dataset.test_images[:16]
+    masked = dense_model.apply(state["params"], state["batch_stats"], ids, train=False)[0]
+    compact = model.apply(params, batch_stats, ids, train=False)[0]
+    np.testing.assert_allclose(np.asarray(compact), np.asarray(masked), atol=2e-5)
+
+    sentences = list(_synthetic()[2])[:8]
+    logits = pipeline.load_predictor(workdir, method)(sentences)
+    ids = text.encode(text.from_json(dataset.tokenizer), sentences, dataset.input_shape[0])
+    want = model.apply(params, batch_stats, ids, train=False)[0]
+    np.testing.assert_allclose(logits, np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def _prune_on_dense(smoke_workdir, tmp_path, monkeypatch, **prune):
+    """The smoke config's threshold method with `prune` settings, on the smoke run's dense
+    checkpoint (restored, not retrained): (dense row, pruned row, workdir)."""
+    import shutil
+    monkeypatch.setattr(data, "_load_tfds_text", lambda name, data_dir, download=False: _synthetic())
+    data.clear_cache()
+    workdir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(smoke_workdir[0], "checkpoints", "dense"),
+                    os.path.join(workdir, "checkpoints", "dense"))
+    config = pipeline.load_config("sst2:smoke")
+    config.prune.methods, config.search.methods = "threshold", ""
+    config.prune.update(prune)
+    try:
+        dense, row = pipeline.run(config, workdir, progress=False)
+    finally:
+        data.clear_cache()
+    return dense, row, workdir
+
+
+@pytest.mark.slow  # ~25 CPU s each (a train fn with mask updates compiles)
+@pytest.mark.parametrize("prune", [
+    dict(schedule="gradual", criterion="taylor"),
+    dict(schedule="imp", imp_rounds=2, criterion="mask_gradient")],
+    ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()))
+def test_schedules_and_gradient_criteria_prune_heads(smoke_workdir, tmp_path, monkeypatch, prune):
+    """Gradient criteria score heads and neurons from token inputs; the gradual / iterative
+    schedules' final masks are read back into kept heads (`masks.channel_keep_from_masks`)."""
+    dense, row, workdir = _prune_on_dense(smoke_workdir, tmp_path, monkeypatch, **prune)
+    assert row["schedule"] == prune["schedule"] and row["macs"] <= 0.5 * dense["macs"]
+    model, params, batch_stats = pipeline.restore_model(workdir, "threshold")
+    widths = dict(model.spec.widths)
+    assert {k: widths[k] for k in row["kept_channels"]} == row["kept_channels"]
+    assert widths["block0.heads"] + widths["block1.heads"] < 2 * widths["heads"]
+
+
+def test_bn_scale_is_refused_for_the_transformer_before_training(fake_sst2, tmp_path):
+    config = pipeline.load_config("sst2:smoke")
+    config.prune.criterion = "bn_scale"
+    with pytest.raises(errors.ConfigError, match="no BatchNorm producer.*Use criterion 'l1'"):
+        pipeline.run(config, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "dense")
 
 
 def test_damaged_tokenizer_is_named(smoke_workdir, tmp_path):

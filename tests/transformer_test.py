@@ -37,7 +37,8 @@ def test_forward_shapes_and_registry():
     assert params["block0"]["ffn1"]["kernel"].shape == (16, 24)
     assert params["embed"]["embedding"].shape == (40, 16)
     assert params["position"]["embedding"].shape == (12, 16)
-    assert model.spec.widths == tuple(WIDTHS.items())
+    assert model.spec.widths == tuple(WIDTHS.items()) + (
+        ("block0.heads", 4), ("block0.ffn", 24), ("block1.heads", 4), ("block1.ffn", 24))
 
 
 def test_padding_does_not_change_the_logits():
@@ -112,11 +113,35 @@ def test_bad_shapes_are_refused(kwargs, match):
         models.get_model("transformer", **{**args, **kwargs})
 
 
-def test_zoo_naming_of_discovered_groups_refuses_the_transformer_clearly():
-    # Its width arguments (heads, layers) are not channel widths: `models.discovery` cannot
-    # name groups after them and says so (the groups themselves: `discover.discover_groups`).
-    with pytest.raises(ValueError, match="not all independent channel widths"):
-        models.discovery(_model())
+def test_zoo_discovery_names_heads_and_neurons_per_block_and_rebuilds_them():
+    """`models.discovery` names each block's head and FFN groups after its own width arguments
+    (the shared ones, vocab / embed / heads / ffn / layers, size no group), and a model rebuilt
+    at narrower per-block widths around the sliced variables gives the masked model's logits."""
+    from jaxprune import discover, surgery
+    from jaxprune import masks as masks_lib
+    model = _model(layers=3, **{"block2.ffn": 20})
+    found = models.discovery(model)
+    assert [(g.name, g.size) for g in found.groups] == [
+        ("block0.heads", 4), ("block0.ffn", 24), ("block1.heads", 4), ("block1.ffn", 24),
+        ("block2.heads", 4), ("block2.ffn", 20)]
+    rng = np.random.default_rng(0)
+    keep = {g.name: rng.permutation(g.size) < max(g.size // 2 - i, 1)
+            for i, g in enumerate(found.groups)}
+    variables = {"params": model.params, "batch_stats": model.batch_stats}
+    small = surgery.slice_variables(variables, found, keep)
+    narrow = models.with_widths(model, {k: int(v.sum()) for k, v in keep.items()},
+                                small["params"], small["batch_stats"])
+    assert dict(narrow.spec.widths)["block0.heads"] == 2 and dict(narrow.spec.widths)["heads"] == 4
+    assert narrow.params["block2"]["attn"]["query"]["kernel"].shape == (16, 1, 4)
+    x = _tokens([[2, 5, 6, 7], [2], [2, 9, 3, 3, 8]], 12)
+    masks = masks_lib.channel_masks(keep, discover.params_groups(found), model.params)
+    masked = model.apply(masks_lib.apply(model.params, masks), model.batch_stats, x, train=False)[0]
+    got = narrow.apply(narrow.params, narrow.batch_stats, x, train=False)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(masked), atol=2e-5)
+    dense = model.apply(model.params, model.batch_stats, x, train=False)[0]
+    assert np.abs(np.asarray(dense) - np.asarray(masked)).max() > 1e-3
+    assert {k: v.tolist() for k, v in masks_lib.channel_keep_from_masks(
+        masks, discover.params_groups(found)).items()} == {k: v.tolist() for k, v in keep.items()}
 
 
 def test_image_model_refuses_token_shape():
@@ -142,6 +167,31 @@ def test_discovery_finds_the_ffn_neurons_and_compacts_them():
 
 
 def test_discovery_finds_the_heads_despite_the_padding_mask():
-    _, _, _, found = _discovered(_model())
+    apply_fn, variables, x, found = _discovered(_model())
     heads = [g for g in found.groups if g.size == WIDTHS["heads"]]
     assert len(heads) == WIDTHS["layers"], found.unprunable
+    keep = {g.name: np.arange(g.size) % 2 == i % 2 for i, g in enumerate(found.groups)}
+    small = assert_compact_equals_masked(apply_fn, variables, x, found, keep)
+    assert small["params"]["block0"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
+
+
+def test_pruner_cost_model_counts_attention_matmuls_per_head():
+    """QK^T and AV shrink with the heads kept: the Pruner's planned MACs of a keep equal the
+    MACs counted in the compacted program, so a 50 % budget is used, not undershot."""
+    import jax.numpy as jnp
+    from jaxprune import costs
+    from jaxprune import pruner as pruner_lib
+    model = _model(seq_len=32)
+    pruner = pruner_lib.Pruner(model.apply, model.params, model.batch_stats, (32,),
+                               input_dtype=jnp.int32, discovery=models.discovery(model),
+                               sparsity=0.5)
+    dense = costs.count_macs(model.apply, model.params, model.batch_stats, (32,),
+                             input_dtype=jnp.int32)
+    assert pruner.cost.dense_macs == dense
+    for keep in (pruner.threshold_keep(), np.asarray([0.25, 1.0, 0.75, 0.5], np.float32)):
+        small_fn, small_vars = pruner.compact(keep)
+        counted = costs.count_macs(
+            lambda p, s, x, *, train: (small_fn({"params": p, "batch_stats": s}, x), s),
+            small_vars["params"], small_vars["batch_stats"], (32,), input_dtype=jnp.int32)
+        assert pruner.cost.macs_exact(keep) == counted
+    assert 0.45 * dense <= pruner.cost.macs_exact(pruner.threshold_keep()) <= pruner.budget

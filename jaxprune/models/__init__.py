@@ -44,6 +44,7 @@ MODELS = {
 # What a model's input is (class attribute INPUT_KIND): 'image' (H, W, C) floats, or 'tokens'
 # (seq_len,) int32 ids; it must match the dataset's `kind`.
 INPUT_RANK = {"image": 3, "tokens": 1}
+INPUT_DTYPES = {"image": jnp.float32, "tokens": jnp.int32}  # what `apply` takes (input_example)
 
 
 def _make_apply(graphdef, input_shape: tuple):
@@ -78,7 +79,7 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
     if int(num_classes) < 1:
         raise ValueError(f"{name}: num_classes must be >= 1, got {num_classes}")
     num_classes = int(num_classes)
-    resolved = resolve_widths(name, cls.default_widths(input_shape), widths)
+    resolved = resolve_widths(name, _default_widths(name, input_shape, widths), widths)
     widths_items = tuple(resolved.items())
     if abstract:
         module = nnx.eval_shape(
@@ -95,11 +96,31 @@ def _build(name, num_classes, input_shape, widths, key, *, abstract: bool) -> Fu
                            batch_stats=batch_stats, spec=spec, unprunable=tuple(cls.UNPRUNABLE))
 
 
+def _default_widths(name: str, input_shape, widths=None) -> dict:
+    """{width argument: default} of the zoo model `name`: the class's `default_widths`, plus the
+    widths that default to others' values (`derived_widths`, e.g. the Transformer's per-block
+    heads and FFN, one pair per layer), derived from `widths` where it sets those others."""
+    cls = MODELS[name]
+    defaults = cls.default_widths(input_shape)
+    derive = getattr(cls, "derived_widths", None)
+    if derive is None:
+        return defaults
+    given = {k: v for k, v in (widths or {}).items() if k in defaults}
+    return {**defaults, **derive(resolve_widths(name, defaults, given))}
+
+
 def input_kind(name: str) -> str:
     """'image' or 'tokens': what the zoo model `name` takes."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     return getattr(MODELS[name], "INPUT_KIND", "image")
+
+
+def input_example(spec: ModelSpec, batch: int = 1) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of a batch of `batch` inputs of `spec`'s model: float32 images
+    (normalised pixels) or int32 token ids (`INPUT_DTYPES`)."""
+    return jax.ShapeDtypeStruct((int(batch), *spec.input_shape),
+                                INPUT_DTYPES[input_kind(spec.name)])
 
 
 def get_model(name: str, *, num_classes: int, input_shape, key, widths=None) -> FunctionalModel:
@@ -148,19 +169,22 @@ def discovery(model: FunctionalModel) -> discover.Discovery:
     each named after the width argument that sets its size (`spec.widths`: 'conv2',
     'stage1.block0.conv1', ...) and in their order. Traced once per `spec` (shapes only).
 
+    Width arguments the class lists in `FIXED_WIDTHS` (the Transformer's vocab, embed, layers
+    and shared heads / ffn) shape the model but size no group; every other one sizes exactly
+    one group (the Transformer's `block{i}.heads`, `block{i}.ffn`).
+
     Raises:
       ValueError when a prunable group is not set by exactly one width argument (a model whose
       program couples two arguments could not be rebuilt at the kept widths), or when its
-      width arguments are not all channel widths (the Transformer's heads and layers).
+      other width arguments are not independent channel widths.
     """
     spec = model.spec
     if spec not in _DISCOVERED:
         shapes = jax.eval_shape(lambda: {"params": model.params,
                                          "batch_stats": model.batch_stats})
-        x = jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32)
         found = discover.discover_groups(
             lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0],
-            shapes, x)
+            shapes, input_example(spec))
         names = _width_names(spec, found)
         order = {name: i for i, (name, _) in enumerate(spec.widths)}
         groups = sorted((dataclasses.replace(g, name=names[g.name]) for g in found.groups),
@@ -171,13 +195,14 @@ def discovery(model: FunctionalModel) -> discover.Discovery:
 
 def _width_names(spec: ModelSpec, found: discover.Discovery) -> dict:
     """{discovered group name: width argument}: the argument whose size a group's producers
-    take in a probe build where every argument has its own width."""
-    names = [name for name, _ in spec.widths]
+    take in a probe build where every argument but the `FIXED_WIDTHS` has its own width."""
+    fixed = getattr(MODELS[spec.name], "FIXED_WIDTHS", ())
+    names = [name for name, _ in spec.widths if name not in fixed]
+    probe_widths = dict(spec.widths, **{name: _PROBE_WIDTH + i for i, name in enumerate(names)})
     try:
-        probe = _build(spec.name, spec.num_classes, spec.input_shape,
-                       {name: _PROBE_WIDTH + i for i, name in enumerate(names)},
+        probe = _build(spec.name, spec.num_classes, spec.input_shape, probe_widths,
                        jax.random.key(0), abstract=True)
-    except ValueError as e:  # e.g. the Transformer's heads must divide its embed width
+    except ValueError as e:  # a module whose arguments constrain each other
         raise ValueError(f"{spec.name}: its width arguments ({', '.join(names)}) are not all "
                          f"independent channel widths, so its discovered groups cannot be named "
                          f"after them (the probe build at distinct widths fails: {e}); use "

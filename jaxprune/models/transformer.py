@@ -6,6 +6,11 @@ over the non-pad tokens → classifier. A plain Flax NNX module: attention is
 `nnx.MultiHeadAttention`, the FFN two `nnx.Linear`s, and nothing in it is about pruning (its
 heads and FFN neurons are for discovery to find).
 
+Each block has its own width arguments, `block{i}.heads` and `block{i}.ffn`, which default to
+`heads` and `ffn`: a pruned model keeps a different number of heads and FFN neurons per block
+(`models.with_widths`). A head is always `embed // heads` wide (`heads`, the dense model's
+head count, fixes the head size; a block's own count only says how many it has).
+
 Input: int32 [batch, seq_len] token ids, `text.PAD_ID` (0) at padded positions. Pad positions
 are masked out of attention (as keys) and of the pooling, so the logits of a sentence do not
 depend on how much padding follows it.
@@ -43,9 +48,10 @@ def _batch_key(tokens):
 class Block(nnx.Module):
     """Pre-LN encoder block: x + attn(LN(x)), then x + ffn(LN(x))."""
 
-    def __init__(self, embed: int, heads: int, ffn: int, *, rngs: nnx.Rngs):
+    def __init__(self, embed: int, heads: int, head_dim: int, ffn: int, *, rngs: nnx.Rngs):
         self.ln1 = nnx.LayerNorm(embed, rngs=rngs)
         self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=embed,
+                                           qkv_features=heads * head_dim, out_features=embed,
                                            decode=False, rngs=rngs)
         self.ln2 = nnx.LayerNorm(embed, rngs=rngs)
         self.ffn1 = nnx.Linear(embed, ffn, rngs=rngs)
@@ -60,16 +66,28 @@ class TransformerClassifier(nnx.Module):
     """Transformer encoder classifier; input_shape is (seq_len,) of int32 token ids.
 
     widths: vocab (embedding rows: the tokenizer's vocabulary size), embed (d_model), heads
-    (attention heads; embed must divide by it), ffn (hidden units per block), layers (blocks).
+    (attention heads; embed must divide by it), ffn (hidden units per block), layers (blocks),
+    and per block `block{i}.heads` / `block{i}.ffn` (default: heads / ffn; `derived_widths`),
+    the widths pruning narrows.
     """
 
     INPUT_KIND = "tokens"
     UNPRUNABLE = (("embed", "embedding"), ("classifier", "kernel"))
+    # Width arguments that shape the model but size no prunable group (the blocks' own
+    # `block{i}.*` widths do): `models.discovery` leaves them at their values.
+    FIXED_WIDTHS = tuple(DEFAULTS)
 
     @staticmethod
     def default_widths(input_shape) -> dict:
         del input_shape
         return dict(DEFAULTS)
+
+    @staticmethod
+    def derived_widths(widths: dict) -> dict:
+        """The per-block widths, one pair per layer of `widths['layers']`, at the shared
+        `heads` / `ffn` (their defaults)."""
+        return {f"block{i}.{name}": int(widths[name])
+                for i in range(int(widths["layers"])) for name in ("heads", "ffn")}
 
     def __init__(self, *, num_classes: int, input_shape, widths: dict, rngs: nnx.Rngs):
         if len(input_shape) != 1:
@@ -82,7 +100,8 @@ class TransformerClassifier(nnx.Module):
         self.position = nnx.Embed(int(input_shape[0]), embed, rngs=rngs)
         self.num_layers = int(widths["layers"])
         for i in range(self.num_layers):  # block0, block1, …: str keys in the params tree
-            setattr(self, f"block{i}", Block(embed, heads, widths["ffn"], rngs=rngs))
+            setattr(self, f"block{i}", Block(embed, widths[f"block{i}.heads"], embed // heads,
+                                             widths[f"block{i}.ffn"], rngs=rngs))
         self.ln = nnx.LayerNorm(embed, rngs=rngs)
         self.classifier = nnx.Linear(embed, num_classes, rngs=rngs)
 
