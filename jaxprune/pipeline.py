@@ -155,9 +155,11 @@ def _scheduled(exp: Experiment, pruner: pruner_lib.Pruner, method: str, schedule
         fn = None if pruner.granularity == "channel" else pruner.prunable_fn
         final = float(masks_lib.count(oneshot_masks, fn).sparsity)
     groups = pruner.groups if pruner.granularity == "channel" else None
+    per_group = scope == "layerwise" and groups is not None  # end at the plan's channels
     update = functools.partial(schedules_lib.update_masks, scope=scope,
                                granularity=pruner.granularity, groups=groups,
-                               prunable_fn=pruner.prunable_fn)
+                               prunable_fn=pruner.prunable_fn,
+                               final_keep=np.asarray(keep, np.float32) if per_group else None)
     dense_masks = masks_lib.ones_like(pruner.params)
     if schedule == "gradual":
         steps = int(cfg.finetune.epochs) * max(

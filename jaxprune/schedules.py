@@ -141,7 +141,8 @@ def rewind(rewind_params: PyTree, masks: PyTree) -> PyTree:
 def update_masks(step, params: PyTree, masks: PyTree, schedule: Schedule, *,
                  scope: str = "layerwise", granularity: str = "unstructured",
                  groups: Sequence[ChannelGroup] | None = None,
-                 prunable_fn: masks_lib.PrunableFn = masks_lib.default_prunable) -> PyTree:
+                 prunable_fn: masks_lib.PrunableFn = masks_lib.default_prunable,
+                 final_keep=None) -> PyTree:
     """Masks for this training step.
 
     On `schedule.is_update(step)` the masks are recomputed from weight magnitude |w| at
@@ -149,7 +150,16 @@ def update_masks(step, params: PyTree, masks: PyTree, schedule: Schedule, *,
     `granularity`, `groups`); already-pruned weights score lowest and the result is ANDed
     with the old masks, so nothing pruned comes back. Other steps return `masks` unchanged.
     Jittable (`lax.cond`; `step` may be traced).
+
+    `final_keep` (scope 'layerwise' only): per-unit keep ratios to end at, as `from_scores`
+    takes them (float[G] in `groups` order for channels). Each unit then moves from 1 to its own
+    target in step with the schedule, keep_u = 1 - (1 - final_keep_u) * schedule(step) / s_f
+    with s_f = 1 - mean(final_keep) the schedule's final sparsity, so the last update keeps
+    exactly the planned channels of every unit (one scalar keep would round each unit on its own
+    and can overshoot a MACs budget by a channel).
     """
+    if final_keep is not None and scope != "layerwise":
+        raise ValueError(f"final_keep is per unit: scope must be 'layerwise', not {scope!r}")
     if granularity == "nm":
         raise ValueError("update_masks schedules a sparsity; granularity='nm' has a fixed "
                          "sparsity 1 - n/m: build it once with masks.from_scores")
@@ -157,6 +167,11 @@ def update_masks(step, params: PyTree, masks: PyTree, schedule: Schedule, *,
     def recompute(operand):
         params, masks = operand
         keep = 1.0 - schedule(step)
+        if final_keep is not None:
+            target = jnp.asarray(final_keep, jnp.float32)
+            final = 1.0 - jnp.mean(target)
+            progress = jnp.where(final > 0, (1.0 - keep) / jnp.maximum(final, 1e-12), 1.0)
+            keep = 1.0 - (1.0 - target) * jnp.minimum(progress, 1.0)
         if granularity == "channel":
             scores = jax.tree.map(lambda w, m: jnp.abs(jnp.where(m, w, 0)).astype(jnp.float32),
                                   params, masks)

@@ -123,3 +123,35 @@ def test_update_masks_channel_granularity_is_monotone():
     # s_1 = 0.75 - 0.75 * 0.5 ** 3 = 0.65625 -> keep round(0.34375 * 8) = 3; s_2 = 0.75 -> 2
     assert kept == [8, 3, 2]
     assert bool(jnp.all(m["b"]["kernel"]))
+
+
+def test_update_masks_final_keep_ends_at_every_groups_planned_channels():
+    """Per-group targets (4 heads at 2/4, 128 neurons at 63/128): one scalar keep (their mean
+    sparsity) rounds each group on its own (64 of 128 kept: over the plan); `final_keep` ends
+    exactly at the planned channels, and earlier updates stay between dense and the plan."""
+    from jaxprune.structure import ChannelGroup
+    rng = np.random.default_rng(0)
+    params = {"h": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+              "f": {"kernel": jnp.asarray(rng.normal(size=(3, 128)), jnp.float32)}}
+    groups = (ChannelGroup("h", 4, producers=(("h", "kernel"),)),
+              ChannelGroup("f", 128, producers=(("f", "kernel"),)))
+    target = np.asarray([2 / 4, 63 / 128], np.float32)
+    final = 1.0 - float(np.mean(target))
+    sched = schedules.polynomial(final, begin_step=0, end_step=2, frequency=1)
+
+    def kept(m):
+        return [int(np.asarray(m[g.name]["kernel"]).any(0).sum()) for g in groups]
+
+    scalar = schedules.update_masks(2, params, masks.ones_like(params), sched,
+                                    granularity="channel", groups=groups)
+    assert kept(scalar) == [2, 64]
+    m, history = masks.ones_like(params), []
+    for t in range(3):
+        m = schedules.update_masks(t, params, m, sched, granularity="channel", groups=groups,
+                                   final_keep=target)
+        history.append(kept(m))
+    assert history[-1] == [2, 63]
+    assert all(2 <= h <= 4 and 63 <= f <= 128 for h, f in history)
+    with pytest.raises(ValueError, match="layerwise"):
+        schedules.update_masks(2, params, masks.ones_like(params), sched, scope="global",
+                               granularity="channel", groups=groups, final_keep=target)
