@@ -112,10 +112,10 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def make_optimizer(train_config) -> optax.GradientTransformationExtraArgs:
-    """The configured optimizer (`train.optimizer`, `weight_decay`, `momentum`); see `optimizer`."""
-    return optimizer(str(train_config.optimizer), weight_decay=float(train_config.weight_decay),
-                     momentum=float(train_config.momentum))
+def make_optimizer(settings: "Settings") -> optax.GradientTransformationExtraArgs:
+    """The optimizer of `settings` (`Settings.from_config` reads a config's); see `optimizer`."""
+    return optimizer(settings.optimizer, weight_decay=settings.weight_decay,
+                     momentum=settings.momentum)
 
 
 def optimizer(name: str = "sgd", *, weight_decay: float = 5e-4,
@@ -567,7 +567,7 @@ def make_trainer(apply_fn: Callable, settings: Settings, *, mean, std, unprunabl
     """The `Trainer` of `apply_fn`: `make_optimizer` / `make_train_step` / `make_train_fn` with
     `settings`; inputs are normalised with `mean` / `std` inside the step."""
     s = settings
-    tx = optimizer(s.optimizer, weight_decay=s.weight_decay, momentum=s.momentum)
+    tx = make_optimizer(s)
     step = make_train_step(apply_fn, tx, schedule=s.schedule, mean=mean, std=std,
                            augment=s.augment, precision=s.precision,
                            label_smoothing=s.label_smoothing, l1=s.l1, l1_target=s.l1_target,

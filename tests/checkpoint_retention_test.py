@@ -119,7 +119,7 @@ def test_the_campaign_snapshot_resumes_and_continues_in_its_layout(tmp_path):
     model = models.get_model("resnet20", num_classes=10, input_shape=(32, 32, 3),
                              key=jax.random.key(0))
     like = train.create_state(model.params, model.batch_stats, masks.ones_like(model.params),
-                              train.make_optimizer(cfg.train))
+                              train.make_optimizer(train.Settings.from_config(cfg)))
     fingerprint = ckpt_lib.load_json(os.path.join(directory, ckpt_lib.FINGERPRINT_FILE))
     ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=2, fingerprint=fingerprint, fallback=True)
     state, meta = ckpt.restore(like=like)

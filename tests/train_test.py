@@ -2,7 +2,6 @@
 evaluation, exact resume, mixed precision, schedules and non-finite losses."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -12,9 +11,8 @@ SHAPE = (8, 8, 1)
 MEAN, STD = np.full((1,), 100.0), np.full((1,), 50.0)
 
 
-def _cfg(optimizer="sgd", **kw):
-    return ml_collections.ConfigDict(dict(learning_rate=0.05, schedule="cosine", optimizer=optimizer,
-                                          momentum=0.9, weight_decay=5e-4, **kw))
+def _cfg(optimizer="sgd"):
+    return train.Settings(optimizer=optimizer, momentum=0.9, weight_decay=5e-4)
 
 
 @pytest.fixture(scope="module")

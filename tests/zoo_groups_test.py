@@ -166,7 +166,7 @@ def test_the_campaign_checkpoint_restores_into_the_hook_free_resnet20():
     model = models.get_model("resnet20", num_classes=10, input_shape=(32, 32, 3),
                              key=jax.random.key(0))
     state = train.create_state(model.params, model.batch_stats, masks.ones_like(model.params),
-                               train.make_optimizer(cfg.train))
+                               train.make_optimizer(train.Settings.from_config(cfg)))
     restored, _ = checkpoint.Checkpointer(CAMPAIGN, max_to_keep=None, fingerprint=None,
                                           fallback=True).restore(like=state)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
