@@ -167,6 +167,8 @@ SCHEMA: dict[str, Check] = {
     "train.warmup_epochs": _non_negative_number,
     "train.label_smoothing": _number(0, 1, high_open=True),
     "train.compile_cache_dir": _optional_str,
+    "train.init_from": _optional_str,
+    "train.init_method": _optional_str,
     "finetune.warmup_epochs": _non_negative_number,
     "prune.methods": _method_list(PRUNE_METHODS),
     "prune.sparsity": _number(0, 1, high_open=True,
@@ -236,6 +238,10 @@ def common_config():
     config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
     config.train.label_smoothing = 0.0
     config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
+    # A saved model to prune instead of training one: a workdir (or experiment folder) holding
+    # models/<init_method>, saved by a run of the same model and data; the dense phase restores it.
+    config.train.init_from = config_dict.placeholder(str)
+    config.train.init_method = "unpruned"
 
     config.prune.granularity = "channel"
     config.prune.scope = "layerwise"
@@ -490,7 +496,7 @@ NOT_RESULT = frozenset({
 # matches (`checkpoint.check_fingerprint(before=NEUTRAL)` names this value when it differs).
 # A key added to a phase's settings belongs here with its neutral value, so that older workdirs
 # stay resumable without --continue_older.
-NEUTRAL = {"search.seed_keeps": ""}
+NEUTRAL = {"search.seed_keeps": "", "train.init_from": None, "train.init_method": "unpruned"}
 # The winner's selection after a search (`selection.select_winner`) changes the fine-tune, not
 # the search.
 SELECTION_PREFIX = "search.select_"

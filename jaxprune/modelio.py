@@ -567,6 +567,37 @@ def _restore(workdir: str, method: str):
     return model, info, kind
 
 
+def restore_to_start(workdir: str, method: str, *, model, dataset):
+    """A saved model to start a run from instead of training it (`train.init_from`):
+    (params, batch_stats, its model.json). Refused with a `ConfigError` naming the difference
+    unless it is this run's model on this run's data: the same spec (architecture, widths,
+    classes, input shape), dataset and input (normalisation, or tokenizer), and unmasked."""
+    saved, info, kind = _restore(workdir, method)
+    where = f"train.init_from={os.fspath(workdir)!r} (its models/{method})"
+    fix = "give a model saved by a run of this config, or leave train.init_from unset to train one"
+    problems = []
+    if saved.spec != model.spec:
+        problems.append(f"it is {_spec_json(saved.spec)}, this run's model "
+                        f"{_spec_json(model.spec)}")
+    if info["dataset"] != dataset.name:
+        problems.append(f"it was trained on {info['dataset']!r}, this run uses {dataset.name!r}")
+    if info["masked"]:
+        problems.append("it is a masked (pruned) model")
+    if isinstance(kind, TextInput):
+        if text_lib.to_json(kind.tokenizer) != text_lib.to_json(
+                text_lib.from_json(dataset.tokenizer)):
+            problems.append("its tokenizer differs from the one this run trained on its data")
+    else:
+        for stat in ("mean", "std"):
+            want = getattr(dataset, stat, None)
+            if want is not None and not np.allclose(info.get(stat), np.asarray(want, np.float32)):
+                problems.append(f"its normalisation {stat} {info.get(stat)} differs from this "
+                                f"run's {np.asarray(want).tolist()}")
+    if problems:
+        raise errors.ConfigError(f"{where} cannot start this run: {'; '.join(problems)}; {fix}.")
+    return saved.params, saved.batch_stats, info
+
+
 @dataclasses.dataclass(frozen=True)
 class Predictor:
     """A saved model ready to run: `predictor(inputs) -> logits` (float32 [N, classes]).
