@@ -448,7 +448,8 @@ class Checkpointer:
         new step and waited for; then `on_saved(step)` is called (e.g. to describe the new step
         in a file beside it); only then `max_to_keep` removes older ones. Skipped (returns False)
         when the newest step already holds exactly this state and meta and reads back, unless
-        `force`. A damaged step it replaces (found so, or `mark_damaged`) is renamed to
+        `force`; `on_saved` is then called with that step, again before older steps (left by a
+        replacement stopped before it removed them) are removed. A damaged step it replaces (found so, or `mark_damaged`) is renamed to
         `<step>.corrupt-<time>`, never removed."""
         self.wait()
         steps = self.all_steps()
@@ -465,6 +466,8 @@ class Checkpointer:
                 except CorruptCheckpointError:
                     self._bad_steps.add(last)
                 else:  # older steps left by a replacement stopped before removing them go now
+                    if on_saved is not None:
+                        on_saved(last)
                     self._remove_old_steps()
                     return False
         damaged = [s for s in steps if s in self._bad_steps]

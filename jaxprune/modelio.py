@@ -423,11 +423,13 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         if getattr(dataset, stat, None) is not None:
             info[stat] = np.asarray(getattr(dataset, stat), np.float32).tolist()
 
-    def describe(step, row=None):
+    def describe(step):
         # What running the model needs besides its params (normalisation, input, precision)
         # and the sha256 of every file of `step`, in one file beside them, written once the
         # step is on disk and before the step it replaces is removed; `attach_rows` adds the
-        # result row at the end of the run.
+        # result row at the end of the run (an unchanged step keeps the row it has: a new
+        # step's number is always above the old one's).
+        row = old.get("row") if old and old.get("step") == step else None
         save_sealed_json(os.path.join(directory, MODEL_INFO), dict(
             info, row=row, step=int(step), files=_manifest(directory, step)))
 
@@ -436,12 +438,8 @@ def save_model(workdir: str, method: str, model, params, batch_stats, *, dataset
         if damaged is not None:  # set aside by the replacement below, never removed
             checkpointer.mark_damaged(damaged)
     with checkpointer:
-        changed = checkpointer.save_replacing(
-            tree, {"method": method, "spec": info["spec"]}, force=old is None,
-            on_saved=describe)
-        if not changed:  # the same model, intact: it keeps the row it has
-            step = checkpointer.latest_step()
-            describe(step, old.get("row") if old and old.get("step") == step else None)
+        checkpointer.save_replacing(tree, {"method": method, "spec": info["spec"]},
+                                    force=old is None, on_saved=describe)
 
 
 def _damaged_step(directory: str) -> Optional[int]:

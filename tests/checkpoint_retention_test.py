@@ -90,7 +90,12 @@ def test_save_replacing_stopped_in_on_saved_keeps_the_old_step_until_the_next_ca
     ckpt.close()
     assert ckpt.all_steps_on_disk() == [0, 1]  # the old step outlives a stop before it is described
     again = ckpt_lib.Checkpointer(tmp_path, max_to_keep=1, fingerprint=FINGERPRINT)
-    assert not again.save_replacing(make_state(2.0), {"v": 2})  # the same state: not rewritten
+    seen = []
+    # The same state: not rewritten, but described (`on_saved`) before the old step goes, so a
+    # file that still names the old step never outlives it.
+    assert not again.save_replacing(
+        make_state(2.0), {"v": 2}, on_saved=lambda step: seen.append((step, again.all_steps_on_disk())))
+    assert seen == [(1, [0, 1])]
     assert again.all_steps_on_disk() == [1]
     again.close()
 
