@@ -120,14 +120,8 @@ def mask_gradient(mask_loss_fn: Callable, sizes: Mapping[str, int],
     `mask_loss_fn(channel_masks {group: float32[size]}, batch) -> scalar`; `sizes`: {group:
     size}. Returns dict group -> float32[size].
     """
-    if isinstance(batches, Mapping):
-        raise ValueError("batches must be an iterable of batches (e.g. a list), not a single "
-                         "batch dict; wrap it: [batch]")
     ones = {name: jnp.ones((int(n),), jnp.float32) for name, n in sizes.items()}
-    grad_fn = jax.jit(jax.grad(mask_loss_fn))
-    grads = [grad_fn(ones, batch) for batch in batches]
-    if not grads:
-        raise ValueError("batches is empty; gradient-based criteria need at least one batch")
+    grads = _grads(mask_loss_fn, ones, batches)
     return {name: (sum(jnp.abs(g[name]) for g in grads) / len(grads)).astype(jnp.float32)
             for name in ones}
 
