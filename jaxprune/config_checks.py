@@ -53,6 +53,7 @@ PRUNE_METHODS = _Registry("jaxprune.methods", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
 SEED_KEEPS = _Registry("jaxprune.methods", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
+CHANNEL_CRITERIA = _Registry("jaxprune.criteria", "CHANNEL_CRITERIA")
 # Each choice is read from the module that owns it (the names it dispatches on).
 CHOICES = {
     "train.optimizer": _Registry("jaxprune.train", "OPTIMIZERS"),
@@ -467,11 +468,11 @@ def problems(config) -> list[str]:
     if granularity == "nm" and _lookup(config, "prune.schedule") != "oneshot":
         found.append("prune.granularity='nm' supports only prune.schedule='oneshot'")
     criterion = _lookup(config, "prune.criterion")
-    if criterion in ("bn_scale", "mask_gradient") and granularity != "channel":
+    if criterion in CHANNEL_CRITERIA and granularity != "channel":
+        weight_criteria = ", ".join(c for c in CRITERIA if c not in CHANNEL_CRITERIA)
         found.append(f"prune.criterion={criterion!r} scores channels (BatchNorm scales, mask "
                      f"gradients), not the weights that prune.granularity={granularity!r} "
-                     "prunes; use granularity 'channel' or a weight criterion (l1, l2, taylor, "
-                     "snip, random)")
+                     f"prunes; use granularity 'channel' or a weight criterion ({weight_criteria})")
     return found
 
 

@@ -154,6 +154,7 @@ class Scores(NamedTuple):
 
 
 GRADIENT_CRITERIA = ("taylor", "snip", "mask_gradient")  # need a loss and training batches
+CHANNEL_CRITERIA = ("bn_scale", "mask_gradient")  # score channel groups, not weights
 
 
 def score(name: str, params: PyTree, *, groups: Sequence[ChannelGroup] = (),
