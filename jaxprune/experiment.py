@@ -8,6 +8,7 @@ programs the phases share. Nothing in it is cached later or changed: a phase rea
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -130,8 +131,8 @@ def measure_row(exp: Experiment, method: str, *, model, params, batch_stats, mas
     macs = costs_lib.count_macs(model.apply, params, batch_stats, shape, masks=masks,
                                 input_dtype=example.dtype)
     x = jnp.zeros(example.shape, example.dtype)
-    forward = train_lib.mixed_apply(model.apply, str(exp.config.train.precision))
-    fwd = jax.jit(lambda p, b, x: forward(p, b, x, train=False)[0])
+    fwd = functools.partial(_logits, apply_fn=model.apply,
+                            precision=str(exp.config.train.precision))
     latency = costs_lib.latency(fwd, params, batch_stats, x)
     row = {"method": method, "accuracy": test["accuracy"], "test_loss": test["loss"],
            "params": int(n_params), "macs": int(macs),
@@ -140,6 +141,13 @@ def measure_row(exp: Experiment, method: str, *, model, params, batch_stats, mas
            "latency_batch": batch, "sparsity": 1.0 - n_params / dense_params}
     row.update(extra or {})
     return row
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "precision"))
+def _logits(params, batch_stats, x, *, apply_fn, precision):
+    """The inference logits `measure_row` times: compiled once per model program and precision,
+    so the rows of one model (the dense and every masked one) share one compilation."""
+    return train_lib.mixed_apply(apply_fn, precision)(params, batch_stats, x, train=False)[0]
 
 
 def fingerprint(exp: Experiment) -> dict:
