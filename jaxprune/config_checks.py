@@ -218,6 +218,7 @@ OPTIONAL.update({f"search.{name}": check for name, check in {
     "evolution.survival": _choice(("elitist", "aging")),
 }.items()})
 
+
 def common_config():
     """A ConfigDict with the settings every config in configs/ starts from: the sections (data,
     model, train, prune, finetune, search), seed 0 and the pruning and search machinery's
@@ -327,27 +328,27 @@ def load_config(path: str, arg: Optional[str] = None):
     path = config_path(path)
     if not os.path.isfile(path):
         raise NotFoundError(f"No config file at {path}; give a name (quickstart, cifar10, "
-                                   "mnist) or a file like configs/quickstart.py.")
+                            "mnist) or a file like configs/quickstart.py.")
     spec = importlib.util.spec_from_file_location(f"jaxprune_config_{abs(hash(path))}", path)
     if spec is None or spec.loader is None:
         raise NotFoundError(f"{path} is not a Python config file; use one like "
-                                   "configs/quickstart.py.")
+                            "configs/quickstart.py.")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
         if not callable(getattr(module, "get_config", None)):
             raise ConfigError(f"{path} has no get_config(); a config file defines "
-                                     "get_config(arg=None) returning a ConfigDict.")
+                              "get_config(arg=None) returning a ConfigDict.")
         config = module.get_config(arg) if arg else module.get_config()
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure inside the user's file is bad input
         raise ConfigError(f"config file {path}{':' + arg if arg else ''} fails to load: "
-                                 f"{short(e)}. Fix that file.") from e
+                          f"{short(e)}. Fix that file.") from e
     if not hasattr(config, "to_dict"):
         raise ConfigError(f"config file {path}{':' + arg if arg else ''}: get_config() "
-                                 f"returned {type(config).__name__}, not a ConfigDict; return "
-                                 "one (a missing `return config`?).")
+                          f"returned {type(config).__name__}, not a ConfigDict; return "
+                          "one (a missing `return config`?).")
     return config
 
 

@@ -340,8 +340,8 @@ def group_members(g, index: Mapping[Path, int], shapes: Sequence[tuple],
             if len(shape) < 2 or shape[-2] != spatial * g.size:
                 raise ValueError(
                     f"consumer '{path_str(as_path(path))}' of channel group '{g.name}' (size "
-                    f"{g.size}, spatial {spatial}) has shape {shape}; its input axis (-2) must be spatial * size = "
-                    f"{spatial} * {g.size} = {spatial * g.size}")
+                    f"{g.size}, spatial {spatial}) has shape {shape}; its input axis (-2) must "
+                    f"be spatial * size = {spatial} * {g.size} = {spatial * g.size}")
             out.append((i, Member(as_path(path), len(shape) - 2, "consumer", 0, g.size,
                                   outer=int(spatial), ndim=len(shape))))
     return out

@@ -36,7 +36,6 @@ def prepare(workdir: str) -> str:
     return workdir
 
 
-
 def continued_before(workdir: str) -> bool:
     """Whether an earlier start on `workdir` continued checkpoints of another version."""
     try:
@@ -46,7 +45,6 @@ def continued_before(workdir: str) -> bool:
     starts = info.get("starts") if isinstance(info, dict) else None
     return any(isinstance(s, dict) and (s.get("continued_older") or s.get("continue_older"))
                for s in starts or [])
-
 
 
 def check_workdir(config, workdir: str, continue_older: bool = False) -> dict:
@@ -78,7 +76,6 @@ def check_workdir(config, workdir: str, continue_older: bool = False) -> dict:
         if assumed:
             continued[name] = assumed
     return continued
-
 
 
 def write_run_info(config, workdir: str, continued: Optional[dict] = None,
@@ -119,7 +116,6 @@ def write_run_info(config, workdir: str, continued: Optional[dict] = None,
         starts = [old] if isinstance(old, dict) and old.get("config") else []
     ckpt_lib.save_json(path, dict(info, starts=list(starts) + [info]))
     report_lib.write_text(os.path.join(workdir, "config.txt"), str(config))
-
 
 
 def checkpointer(workdir: str, config, phase: str, fingerprint: dict,
