@@ -232,7 +232,10 @@ def select_winner(exp: Experiment, pruner: pruner_lib.Pruner, method: str, log,
             out.append(float(exp.evaluate(state.params, state.batch_stats, images)["accuracy"]))
         return np.asarray(out)
 
-    picked = selection_lib.select_winner(log, s, validate=validate, short_finetune=short_finetune)
+    # Scored `search.candidates` at a time, the shape the search's evaluator compiled for.
+    chunked = functools.partial(pruner_lib.score_in_chunks, validate,
+                                k=int(exp.config.search.candidates))
+    picked = selection_lib.select_winner(log, s, validate=chunked, short_finetune=short_finetune)
     _log(exp, selection_lib.describe(method, picked))
     return picked
 
