@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -44,8 +43,6 @@ def main():
 
     shape = (32, 32, 3)
     model = models.get_model(args.model, num_classes=10, input_shape=shape, key=jax.random.key(0))
-    cfg = ml_collections.ConfigDict(dict(learning_rate=0.1, schedule="cosine", optimizer="sgd",
-                                         momentum=0.9, weight_decay=5e-4))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (args.batch,) + shape, dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, (args.batch,), dtype=np.int32))
@@ -66,7 +63,8 @@ def main():
     dense_state = train.create_state(model.params, model.batch_stats, ones, dense_tx)
     dense_step = jitted_step(dense_tx)
 
-    masked_tx = train.make_optimizer(cfg)
+    masked_tx = train.make_optimizer(train.Settings(optimizer="sgd", momentum=0.9,
+                                                    weight_decay=5e-4))
     groups = models.channel_groups(model)
     scores = masks_lib.channel_scores(jax.tree.map(jnp.abs, model.params), groups)
     keep = masks_lib.channel_keep(scores, jnp.full((len(groups),), args.keep), groups)

@@ -29,7 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def throughput(model_name: str, steps: int, batch: int, mode):
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
     from jaxprune import masks as masks_lib
@@ -37,8 +36,7 @@ def throughput(model_name: str, steps: int, batch: int, mode):
 
     shape = (32, 32, 3)
     model = models.get_model(model_name, num_classes=10, input_shape=shape, key=jax.random.key(0))
-    cfg = ml_collections.ConfigDict(dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4))
-    tx = train.make_optimizer(cfg)
+    tx = train.make_optimizer(train.Settings(optimizer="sgd", momentum=0.9, weight_decay=5e-4))
     num = 2 * steps * batch  # two "epochs" worth of chunks: warm-up, then timed
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (num,) + shape, dtype=np.uint8))

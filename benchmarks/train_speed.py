@@ -71,7 +71,6 @@ STD = (63.0, 62.1, 66.7)
 def jax_runner(batch: int, steps: int, augment: bool):
     """A function running `steps` training steps of jaxprune's loop per call."""
     import jax
-    import ml_collections
     import numpy as np
 
     from jaxprune import masks as masks_lib
@@ -79,8 +78,7 @@ def jax_runner(batch: int, steps: int, augment: bool):
 
     shape = (32, 32, 3)
     model = models.get_model("resnet20", num_classes=10, input_shape=shape, key=jax.random.key(0))
-    cfg = ml_collections.ConfigDict(dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4))
-    tx = train.make_optimizer(cfg)
+    tx = train.make_optimizer(train.Settings(optimizer="sgd", momentum=0.9, weight_decay=5e-4))
     step = train.make_train_step(model.apply, tx, schedule="cosine", mean=MEAN, std=STD,
                                  augment=augment)
     fn = train.make_train_fn(step, batch_size=batch)
