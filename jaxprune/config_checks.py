@@ -10,23 +10,26 @@ the defaults they all share) and shrink their 'smoke' variants with `smoke_sizes
 `load_config('cifar10:smoke')` loads a config file by name or path (notebooks; the CLI uses
 config_flags).
 
-The allowed names are read from the modules that own them (`models.MODELS`,
-`search.controllers.CONTROLLERS`, `methods.HANDSET_METHODS`, `criteria.CRITERIA`,
-`data.DATASETS`, `train.OPTIMIZERS`, `pruner.GRANULARITIES`, `schedules.SCHEDULES`, …) when a
-check first needs them, so importing this module stays light (the CLI uses it to name a
-mistyped key before JAX loads) and no list of names is copied here.
+The check of each key is declared by the module that reads it (`CONFIG_CHECKS`: keys every
+config has; `OPTIONAL_CONFIG_CHECKS`: keys a config may leave out; built from `checks`), and the
+allowed names are those modules' registries (`models.MODELS`, `data.DATASETS`,
+`train.OPTIMIZERS`, `pruner.GRANULARITIES`, `search.controllers.CONTROLLERS`, …). `SCHEMA` and
+`OPTIONAL` gather the modules of `OWNERS` when a check first needs them, so importing this
+module stays light (no JAX: the CLI uses it to name a mistyped key) and no key or list of names
+is copied here.
 """
 from __future__ import annotations
 
 import collections.abc
 import difflib
 import functools
+import importlib
 import math
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from jaxprune.data import DATASETS, SOURCES
+from jaxprune.checks import Check, methods  # methods: the drivers call config_checks.methods
 from jaxprune.errors import ConfigError, NotFoundError, UserError, short
 
 
@@ -38,7 +41,6 @@ class _Registry(collections.abc.Sequence):
 
     @functools.cached_property
     def _names(self) -> tuple:
-        import importlib
         return tuple(getattr(importlib.import_module(self._where[0]), self._where[1]))
 
     def __getitem__(self, i):
@@ -47,176 +49,72 @@ class _Registry(collections.abc.Sequence):
     def __len__(self) -> int:
         return len(self._names)
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, collections.abc.Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None
+
 
 MODELS = _Registry("jaxprune.models", "MODELS")
+DATASETS = _Registry("jaxprune.data", "DATASETS")
 PRUNE_METHODS = _Registry("jaxprune.methods", "HANDSET_METHODS")
 SEARCH_METHODS = _Registry("jaxprune.search.controllers", "CONTROLLERS")
-SEED_KEEPS = _Registry("jaxprune.methods", "SEED_KEEPS")
 CRITERIA = _Registry("jaxprune.criteria", "CRITERIA")
 CHANNEL_CRITERIA = _Registry("jaxprune.criteria", "CHANNEL_CRITERIA")
-# Each choice is read from the module that owns it (the names it dispatches on).
-CHOICES = {
-    "train.optimizer": _Registry("jaxprune.train", "OPTIMIZERS"),
-    "train.schedule": _Registry("jaxprune.train", "SCHEDULES"),
-    "train.l1_target": _Registry("jaxprune.train", "L1_TARGETS"),
-    "train.precision": _Registry("jaxprune.train", "PRECISIONS"),
-    "prune.granularity": _Registry("jaxprune.pruner", "GRANULARITIES"),
-    "prune.scope": _Registry("jaxprune.pruner", "SCOPES"),
-    "prune.target": _Registry("jaxprune.pruner", "TARGETS"),
-    "prune.criterion": CRITERIA,
-    "prune.schedule": _Registry("jaxprune.schedules", "SCHEDULES"),
-}
 
-Check = Callable[[Any], Optional[str]]  # value -> what is wrong with it, or None
+# The modules that declare the checks of their config keys, in the order problems are listed.
+# A key with no single reader is declared where its value's meaning lives (e.g. search.rounds in
+# pruner: `Pruner.search`'s argument, which methods.search_rounds also reads); the modules' own
+# comments say which code reads each.
+OWNERS = ("jaxprune.experiment", "jaxprune.data", "jaxprune.models", "jaxprune.train",
+          "jaxprune.modelio", "jaxprune.pruner", "jaxprune.schedules", "jaxprune.methods",
+          "jaxprune.search.controllers", "jaxprune.selection")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class _Lazy(collections.abc.Mapping):
+    """A read-only dict made by `build()` on first use."""
+
+    def __init__(self, build: collections.abc.Callable[[], dict]):
+        self._build = build
+
+    @functools.cached_property
+    def _dict(self) -> dict:
+        return self._build()
+
+    def __getitem__(self, key):
+        return self._dict[key]
+
+    def __iter__(self):
+        return iter(self._dict)
+
+    def __len__(self) -> int:
+        return len(self._dict)
 
 
-def _is_number(v) -> bool:
-    """A finite int or float (NaN and infinities are not numbers a config can mean)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+@functools.lru_cache(maxsize=1)
+def _declared() -> tuple[dict, dict]:
+    """({key: Check} every config has, {key: Check} a config may leave out): the `CONFIG_CHECKS`
+    and `OPTIONAL_CONFIG_CHECKS` of the modules in `OWNERS`. A key declared twice is a
+    programming error, named at once."""
+    found, where = ({}, {}), {}
+    for name in OWNERS:
+        module = importlib.import_module(name)
+        for out, attr in zip(found, ("CONFIG_CHECKS", "OPTIONAL_CONFIG_CHECKS")):
+            for key, check in getattr(module, attr, {}).items():
+                if key in where:
+                    raise RuntimeError(f"config key {key} has checks in both {where[key]} and "
+                                       f"{name}; declare it only in the module that reads it")
+                out[key], where[key] = check, name
+    return found
 
 
-def _int(minimum: int) -> Check:
-    def check(v):
-        if not _is_int(v) or v < minimum:
-            return f"must be an int >= {minimum}"
-        return None
-    return check
-
-
-def _optional_int(minimum: int) -> Check:
-    def check(v):
-        if v is not None and (not _is_int(v) or v < minimum):
-            return f"must be None (all) or an int >= {minimum}"
-        return None
-    return check
-
-
-def _number(low: float, high: float, *, low_open=False, high_open=False, note="") -> Check:
-    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def check(v):
-        if not _is_number(v):
-            return f"must be a finite number in {text}{note}"
-        if (v < low or (low_open and v == low)) or (v > high or (high_open and v == high)):
-            return f"must be in {text}{note}"
-        return None
-    return check
-
-
-def _positive_number(v):
-    return None if _is_number(v) and v > 0 else "must be a finite number > 0"
-
-
-def _non_negative_number(v):
-    return None if _is_number(v) and v >= 0 else "must be a finite number >= 0"
-
-
-def _bool(v):
-    return None if isinstance(v, bool) else "must be True or False"
-
-
-def _optional_str(v):
-    return None if v is None or isinstance(v, str) else "must be None or a path string"
-
-
-def _choice(allowed) -> Check:
-    def check(v):
-        return None if v in allowed else f"must be one of {', '.join(map(repr, allowed))}"
-    return check
-
-
-def _method_list(allowed) -> Check:
-    def check(v):
-        if not isinstance(v, str):
-            return f"must be a comma-separated string of {', '.join(allowed)} (or '')"
-        names = [m.strip() for m in v.split(",") if m.strip()]
-        unknown = [m for m in names if m not in allowed]
-        if unknown:
-            return f"has unknown method(s) {unknown}; allowed: {', '.join(allowed)} (or '')"
-        if len(set(names)) != len(names):
-            return "names a method twice"
-        return None
-    return check
-
-
-def methods(text: str) -> list[str]:
-    """'threshold, sensitivity' → ['threshold', 'sensitivity'] ('' → [])."""
-    return [m.strip() for m in str(text or "").split(",") if m.strip()]
-
-
-SCHEMA: dict[str, Check] = {
-    "seed": _int(0),
-    "data.name": _choice(DATASETS),
-    "data.data_dir": _optional_str,
-    "data.val_size": _int(0),
-    "data.train_size": _optional_int(1),
-    "data.test_size": _optional_int(1),
-    "data.augment": _bool,
-    "model.name": _choice(MODELS),
-    "train.epochs": _int(1),
-    "train.batch_size": _int(1),
-    "train.eval_batch_size": _int(1),
-    "train.learning_rate": _positive_number,
-    "train.momentum": _number(0, 1, high_open=True),
-    "train.weight_decay": _non_negative_number,
-    "train.l1": _non_negative_number,
-    "train.checkpoint_every": _int(0),  # 0: only at the end of each phase
-    "train.warmup_epochs": _non_negative_number,
-    "train.label_smoothing": _number(0, 1, high_open=True),
-    "train.compile_cache_dir": _optional_str,
-    "train.init_from": _optional_str,
-    "train.init_method": _optional_str,
-    "finetune.warmup_epochs": _non_negative_number,
-    "prune.methods": _method_list(PRUNE_METHODS),
-    "prune.sparsity": _number(0, 1, high_open=True,
-                              note=" (the fraction removed; 1.0 or above would remove everything)"),
-    "prune.sensitivity_batches": _int(1),
-    "finetune.epochs": _int(0),
-    "finetune.learning_rate": _positive_number,
-    "search.methods": _method_list(SEARCH_METHODS),
-    "search.rounds": _int(1),
-    "search.candidates": _int(1),
-    "search.calib_batches": _int(1),
-    "search.calib_batch_size": _int(1),
-    "search.val_examples": _int(1),
-    "search.lower": _number(0, 1, low_open=True, note=" (the smallest keep ratio of a group)"),
-    "search.step": _number(0, 1, high_open=True, note=" (keep-ratio grid step; 0 = continuous)"),
-    **{key: _choice(allowed) for key, allowed in CHOICES.items()},
-}
-OPTIONAL: dict[str, Check] = {"data.cache": _optional_str, "data.source": _choice(SOURCES),
-                             "data.seq_len": _int(2), "data.vocab_size": _int(4),  # text data
-                             "data.portable_path": _optional_str, "data.download": _bool,
-                             "prune.imp_rounds": _int(1),
-                             "prune.n": _int(1), "prune.m": _int(1),
-                             "search.chunk_size": _int(0),
-                             "search.seed_keeps": _method_list(SEED_KEEPS),
-                             "search.select_top": _int(0), "search.select_val_examples": _int(0),
-                             "search.select_finetune": _int(0), "search.select_epochs": _int(1),
-                             "prune.channel_multiple": _int(1)}  # may be absent from a config
-# Controller hyper-parameters, `search.<controller>.<name>` (the make_* arguments in
-# jaxprune/search/; optional, absent keys take the factory defaults).
-_PROB = _number(0, 1)
-OPTIONAL.update({f"search.{name}": check for name, check in {
-    "reinforce.learning_rate": _positive_number, "reinforce.entropy_weight": _non_negative_number,
-    "reinforce.baseline_decay": _number(0, 1, high_open=True), "reinforce.num_bins": _int(2),
-    "reinforce.autoregressive": _bool, "reinforce.normalize_advantages": _bool,
-    "reinforce.hidden_size": _int(1), "reinforce.embed_size": _int(1),
-    "reinforce.recurrent_lr_scale": _positive_number,
-    "reinforce.reward_shaping": _choice(("none", "rank")),
-    "reinforce.clip_epsilon": _number(0, 1, high_open=True), "reinforce.update_epochs": _int(1),
-    "gan.elite_size": _int(1), "gan.noise_size": _int(1), "gan.hidden_size": _int(1),
-    "gan.learning_rate": _positive_number, "gan.train_steps": _int(0),
-    "gan.explore_std": _non_negative_number, "gan.explore_fraction": _PROB,
-    "gan.elite_weighting": _choice(("uniform", "rank")),
-    "evolution.population_size": _int(2), "evolution.tournament_size": _int(1),
-    "evolution.crossover_prob": _PROB, "evolution.mutation_prob": _PROB,
-    "evolution.mutation_std": _non_negative_number,
-    "evolution.survival": _choice(("elitist", "aging")),
-}.items()})
+# {key: Check}: the keys every config has, and those a config may leave out.
+SCHEMA: collections.abc.Mapping[str, Check] = _Lazy(lambda: _declared()[0])
+OPTIONAL: collections.abc.Mapping[str, Check] = _Lazy(lambda: _declared()[1])
+# {key: its allowed names} of every key whose check is a `checks.choice`.
+CHOICES: collections.abc.Mapping[str, tuple] = _Lazy(lambda: {
+    key: check.allowed for key, check in {**SCHEMA, **OPTIONAL}.items()
+    if hasattr(check, "allowed")})
 
 
 def common_config():

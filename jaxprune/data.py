@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import checks
 from jaxprune import errors
 from jaxprune import files
 
@@ -48,6 +49,21 @@ SPLIT_SEED = 0
 DIGITS_TEST_SIZE = 360
 DIGITS_FILE = os.path.join(os.path.dirname(__file__), "datasets", "digits.npz")
 SOURCES = ("tfds", "portable")
+
+# The checks of the `data.*` keys (`config_checks` reads them; see `checks`).
+CONFIG_CHECKS = {
+    "data.name": checks.choice(DATASETS),
+    "data.data_dir": checks.optional_str,
+    "data.val_size": checks.integer(0),
+    "data.train_size": checks.optional_integer(1),
+    "data.test_size": checks.optional_integer(1),
+    "data.augment": checks.boolean,  # train.Settings.from_config reads it too
+}
+OPTIONAL_CONFIG_CHECKS = {
+    "data.cache": checks.optional_str, "data.source": checks.choice(SOURCES),
+    "data.seq_len": checks.integer(2), "data.vocab_size": checks.integer(4),  # text data
+    "data.portable_path": checks.optional_str, "data.download": checks.boolean,
+}
 
 
 class DataNotFoundError(errors.DataError, FileNotFoundError):

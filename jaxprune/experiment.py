@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import checkpoint as ckpt_lib
+from jaxprune import checks
 from jaxprune import config_checks
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
@@ -31,6 +32,7 @@ from jaxprune import workdir as workdir_lib
 
 # The random streams of a run, split once from `key(config.seed)`.
 STREAMS = ("init", "train", "finetune", "search", "calib")
+CONFIG_CHECKS = {"seed": checks.integer(0)}  # `config_checks` reads it
 
 
 class Experiment(NamedTuple):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import config_checks
+from jaxprune import checks
 from jaxprune import criteria as criteria_lib
 from jaxprune import data as data_lib
 from jaxprune import errors
@@ -23,6 +23,18 @@ from jaxprune import pruner as pruner_lib
 HANDSET_METHODS = ("threshold", "sensitivity")
 # `search.seed_keeps`: keeps put first in every controller's first round.
 SEED_KEEPS = ("uniform",) + HANDSET_METHODS
+# The checks of the keys read here (`config_checks` assembles them): which hand-set methods run,
+# the gradient criteria's batches (make_pruner), the candidate evaluator's calibration and
+# validation examples and its chunks (candidate_evaluator), the seeds (seed_names).
+CONFIG_CHECKS = {
+    "prune.methods": checks.method_list(HANDSET_METHODS),
+    "prune.sensitivity_batches": checks.integer(1),
+    "search.calib_batches": checks.integer(1),
+    "search.calib_batch_size": checks.integer(1),
+    "search.val_examples": checks.integer(1),
+}
+OPTIONAL_CONFIG_CHECKS = {"search.chunk_size": checks.integer(0),
+                          "search.seed_keeps": checks.method_list(SEED_KEEPS)}
 
 
 class HandsetKeep(NamedTuple):
@@ -109,7 +121,7 @@ def search_rounds(search_config, seed_evaluations: int) -> int:
 
 def seed_names(config) -> list:
     """The names of `search.seed_keeps` (absent: none)."""
-    return config_checks.methods(config.search.get("seed_keeps", ""))
+    return checks.methods(config.search.get("seed_keeps", ""))
 
 
 def candidate_evaluator(exp: experiment_lib.Experiment, pruner: pruner_lib.Pruner,

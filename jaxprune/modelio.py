@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import checkpoint as ckpt_lib
+from jaxprune import checks
 from jaxprune import data as data_lib
 from jaxprune import discover as dlib
 from jaxprune import errors
@@ -563,6 +564,11 @@ def _restore(workdir: str, method: str):
         raise errors.ModelFileError(f"the saved model {method!r} in {directory}: "
                                     f"{errors.short(e)}; {fix}.") from None
     return model, info, kind
+
+
+# The saved model a run starts from (`restore_to_start`'s arguments: pipeline.dense_phase
+# passes them; `config_checks` reads these checks).
+CONFIG_CHECKS = {"train.init_from": checks.optional_str, "train.init_method": checks.optional_str}
 
 
 def restore_to_start(workdir: str, method: str, *, model, dataset):

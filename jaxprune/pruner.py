@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import checks
 from jaxprune import costs as costs_lib
 from jaxprune import criteria as criteria_lib
 from jaxprune import discover as discover_lib
@@ -56,6 +57,25 @@ GRANULARITIES = ("channel", "unstructured", "nm")
 SCOPES = ("layerwise", "global")
 TARGETS = ("macs", "params")
 SENSITIVITY_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+# The checks of the config keys that are `Pruner`'s arguments (methods.make_pruner passes
+# them) and `Pruner.search`'s (rounds, candidates: the pipeline's search phase passes them).
+CONFIG_CHECKS = {
+    "prune.granularity": checks.choice(GRANULARITIES),
+    "prune.scope": checks.choice(SCOPES),
+    "prune.target": checks.choice(TARGETS),
+    "prune.criterion": checks.choice(criteria_lib.CRITERIA),
+    "prune.sparsity": checks.number(
+        0, 1, high_open=True, note=" (the fraction removed; 1.0 or above would remove everything)"),
+    "search.lower": checks.number(0, 1, low_open=True,
+                                  note=" (the smallest keep ratio of a group)"),
+    "search.step": checks.number(0, 1, high_open=True,
+                                 note=" (keep-ratio grid step; 0 = continuous)"),
+    "search.rounds": checks.integer(1),
+    "search.candidates": checks.integer(1),
+}
+OPTIONAL_CONFIG_CHECKS = {"prune.n": checks.integer(1), "prune.m": checks.integer(1),
+                          "prune.channel_multiple": checks.integer(1)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune import checks
 from jaxprune import masks as masks_lib
 from jaxprune.structure import ChannelGroup
 
@@ -25,6 +26,10 @@ PyTree = Any
 # `prune.schedule`: the threshold method pruned at once, along `polynomial` while fine-tuning,
 # or in `imp` rounds with rewinding (the pipeline's `finish` dispatches on these names).
 SCHEDULES = ("oneshot", "gradual", "imp")
+# `prune.imp_rounds`: the `rounds` of `imp` (the pipeline's `finish` passes it); `config_checks`
+# reads these checks.
+CONFIG_CHECKS = {"prune.schedule": checks.choice(SCHEDULES)}
+OPTIONAL_CONFIG_CHECKS = {"prune.imp_rounds": checks.integer(1)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,14 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
+from jaxprune import checks
 from jaxprune.search import loop as loop_lib
+
+# The checks of the `search.select_*` keys (`config_checks` reads them; absent keys take the
+# defaults `selection_settings` gives).
+OPTIONAL_CONFIG_CHECKS = {
+    "search.select_top": checks.integer(0), "search.select_val_examples": checks.integer(0),
+    "search.select_finetune": checks.integer(0), "search.select_epochs": checks.integer(1)}
 
 
 def selection_settings(config) -> dict:

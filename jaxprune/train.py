@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import checks
 from jaxprune import data as data_lib
 from jaxprune import masks as masks_lib
 
@@ -552,6 +553,31 @@ class Settings(NamedTuple):
                    batch_size=int(t.batch_size), augment=bool(config.data.augment),
                    precision=str(t.precision), label_smoothing=float(t.label_smoothing),
                    l1=float(t.l1), l1_target=str(t.l1_target))
+
+
+# The checks of the `train.*` keys (`Settings.from_config` reads most; the rest are the
+# arguments of `train`, `make_eval_fn` and `enable_compile_cache` that the pipeline passes) and of
+# `finetune.*` (the same `train` arguments for the fine-tunes: pipeline.finetune_phase).
+CONFIG_CHECKS = {
+    "train.optimizer": checks.choice(OPTIMIZERS),
+    "train.schedule": checks.choice(SCHEDULES),
+    "train.l1_target": checks.choice(L1_TARGETS),
+    "train.precision": checks.choice(PRECISIONS),
+    "train.epochs": checks.integer(1),
+    "train.batch_size": checks.integer(1),
+    "train.eval_batch_size": checks.integer(1),
+    "train.learning_rate": checks.positive_number,
+    "train.momentum": checks.number(0, 1, high_open=True),
+    "train.weight_decay": checks.non_negative_number,
+    "train.l1": checks.non_negative_number,
+    "train.checkpoint_every": checks.integer(0),  # 0: only at the end of each phase
+    "train.warmup_epochs": checks.non_negative_number,
+    "train.label_smoothing": checks.number(0, 1, high_open=True),
+    "train.compile_cache_dir": checks.optional_str,
+    "finetune.epochs": checks.integer(0),
+    "finetune.learning_rate": checks.positive_number,
+    "finetune.warmup_epochs": checks.non_negative_number,
+}
 
 
 class Trainer(NamedTuple):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxprune import checks
 from jaxprune import discover
 from jaxprune import structure
 from jaxprune.models.base import FunctionalModel, ModelSpec, resolve_widths
@@ -41,6 +42,7 @@ MODELS = {
     "resnet18": ResNet18,
     "transformer": TransformerClassifier,
 }
+CONFIG_CHECKS = {"model.name": checks.choice(MODELS)}  # `config_checks` reads it
 # What a model's input is (class attribute INPUT_KIND): 'image' (H, W, C) floats, or 'tokens'
 # (seq_len,) int32 ids; it must match the dataset's `kind`.
 INPUT_RANK = {"image": 3, "tokens": 1}

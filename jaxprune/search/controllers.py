@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxprune import checks
+from jaxprune.search import evolution, gan, reinforce
 from jaxprune.search.evolution import make_evolution, make_random, make_uniform
 from jaxprune.search.gan import make_gan
 from jaxprune.search.reinforce import make_reinforce
@@ -34,6 +36,16 @@ CONTROLLERS = {
     "random": make_random,
     "uniform": make_uniform,
 }
+# Each factory's argument -> its check, declared beside the factory (the controllers not named
+# here take no hyper-parameters).
+HPARAM_CHECKS = {"reinforce": reinforce.HPARAM_CHECKS, "gan": gan.HPARAM_CHECKS,
+                 "evolution": evolution.HPARAM_CHECKS}
+# What `config_checks` reads: `search.methods`, and each controller's hyper-parameters as
+# `search.<name>.<argument>` (optional: an absent one takes the factory's default).
+CONFIG_CHECKS = {"search.methods": checks.method_list(CONTROLLERS)}
+OPTIONAL_CONFIG_CHECKS = {f"search.{name}.{argument}": check
+                          for name, hparams in HPARAM_CHECKS.items()
+                          for argument, check in hparams.items()}
 
 
 class SeededState(NamedTuple):

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxprune import checks
 from jaxprune.search import space as space_lib
 from jaxprune.search.space import Controller, SearchSpace
 
@@ -47,6 +48,17 @@ class EvolutionState(NamedTuple):
     fitness: jax.Array
     step: jax.Array
     space: SearchSpace
+
+
+SURVIVALS = ("elitist", "aging")
+# The checks of `search.evolution.<argument>`, one per argument of `make_evolution`
+# (`controllers.CONFIG_CHECKS` gathers them for `config_checks`; make_random and make_uniform
+# take none).
+HPARAM_CHECKS = {
+    "population_size": checks.integer(2), "tournament_size": checks.integer(1),
+    "crossover_prob": checks.number(0, 1), "mutation_prob": checks.number(0, 1),
+    "mutation_std": checks.non_negative_number, "survival": checks.choice(SURVIVALS),
+}
 
 
 def make_evolution(
@@ -81,7 +93,7 @@ def make_evolution(
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
     if not mutation_std >= 0:
         raise ValueError(f"mutation_std must be >= 0, got {mutation_std}.")
-    if survival not in ("elitist", "aging"):
+    if survival not in SURVIVALS:
         raise ValueError(f"survival must be 'elitist' or 'aging', got {survival!r}.")
     population_size, tournament_size = int(population_size), int(tournament_size)
 

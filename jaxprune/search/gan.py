@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import checks
 from jaxprune.search import space as space_lib
 from jaxprune.search.space import Controller, SearchSpace
 
@@ -98,6 +99,17 @@ def mlp_apply(params: list, x: jax.Array) -> jax.Array:
     return dense(params[-1], x)
 
 
+ELITE_WEIGHTINGS = ("uniform", "rank")
+# The checks of `search.gan.<argument>`, one per argument of `make_gan`
+# (`controllers.CONFIG_CHECKS` gathers them for `config_checks`).
+HPARAM_CHECKS = {
+    "elite_size": checks.integer(1), "noise_size": checks.integer(1),
+    "hidden_size": checks.integer(1), "learning_rate": checks.positive_number,
+    "train_steps": checks.integer(0), "explore_std": checks.non_negative_number,
+    "explore_fraction": checks.number(0, 1), "elite_weighting": checks.choice(ELITE_WEIGHTINGS),
+}
+
+
 def make_gan(
     *,
     elite_size: int = 16,
@@ -138,7 +150,7 @@ def make_gan(
         raise ValueError(f"explore_std must be >= 0, got {explore_std}.")
     if not 0.0 <= explore_fraction <= 1.0:
         raise ValueError(f"explore_fraction must be in [0, 1], got {explore_fraction}.")
-    if elite_weighting not in ("uniform", "rank"):
+    if elite_weighting not in ELITE_WEIGHTINGS:
         raise ValueError(f"elite_weighting must be 'uniform' or 'rank', got {elite_weighting!r}.")
     elite_size, train_steps = int(elite_size), int(train_steps)
     gen_opt = optax.adam(learning_rate, b1=0.5)

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxprune import checks
 from jaxprune.search import space as space_lib
 from jaxprune.search.space import Controller, SearchSpace
 
@@ -186,6 +187,20 @@ def _ratios_to_index(space: SearchSpace, ratios, num_bins):
     return jnp.round(unit * (num_bins - 1)).astype(jnp.int32)
 
 
+REWARD_SHAPINGS = ("none", "rank")
+# The checks of `search.reinforce.<argument>`, one per argument of `make_reinforce`
+# (`controllers.CONFIG_CHECKS` gathers them for `config_checks`).
+HPARAM_CHECKS = {
+    "learning_rate": checks.positive_number, "entropy_weight": checks.non_negative_number,
+    "baseline_decay": checks.number(0, 1, high_open=True), "num_bins": checks.integer(2),
+    "autoregressive": checks.boolean, "normalize_advantages": checks.boolean,
+    "hidden_size": checks.integer(1), "embed_size": checks.integer(1),
+    "recurrent_lr_scale": checks.positive_number,
+    "reward_shaping": checks.choice(REWARD_SHAPINGS),
+    "clip_epsilon": checks.number(0, 1, high_open=True), "update_epochs": checks.integer(1),
+}
+
+
 def make_reinforce(
     *,
     learning_rate: float = 0.2,
@@ -234,7 +249,7 @@ def make_reinforce(
     if hidden_size < 1 or embed_size < 1:
         raise ValueError(
             f"hidden_size and embed_size must be >= 1, got {hidden_size}, {embed_size}.")
-    if reward_shaping not in ("none", "rank"):
+    if reward_shaping not in REWARD_SHAPINGS:
         raise ValueError(f"reward_shaping must be 'none' or 'rank', got {reward_shaping!r}.")
     if not 0.0 <= clip_epsilon < 1.0:
         raise ValueError(f"clip_epsilon must be in [0, 1) (0 = no clipping), got {clip_epsilon}.")
