@@ -138,8 +138,9 @@ def common_config():
     config.train.precision = "fp32"  # "bf16": compute in bfloat16 (GPU/TPU); params, optimizer, BN stats stay float32
     config.train.label_smoothing = 0.0
     config.train.compile_cache_dir = config_dict.placeholder(str)  # JAX persistent compilation cache
-    # A saved model to prune instead of training one: a workdir (or experiment folder) holding
-    # models/<init_method>, saved by a run of the same model and data; the dense phase restores it.
+    # A trained model to prune instead of training one: a workdir (or experiment folder) holding
+    # models/<init_method>, saved by a run of the same model and data, or a dense-params .npz
+    # (modelio.save_dense_params, e.g. a GPU run's); the dense phase restores it.
     config.train.init_from = config_dict.placeholder(str)
     config.train.init_method = "unpruned"
 

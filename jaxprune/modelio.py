@@ -571,13 +571,21 @@ def _restore(workdir: str, method: str):
 CONFIG_CHECKS = {"train.init_from": checks.optional_str, "train.init_method": checks.optional_str}
 
 
-def restore_to_start(workdir: str, method: str, *, model, dataset):
-    """A saved model to start a run from instead of training it (`train.init_from`):
-    (params, batch_stats, its model.json). Refused with a `ConfigError` naming the difference
-    unless it is this run's model on this run's data: the same spec (architecture, widths,
-    classes, input shape), dataset and input (normalisation, or tokenizer), and unmasked."""
-    saved, info, kind = _restore(workdir, method)
-    where = f"train.init_from={os.fspath(workdir)!r} (its models/{method})"
+def restore_to_start(source: str, method: str, *, model, dataset):
+    """A trained model to start a run from instead of training it (`train.init_from`):
+    (params, batch_stats, the seconds its training took). `source` is a workdir (or experiment
+    folder) holding the saved `models/<method>`, or a `save_dense_params` .npz (e.g. a GPU run's
+    `dense_params.npz`; it records no training time: 0).
+
+    A saved model is refused with a `ConfigError` naming the difference unless it is this run's
+    model on this run's data: the same spec (architecture, widths, classes, input shape),
+    dataset and input (normalisation, or tokenizer), and unmasked. An .npz carries only arrays:
+    their paths, shapes and dtypes must be the model's (`load_dense_params`)."""
+    if str(source).endswith(".npz"):
+        params, batch_stats = load_dense_params(source, model)
+        return params, batch_stats, 0.0
+    saved, info, kind = _restore(source, method)
+    where = f"train.init_from={os.fspath(source)!r} (its models/{method})"
     fix = "give a model saved by a run of this config, or leave train.init_from unset to train one"
     problems = []
     if saved.spec != model.spec:
@@ -599,7 +607,7 @@ def restore_to_start(workdir: str, method: str, *, model, dataset):
                                 f"run's {np.asarray(want).tolist()}")
     if problems:
         raise errors.ConfigError(f"{where} cannot start this run: {'; '.join(problems)}; {fix}.")
-    return saved.params, saved.batch_stats, info
+    return saved.params, saved.batch_stats, float((info.get("row") or {}).get("train_seconds", 0.0))
 
 
 @dataclasses.dataclass(frozen=True)

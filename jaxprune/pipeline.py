@@ -75,16 +75,15 @@ def train_phase(exp: Experiment, phase: str, *, params, batch_stats, masks, epoc
 
 def dense_phase(exp: Experiment):
     """The trained unpruned model (state, row): trained here, or with `train.init_from` set, a
-    saved one restored (`modelio.restore_to_start`; its row keeps the saved training time)."""
+    trained one restored (`modelio.restore_to_start`; its row keeps the saved training time)."""
     m, cfg = exp.model, exp.config.train
     if cfg.get("init_from"):
-        params, batch_stats, info = modelio.restore_to_start(
+        params, batch_stats, seconds = modelio.restore_to_start(
             cfg.init_from, str(cfg.init_method), model=m, dataset=exp.dataset)
-        seconds = float((info.get("row") or {}).get("train_seconds", 0.0))
         row = experiment_lib.measure_row(exp, "unpruned", model=m, params=params,
                                          batch_stats=batch_stats, train_seconds=seconds)
-        _log(exp, f"[dense] restored {cfg.init_from}/models/{cfg.init_method} "
-                  f"(train.init_from): test accuracy {row['accuracy']:.4f}")
+        _log(exp, f"[dense] restored train.init_from={cfg.init_from}: test accuracy "
+                  f"{row['accuracy']:.4f}")
         return types.SimpleNamespace(params=params, batch_stats=batch_stats), row
     state, seconds = train_phase(exp, "dense", params=m.params, batch_stats=m.batch_stats,
                                  masks=masks_lib.ones_like(m.params), epochs=int(cfg.epochs),

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jaxprune import errors, pipeline
+from jaxprune import errors, modelio, pipeline
 
 # `smoke_run` (tests/conftest.py): one CLI run of the quick-start smoke config, every method.
 
@@ -35,7 +35,24 @@ def test_pruning_a_saved_model_reproduces_the_run_that_trained_it(smoke_run, tmp
     assert info["row"]["accuracy"] == want["unpruned"]["accuracy"]
 
 
-@pytest.mark.parametrize("case", ["other_model", "pruned_model", "missing"])
+def _npz(smoke_run, tmp_path):
+    """The smoke run's unpruned model as a dense-params .npz (what a GPU run's pack writes)."""
+    _, params, batch_stats = modelio.restore_model(smoke_run.workdir, "unpruned")
+    path = str(tmp_path / "dense_params.npz")
+    modelio.save_dense_params(path, params, batch_stats)
+    return path
+
+
+def test_a_dense_params_npz_starts_a_run_too(smoke_run, tmp_path):
+    config = _config(smoke_run, init_from=_npz(smoke_run, tmp_path))
+    config.prune.methods = ""
+    (row,) = pipeline.run(config, str(tmp_path / "from_npz"), progress=False)
+    want = next(r for r in smoke_run.rows if r["method"] == "unpruned")
+    assert row["accuracy"] == want["accuracy"] and row["macs"] == want["macs"]
+    assert row["train_seconds"] == 0.0  # an .npz records no training time
+
+
+@pytest.mark.parametrize("case", ["other_model", "pruned_model", "missing", "npz_other_model"])
 def test_a_saved_model_that_does_not_fit_is_refused_before_anything_runs(smoke_run, tmp_path,
                                                                         case):
     config = _config(smoke_run, init_from=smoke_run.workdir)
@@ -44,9 +61,13 @@ def test_a_saved_model_that_does_not_fit_is_refused_before_anything_runs(smoke_r
         config.model.name = "mlp"
     elif case == "pruned_model":
         config.train.init_method = "threshold"  # compacted: narrower than this run's model
-    else:
+    elif case == "missing":
         config.train.init_from = str(tmp_path / "nowhere")
         error, match = errors.NotFoundError, "No saved model 'unpruned'"
+    else:
+        config.train.init_from = _npz(smoke_run, tmp_path)
+        config.model.name = "mlp"
+        match = "do not match the configured model"
     workdir = tmp_path / "run"
     with pytest.raises(error, match=match):
         pipeline.run(config, str(workdir), progress=False)
