@@ -284,3 +284,20 @@ def test_load_predictor_reads_the_tokenizer_once(smoke_workdir, monkeypatch):
     predict = pipeline.load_predictor(smoke_workdir[0], "unpruned")
     assert predict(["funny"]).shape == (1, 2)
     assert len(loads) == 1, loads  # checked and read by the loader, not again by the predictor
+
+
+@pytest.mark.slow
+def test_the_committed_sst2_models_reproduce_their_rows():
+    """experiments/2026-12-03_sst2_cpu: the saved unpruned and best pruned Transformers, run by
+    `load_predictor` on GLUE's 872 raw validation sentences, score their rows' accuracy."""
+    if not os.path.isdir(os.path.join(os.environ.get("TFDS_DATA_DIR", ""), "glue", "sst2")):
+        pytest.skip("glue/sst2 is not prepared in $TFDS_DATA_DIR (../shared/tensorflow_datasets)")
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "experiments", "2026-12-03_sst2_cpu")
+    _, _, sentences, labels = data._load_tfds_text("sst2", data._resolve_data_dir(None))
+    assert sorted(os.listdir(os.path.join(folder, "models"))) == ["threshold", "unpruned"]
+    for method in ("unpruned", "threshold"):
+        logits = modelio.load_predictor(folder, method)(list(sentences))
+        accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+        assert accuracy == pytest.approx(modelio.read_model_info(folder, method)["row"]["accuracy"],
+                                         abs=1e-6), method
