@@ -18,4 +18,6 @@ def test_rows_of_one_model_share_one_compiled_forward(tmp_path):
         exp.writer.close()
         checkpoint.unlock_workdir(exp.workdir)
     assert experiment._logits._cache_size() - before <= 1
-    assert all(r["latency_ms"] > 0 and r["sparsity"] == 0.0 for r in rows)
+    # The rows themselves (timings aside: they are the machine's, not the code's).
+    assert all(r["sparsity"] == 0.0 and (r["params"], r["macs"]) == (rows[0]["params"],
+                                                                     rows[0]["macs"]) for r in rows)
