@@ -13,6 +13,7 @@ another version of jaxprune that did not record every setting this one has.
 """
 import difflib
 import errno
+import gc
 import logging as logging_std
 import os
 import re
@@ -53,13 +54,25 @@ def _on_sigint(signum, frame):
     A KeyboardInterrupt does not always reach `main`: raised inside a Python function that C++
     code called (JAX hashing a static argument), it comes back wrapped in another exception
     (jax-ml/jax#9082), which the record identifies; raised where Python ignores exceptions (a
-    garbage-collector callback such as JAX's, a `__del__`: jax-ml/jax#18246) it is lost, so a
+    garbage-collector callback such as JAX's, a `__del__`: jax-ml/jax#18246) it would be lost
+    after Python printed an "Exception ignored" traceback, so there it is not raised, and a
     thread sends the signal again every half second until main has stopped."""
-    del signum, frame
+    del signum
     if not _SIGINT.is_set():
         _SIGINT.set()
         threading.Thread(target=_redeliver, daemon=True).start()
-    raise KeyboardInterrupt
+    if not _where_exceptions_are_ignored(frame):
+        raise KeyboardInterrupt
+
+
+def _where_exceptions_are_ignored(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collector callback or a `__del__`."""
+    callbacks = {getattr(callback, "__code__", None) for callback in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _redeliver() -> None:

@@ -74,7 +74,11 @@ def slice_variables(variables, groups, keep):
             vec[m.indices(dropped)] = False
     new = [leaf for _, leaf in leaves]
     for (i, axis), vec in sorted(axis_keep.items()):
-        new[i] = jnp.take(jnp.asarray(new[i]), jnp.asarray(np.flatnonzero(vec)), axis=axis)
+        kept = np.flatnonzero(vec)
+        if isinstance(new[i], jax.core.Tracer):
+            new[i] = jnp.take(new[i], kept, axis=axis)
+        else:  # on the host: an eager jnp.take would compile once per shape
+            new[i] = jnp.asarray(np.take(np.asarray(new[i]), kept, axis=axis))
     return jax.tree.unflatten(treedef, new)
 
 

@@ -248,21 +248,3 @@ def test_grouped_query_attention_prunes_key_value_heads_with_their_query_heads()
     small_fn, small_vars = surgery.compact(apply_fn, params, found, keep)
     np.testing.assert_allclose(small_fn(small_vars, x), masked, atol=2e-5)
     assert small_vars["q"].shape == (D, 2 * hd) and small_vars["kv"].shape == (D, 2 * hd)
-
-
-def test_zoo_transformer_with_a_padding_mask():
-    """The zoo's Transformer (nnx attention with a key padding mask broadcast over the heads):
-    heads and FFN neurons of every block are found; compact == masked on padded sentences."""
-    from jaxprune import models
-    model = models.get_model("transformer", num_classes=3, input_shape=(12,),
-                             key=jax.random.key(0),
-                             widths={"vocab": 40, "embed": 16, "heads": 4, "ffn": 24, "layers": 2})
-    apply_fn = lambda v, x: model.apply(v["params"], v["batch_stats"], x, train=False)[0]
-    variables = {"params": model.params, "batch_stats": model.batch_stats}
-    tokens = jax.random.randint(jax.random.key(1), (3, 12), 1, 40).at[:, 9:].set(0)
-    found = discover.discover_groups(apply_fn, variables, tokens)
-    assert sorted((g.name, g.size) for g in found.groups) == [
-        ("params/block0/attn/query", 4), ("params/block0/ffn1", 24),
-        ("params/block1/attn/query", 4), ("params/block1/ffn1", 24)]
-    keep = {g.name: np.arange(g.size) % 2 == 0 for g in found.groups}
-    assert_compact_equals_masked(apply_fn, variables, tokens, found, keep)

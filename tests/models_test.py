@@ -140,9 +140,11 @@ def _zoo(case):
 
 
 CASE_IDX = list(range(len(CASES)))
-# resnet56 is resnet20's code at three times the depth and the costliest case here to compile:
-# the slow tier runs it, the default tier covers the family with resnet20.
-SLOW_CASES = {"resnet56"}
+# The default tier covers each family with its cheapest member: resnet56 is resnet20's code at
+# three times the depth (the costliest case here to compile), resnet18 the same basic blocks at
+# ImageNet's stem, and vgg16 the plain conv + BatchNorm + pooling stack whose parts resnet20 (BN)
+# and lenet5 (pooling, dense head) have; the slow tier runs them.
+SLOW_CASES = {"resnet56", "resnet18", "vgg16"}
 CASE_PARAMS = [pytest.param(i, id=IDS[i], marks=[pytest.mark.slow] if CASES[i][0] in SLOW_CASES
                             else []) for i in CASE_IDX]
 LENET5, RESNET20 = 0, 5

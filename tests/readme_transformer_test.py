@@ -7,6 +7,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,6 +20,7 @@ def transformer_example() -> str:
     return blocks[1]
 
 
+@pytest.mark.slow  # a documentation example, like the notebooks (~12 CPU s)
 def test_readme_transformer_example_finds_masks_and_cuts_out_heads():
     namespace, out = {}, io.StringIO()
     with contextlib.redirect_stdout(out):

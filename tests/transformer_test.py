@@ -167,9 +167,12 @@ def test_discovery_finds_the_ffn_neurons_and_compacts_them():
 
 
 def test_discovery_finds_the_heads_despite_the_padding_mask():
+    """nnx attention with a key padding mask broadcast over the heads: every block's heads and
+    FFN neurons are found, and compact == masked on padded sentences."""
     apply_fn, variables, x, found = _discovered(_model())
-    heads = [g for g in found.groups if g.size == WIDTHS["heads"]]
-    assert len(heads) == WIDTHS["layers"], found.unprunable
+    assert sorted((g.name, g.size) for g in found.groups) == [
+        ("params/block0/attn/query", 4), ("params/block0/ffn1", 24),
+        ("params/block1/attn/query", 4), ("params/block1/ffn1", 24)], found.unprunable
     keep = {g.name: np.arange(g.size) % 2 == i % 2 for i, g in enumerate(found.groups)}
     small = assert_compact_equals_masked(apply_fn, variables, x, found, keep)
     assert small["params"]["block0"]["attn"]["query"]["kernel"].shape == (16, 2, 4)
