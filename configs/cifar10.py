@@ -34,11 +34,15 @@ Variants:
                 rate 0.1: without residuals it diverges at 0.4): predicted 8-12 H200-minutes,
                 unpruned 92-93.5 %.
   lenet         LeNet-5 on the full split (45k / 5k / 10k) on a 2-core CPU: 20 epochs of batch 128
-                at 0.05, 3-epoch fine-tunes, 8 rounds x 32 candidates scored on 2,000 validation
-                images; kept channels on a grid of 1 (6 and 16 channels). Measured (shared CPU,
+                at 0.05, 20-epoch fine-tunes at 0.01 (the dense phase's budget: every pruned
+                model must give up 3 of conv1's 6 channels, which 3 epochs did not recover),
+                8 rounds x 32 candidates scored on 2,000 validation images; kept channels on a
+                grid of 1 (6 and 16 channels). Measured with 3-epoch fine-tunes (shared CPU,
                 experiments/2026-11-28_cifar10_lenet_cpu): dense 65.42 % test after 31 min of
                 training; at 50 % MACs threshold 60.22, sensitivity 58.37, searches 59.4-59.5,
-                uniform 60.38; the pruning phases took 16 min.
+                uniform 60.38. The 20-epoch rows prune that committed dense model
+                (--config.train.init_from=experiments/2026-11-28_cifar10_lenet_cpu/dense_params.npz):
+                a campaign, see experiments/2026-12-03_lenet_ft20_cpu.
   resnet20_cpu  ResNet-20 to convergence on a 2-core CPU, the full split (45k / 5k / 10k): a
                 campaign of several sessions that resumes from its committed checkpoints
                 (experiments/2026-12-03_resnet20_cpu). 60 epochs of batch 128, SGD (Nesterov
@@ -169,7 +173,7 @@ def get_config(arg=None):
         config.train.learning_rate = 0.05
         config.train.checkpoint_every = 1755  # every 5 epochs of 351 steps
         config.prune.channel_multiple = 1  # 6 and 16 channels: a grid of 8 would freeze them
-        config.finetune.epochs = 3
+        config.finetune.epochs = 20  # the dense phase's budget (3 before 2026-12-03)
         config.finetune.learning_rate = 0.01
         config.search.rounds = 8
         config.search.candidates = 32
